@@ -1,0 +1,3 @@
+from lorachunk._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""The ``lorachunk`` command: the only code that prints or exits.
+
+Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 store or network error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lorachunk
+from lorachunk._digest import ALGORITHMS
+from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
+from lorachunk._pack import Progress, as_store
+from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest, resolve
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Progress | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=0, unit="B", unit_scale=True, desc=description, file=sys.stderr) as bar:
+
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def _split_option(values: Sequence[str]) -> dict[str, list[str]]:
+    splits: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, glob = value.partition("=")
+        if not sep or not name or not glob:
+            raise lorachunk.UsageError(f"--split wants NAME=GLOB, got {value!r}")
+        splits.setdefault(name, []).append(glob)
+    return splits
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    with _progress(not args.quiet, "pack") as progress:
+        manifest = lorachunk.pack(
+            args.src, args.dest, splits=_split_option(args.split), level=args.level, hash=args.hash, progress=progress
+        )
+    if not args.quiet:
+        print(f"packed {manifest.source.name}: {len(manifest.modules)} modules, {len(manifest.splits)} splits")
+        print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in shards into {args.dest}")
+        print(f"root {manifest.root}")
+    return EXIT_OK
+
+
+def info_dict(dest: str, selector: str | None) -> dict[str, Any]:
+    store = as_store(dest)
+    manifest_id = resolve(store, selector)
+    manifest = read_manifest(store, manifest_id)
+    manifest_bytes = len(store.get(manifest_key(manifest_id)))
+    all_ids = list_manifest_ids(store)
+    shards: dict[str, int] = {}
+    referenced = 0
+    for other in all_ids:
+        for module in read_manifest(store, other).modules if other != manifest_id else manifest.modules:
+            shards[module.shard] = module.stored_size
+            referenced += module.stored_size
+    return {
+        "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
+        "root": manifest.root,
+        "manifest": manifest_id,
+        "format": manifest.format,
+        "hash": manifest.hash,
+        "codec": dict(manifest.codec),
+        "modules": len(manifest.modules),
+        "tensors": sum(len(m.tensors) for m in manifest.modules),
+        "raw_bytes": manifest.raw_size,
+        "stored_bytes": manifest.stored_size,
+        "manifest_bytes": manifest_bytes,
+        "ratio": round(manifest.source.size / max(1, manifest.stored_size + manifest_bytes), 4),
+        "metadata_keys": len(manifest.metadata or {}),
+        "splits": [
+            {
+                "name": split.name,
+                "kind": split.kind,
+                "modules": len(split.modules),
+                "stored_bytes": sum(manifest.module(n).stored_size for n in split.modules),
+                "raw_bytes": sum(manifest.module(n).raw_size for n in split.modules),
+                "root": split.root,
+            }
+            for split in manifest.splits
+        ],
+        "store": {
+            "manifests": len(all_ids),
+            "referenced_stored_bytes": referenced,
+            "unique_stored_bytes": sum(shards.values()),
+        },
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = info_dict(args.dest, args.manifest)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"LoRA      {info['source']['name']} ({_size(info['source']['size'])}, {info['tensors']} tensors)")
+    print(f"root      {info['root']}")
+    print(f"manifest  {info['manifest']}")
+    codec = info["codec"]
+    print(f"format    {info['format']}, codec {codec['id']} level {codec.get('level')}, hash {info['hash']}")
+    print(
+        f"stored    {_size(info['stored_bytes'] + info['manifest_bytes'])} "
+        f"(shards {_size(info['stored_bytes'])} + manifest {_size(info['manifest_bytes'])}), "
+        f"{info['ratio']:.2f}x smaller than the file"
+    )
+    print(f"modules   {info['modules']}")
+    if info["splits"]:
+        print("splits")
+        width = max(len(s["name"]) for s in info["splits"])
+        kinds = ["component", "b-lora", "block", "block-weight", "user"]
+        for s in sorted(info["splits"], key=lambda s: (kinds.index(s["kind"]) if s["kind"] in kinds else 9, s["name"])):
+            print(
+                f"  {s['name']:<{width}}  {s['kind']:<12} {s['modules']:>5} modules"
+                f"  {_size(s['stored_bytes']):>9} stored  {_size(s['raw_bytes']):>9} raw"
+            )
+    store = info["store"]
+    if store["manifests"] > 1:
+        saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]
+        print(
+            f"store     {store['manifests']} manifests reference {_size(store['referenced_stored_bytes'])} of shards; "
+            f"{_size(store['unique_stored_bytes'])} stored once (dedup saves {_size(saved)})"
+        )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = lorachunk.verify(args.dest)
+    if not args.quiet:
+        print(f"ok: {report.manifests} manifest(s), {report.shards} shards, {_size(report.stored_bytes)} verified")
+    return EXIT_OK
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    with _progress(not args.quiet, "unpack") as progress:
+        out = lorachunk.unpack(
+            args.dest, args.output, splits=args.split, modules=args.module, manifest=args.manifest, progress=progress
+        )
+    if not args.quiet:
+        print(f"wrote {out}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorachunk",
+        description="Chunked, verified storage of LoRA adapters.",
+        epilog="exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 store or network error",
+    )
+    parser.add_argument("--version", action="version", version=f"lorachunk {lorachunk.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("pack", cmd_pack, "pack a .safetensors LoRA into a folder of verified, compressed shards")
+    p.add_argument("src", help="the .safetensors file")
+    p.add_argument("dest", help="the store folder (created if missing; several LoRAs may share one)")
+    p.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=GLOB",
+        help="add a named split of modules matching GLOB (repeatable)",
+    )
+    p.add_argument("--level", type=int, default=3, help="zstd level 1-22 (default 3)")
+    p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
+    p.add_argument("dest", help="the store folder")
+    p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (fields documented in docs/cli.md)")
+
+    p = command("verify", cmd_verify, "re-hash every manifest and shard in a store; exit 1 naming each bad one")
+    p.add_argument("dest", help="the store folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")
+    p.add_argument("dest", help="the store folder")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
+    p.add_argument(
+        "--module", action="append", default=[], metavar="GLOB", help="only modules matching GLOB (repeatable)"
+    )
+    p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except IntegrityError as exc:
+        print(f"lorachunk: verification failed: {exc}", file=sys.stderr)
+        return EXIT_VERIFY
+    except StoreError as exc:
+        print(f"lorachunk: {exc}", file=sys.stderr)
+        return EXIT_STORE
+    except LorachunkError as exc:
+        print(f"lorachunk: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lorachunk info | head`
+        sys.stderr.close()
+        return EXIT_OK
+    return code

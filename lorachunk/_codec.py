@@ -1,0 +1,171 @@
+"""Shard codecs: a module's raw tensor bytes in, stored bytes out, and back.
+
+A codec is named in the manifest by its config (a JSON object with an ``id``), so a later codec
+can be added without breaking readers: a reader looks the id up in :data:`REGISTRY` and refuses
+ids it does not know.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+import numpy as np
+import zstandard
+
+from lorachunk._exceptions import IntegrityError, ManifestError
+
+__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Where one tensor sits in a module's raw bytes, and its element size."""
+
+    offset: int
+    length: int
+    itemsize: int
+
+
+class Codec(ABC):
+    """Encodes the raw bytes of one module (its tensors, back to back) into a shard."""
+
+    codec_id: ClassVar[str]
+
+    @abstractmethod
+    def get_config(self) -> dict[str, object]:
+        """The JSON config that :func:`codec_from_config` turns back into this codec."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: Mapping[str, object]) -> Codec: ...
+
+    @abstractmethod
+    def encode(self, raw: memoryview, segments: Sequence[Segment]) -> tuple[bytes, tuple[int, ...]]:
+        """Return the stored bytes and the codec's frame lengths (kept in the manifest)."""
+
+    @abstractmethod
+    def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
+        """Decode ``stored`` into ``out``, a writable buffer of the module's raw size.
+
+        Raises :class:`IntegrityError` when the stored bytes do not decode to the declared sizes.
+        """
+
+
+class BytePlaneZstd(Codec):
+    """Byte planes by element size, one zstd frame per plane (codec id ``bpz``).
+
+    The tensors of a module are grouped by element size; within a group, plane ``k`` holds byte
+    ``k`` of every element of every tensor in table order. Each non-empty plane becomes one
+    magicless zstd frame without content size, checksum or dictionary id (the manifest records
+    every size and the shard digest covers the bytes), so a plane pays 5 bytes of framing — it
+    matters for LyCORIS files whose median tensor is 256 bytes.
+    zstd stores incompressible planes as raw blocks by itself, so no separate raw mode is needed.
+    Frames follow in order of (element size, plane). See docs/format.md for the measurements.
+    """
+
+    codec_id: ClassVar[str] = "bpz"
+    DEFAULT_LEVEL: ClassVar[int] = 3
+
+    def __init__(self, *, level: int = DEFAULT_LEVEL) -> None:
+        if not 1 <= level <= 22:
+            raise ValueError(f"zstd level must be 1..22, got {level}")
+        self.level = level
+        self._local = threading.local()
+
+    def get_config(self) -> dict[str, object]:
+        return {"id": self.codec_id, "level": self.level}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> BytePlaneZstd:
+        level = config.get("level")
+        if set(config) != {"id", "level"} or not isinstance(level, int) or isinstance(level, bool):
+            raise ManifestError(f"bad {cls.codec_id} codec config {dict(config)!r}")
+        return cls(level=level)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # ZstdCompressor objects are not thread-safe; one per thread keeps their buffers warm.
+        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
+        if cctx is None:
+            params = zstandard.ZstdCompressionParameters.from_level(
+                self.level, format=_FORMAT, write_content_size=0, write_checksum=0, write_dict_id=0
+            )
+            cctx = zstandard.ZstdCompressor(compression_params=params)
+            self._local.cctx = cctx
+        return cctx
+
+    def encode(self, raw: memoryview, segments: Sequence[Segment]) -> tuple[bytes, tuple[int, ...]]:
+        cctx = self._compressor()
+        buffer = np.frombuffer(raw, dtype=np.uint8)
+        frames: list[bytes] = []
+        for itemsize, group in _groups(segments):
+            elements = np.concatenate([buffer[s.offset : s.offset + s.length] for s in group]).reshape(-1, itemsize)
+            if elements.size == 0:
+                continue
+            planes = np.ascontiguousarray(elements.T)
+            frames.extend(cctx.compress(plane.data) for plane in planes)
+        return b"".join(frames), tuple(len(f) for f in frames)
+
+    def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
+        dctx = _decompressor()
+        target = np.frombuffer(out, dtype=np.uint8)
+        lengths = iter(frames)
+        position = 0
+        try:
+            for itemsize, group in _groups(segments):
+                count = sum(s.length for s in group) // itemsize
+                if count == 0:
+                    continue
+                views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
+                for plane_index in range(itemsize):
+                    length = next(lengths)
+                    plane = dctx.decompress(stored[position : position + length], max_output_size=count)
+                    position += length
+                    if len(plane) != count:
+                        raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
+                    _scatter(np.frombuffer(plane, dtype=np.uint8), views, plane_index)
+        except (StopIteration, zstandard.ZstdError) as exc:
+            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
+        if position != len(stored) or next(lengths, None) is not None:
+            raise IntegrityError("shard frame table does not match its bytes")
+
+
+def _scatter(plane: np.ndarray, views: Sequence[np.ndarray], plane_index: int) -> None:
+    start = 0
+    for view in views:
+        end = start + view.shape[0]
+        view[:, plane_index] = plane[start:end]
+        start = end
+
+
+def _groups(segments: Sequence[Segment]) -> list[tuple[int, list[Segment]]]:
+    by_size: dict[int, list[Segment]] = {}
+    for segment in segments:
+        by_size.setdefault(segment.itemsize, []).append(segment)
+    return sorted(by_size.items())
+
+
+_local = threading.local()
+_FORMAT: Final = zstandard.FORMAT_ZSTD1_MAGICLESS
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor(format=_FORMAT)
+    return dctx
+
+
+REGISTRY: Final[dict[str, type[Codec]]] = {BytePlaneZstd.codec_id: BytePlaneZstd}
+
+
+def codec_from_config(config: Mapping[str, object]) -> Codec:
+    """Build the codec a manifest names; :class:`ManifestError` for ids this version lacks."""
+    codec_id = config.get("id")
+    cls = REGISTRY.get(codec_id) if isinstance(codec_id, str) else None
+    if cls is None:
+        raise ManifestError(f"unknown codec {codec_id!r}; this version of lorachunk knows {sorted(REGISTRY)}")
+    return cls.from_config(config)

@@ -1,0 +1,63 @@
+"""The exceptions lorachunk raises.
+
+Every error the library raises on purpose derives from :class:`LorachunkError`, and also from
+the builtin a caller would naturally catch, so ``except ValueError`` and ``except OSError`` keep
+working::
+
+    LorachunkError(Exception)
+    ├── FormatError(ValueError)            the input file is not a valid safetensors file
+    ├── ManifestError(ValueError)          a manifest is malformed, over a limit, or of an unknown format
+    ├── IntegrityError(ValueError)         bytes do not match the digest or root that pins them
+    ├── UsageError(ValueError)             an option names something that does not exist or matches nothing
+    └── StoreError(OSError)                a store could not read or write an object
+        ├── ShardNotFoundError(FileNotFoundError)   an object is missing from the store
+        └── StoreUnavailableError                   the store did not answer usefully (network, 5xx, 429)
+
+Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json.JSONDecodeError``,
+``httpx.HTTPError`` …) are converted where they enter, with ``raise … from exc``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FormatError",
+    "IntegrityError",
+    "LorachunkError",
+    "ManifestError",
+    "ShardNotFoundError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UsageError",
+]
+
+
+class LorachunkError(Exception):
+    """Root of every error lorachunk raises on purpose."""
+
+
+class FormatError(LorachunkError, ValueError):
+    """The input is not a valid safetensors file (truncated, bad header, bad offsets, …)."""
+
+
+class ManifestError(LorachunkError, ValueError):
+    """A manifest is malformed, exceeds a reader limit, or has a format id this version refuses."""
+
+
+class IntegrityError(LorachunkError, ValueError):
+    """Bytes do not hash to the digest (or Merkle root) that pins them."""
+
+
+class UsageError(LorachunkError, ValueError):
+    """An option is invalid: an unknown split or module, a glob that matches nothing, a bad value."""
+
+
+class StoreError(LorachunkError, OSError):
+    """A store could not read or write an object."""
+
+
+class ShardNotFoundError(StoreError, FileNotFoundError):
+    """The store has no object under the requested key."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store did not answer usefully: connection failures, timeouts, 429 or 5xx after retries."""

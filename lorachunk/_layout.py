@@ -1,0 +1,168 @@
+"""How tensor keys group into modules, and which splits a LoRA gets automatically.
+
+Both are pure functions of names, so a reader can recompute them; the packer writes the result
+into the manifest and readers use what the manifest says. docs/splits.md lists every rule.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from typing import Final
+
+from lorachunk._exceptions import UsageError
+
+__all__ = ["auto_splits", "block_of", "component_of", "module_of", "user_splits"]
+
+# First match wins; group "m" is the module name.
+_MODULE_RULES: Final = tuple(
+    re.compile(pattern)
+    for pattern in (
+        # kohya, LyCORIS (LoCon, LoHa, LoKr, full diff), DoRA
+        r"^(?P<m>.+)\.(?:lora_down|lora_up|lora_mid)\.weight$",
+        r"^(?P<m>.+)\.(?:alpha|dora_scale|diff|diff_b)$",
+        r"^(?P<m>.+)\.hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)$",
+        r"^(?P<m>.+)\.lokr_(?:w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$",
+        # PEFT and diffusers, with or without an adapter name
+        r"^(?P<m>.+)\.lora_(?:A|B)(?:\.[^.]+)?\.(?:weight|bias)$",
+        r"^(?P<m>.+)\.lora_embedding_(?:A|B)(?:\.[^.]+)?$",
+        r"^(?P<m>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$",
+        r"^(?P<m>.+)\.lora(?:_linear_layer)?\.(?:down|up)\.(?:weight|bias)$",
+        # diffusers attention processors: ...processor.to_q_lora.down.weight
+        r"^(?P<m>.+\.[A-Za-z0-9_]+?)_lora\.(?:down|up)\.(?:weight|bias)$",
+        # cloneofsimo: unet:12:up, text_encoder:3:down
+        r"^(?P<m>[A-Za-z0-9_]+:\d+):(?:up|down)$",
+        # SAM-LoRA: w_a_007 and w_b_007 belong together
+        r"^(?P<p>w)_[ab]_(?P<n>\d+)$",
+    )
+)
+_PARAMETER_SUFFIX: Final = re.compile(r"^(?P<m>.+)\.(?:weight|bias)$")
+
+
+def module_of(key: str) -> str:
+    """The module a tensor key belongs to.
+
+    Known layouts strip their per-tensor suffix. Anything else falls back to the key without a
+    trailing ``.weight``/``.bias``, or the key itself — so every tensor lands in exactly one module
+    and unknown layouts never fail.
+    """
+    for rule in _MODULE_RULES:
+        match = rule.match(key)
+        if match:
+            groups = match.groupdict()
+            return f"{groups['p']}_{groups['n']}" if "n" in groups else groups["m"]
+    match = _PARAMETER_SUFFIX.match(key)
+    return match["m"] if match else key
+
+
+_COMPONENT_RULES: Final = (
+    (re.compile(r"^(?:lora_te2_|text_encoder_2[.:]|lora_te2\.)"), "text_encoder_2"),
+    (re.compile(r"^(?:lora_te3_|text_encoder_3[.:])"), "text_encoder_3"),
+    (re.compile(r"^(?:lora_te1?_|text_encoder[.:]|(?:base_model\.model\.)?text_model\.)"), "text_encoder"),
+    (
+        re.compile(r"^(?:lora_unet_|unet[.:]|(?:down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding)\.)"),
+        "unet",
+    ),
+    (re.compile(r"^(?:lora_transformer_|transformer\.|diffusion_model\.)"), "transformer"),
+    (re.compile(r"^(?:<[^>]*>|emb_params|clip_[lg])$"), "embeddings"),
+)
+
+
+def component_of(module: str) -> str | None:
+    """``text_encoder``, ``text_encoder_2``, ``unet``, ``transformer``, ``embeddings`` or None."""
+    for rule, component in _COMPONENT_RULES:
+        if rule.match(module):
+            return component
+    return None
+
+
+# UNet blocks in diffusers names (dots) and kohya names (underscores), and in the original
+# LDM names (input_blocks / middle_block / output_blocks).
+_DIFFUSERS_BLOCK: Final = re.compile(
+    r"^(?:lora_unet_|unet\.)?(?P<dir>down|up)_blocks[._](?P<i>\d+)[._](?P<kind>attentions|resnets|downsamplers|upsamplers)[._](?P<j>\d+)"
+)
+_DIFFUSERS_MID: Final = re.compile(r"^(?:lora_unet_|unet\.)?mid_block[._]")
+_LDM_BLOCK: Final = re.compile(
+    r"^(?:lora_unet_|unet\.|diffusion_model\.)?(?P<dir>input|output)_blocks[._](?P<n>\d+)[._]"
+)
+_LDM_MID: Final = re.compile(r"^(?:lora_unet_|unet\.|diffusion_model\.)?middle_block[._]")
+
+
+def block_of(module: str) -> tuple[str, str] | None:
+    """The UNet block of a module: (diffusers block path, LoRA Block Weight id), or None.
+
+    The block-weight ids follow the LDM numbering the LoRA Block Weight extension uses:
+    ``down_blocks.i`` layer ``j`` is ``IN{3i+j+1}`` and its downsampler ``IN{3i+3}``; ``up_blocks.i``
+    layer ``j`` is ``OUT{3i+j}`` and its upsampler ``OUT{3i+2}``; the mid block is ``MID``. The same
+    formula holds for SD1.x and SDXL.
+    """
+    if _DIFFUSERS_MID.match(module) or _LDM_MID.match(module):
+        return "unet.mid_block", "MID"
+    match = _DIFFUSERS_BLOCK.match(module)
+    if match:
+        i, j = int(match["i"]), int(match["j"])
+        path = f"unet.{match['dir']}_blocks.{i}"
+        if match["dir"] == "down":
+            return path, f"IN{3 * i + (3 if match['kind'] == 'downsamplers' else j + 1):02d}"
+        return path, f"OUT{3 * i + (2 if match['kind'] == 'upsamplers' else j):02d}"
+    match = _LDM_BLOCK.match(module)
+    if match:
+        n = int(match["n"])
+        return None if n == 0 and match["dir"] == "input" else _ldm_block(match["dir"], n)
+    return None
+
+
+def _ldm_block(direction: str, n: int) -> tuple[str, str]:
+    if direction == "input":
+        return f"unet.down_blocks.{(n - 1) // 3}", f"IN{n:02d}"
+    return f"unet.up_blocks.{n // 3}", f"OUT{n:02d}"
+
+
+# B-LoRA (Frenkel et al., 2024): on SDXL, up_blocks.0.attentions.0 carries content and
+# up_blocks.0.attentions.1 carries style.
+_BLORA: Final = (
+    ("content", re.compile(r"^(?:lora_unet_|unet\.)?up_blocks[._]0[._]attentions[._]0[._]")),
+    ("style", re.compile(r"^(?:lora_unet_|unet\.)?up_blocks[._]0[._]attentions[._]1[._]")),
+)
+
+
+def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
+    """Splits every LoRA gets: by component, by UNet block, by block-weight id, and B-LoRA's.
+
+    Returns ``{name: (kind, modules)}``; empty splits are left out.
+    """
+    splits: dict[str, tuple[str, list[str]]] = {}
+
+    def add(name: str, kind: str, module: str) -> None:
+        splits.setdefault(name, (kind, []))[1].append(module)
+
+    for module in modules:
+        component = component_of(module)
+        if component is not None:
+            add(component, "component", module)
+            if component.startswith("text_encoder"):
+                add("BASE", "block-weight", module)
+        block = block_of(module)
+        if block is not None:
+            add(block[0], "block", module)
+            add(block[1], "block-weight", module)
+        for name, rule in _BLORA:
+            if rule.match(module):
+                add(name, "b-lora", module)
+    return splits
+
+
+def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
+    """Splits from ``{name: [glob, …]}``, matched against module names (fnmatch, case-sensitive)."""
+    names = list(modules)
+    splits: dict[str, tuple[str, list[str]]] = {}
+    for name, globs in patterns.items():
+        if not name or name != name.strip():
+            raise UsageError(f"split name {name!r} is empty or has surrounding spaces")
+        patterns_of_split = list(globs)
+        members = [m for m in names if any(fnmatchcase(m, g) for g in patterns_of_split)]
+        if not members:
+            raise UsageError(f"split {name!r}: {', '.join(patterns_of_split)} matches no module")
+        splits[name] = ("user", members)
+    return splits

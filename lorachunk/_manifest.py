@@ -1,0 +1,445 @@
+"""The manifest: what a packed LoRA holds, pinned by digests and Merkle roots.
+
+A manifest is canonical JSON (sorted keys, no insignificant whitespace, UTF-8), stored as one zstd
+frame. Its id is the digest of the canonical JSON, so the same LoRA packed the same way always gets
+the same id. See docs/format.md for the field-by-field specification.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import zstandard
+
+from lorachunk._codec import Segment
+from lorachunk._digest import ALGORITHMS, check, digest, split_digest
+from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
+from lorachunk._merkle import merkle_root
+from lorachunk._safetensors import DTYPE_BITS, MAX_HEADER_BYTES, TensorInfo, encode_header, parse_header
+
+__all__ = [
+    "FORMAT_ID",
+    "MAX_MANIFEST_BYTES",
+    "MAX_SHARD_RAW_BYTES",
+    "MAX_TENSORS",
+    "Manifest",
+    "Module",
+    "Source",
+    "Split",
+    "TensorEntry",
+    "canonical_json",
+]
+
+FORMAT_ID: Final = "lorachunk/1"
+#: Reader limits, checked before anything of that size is allocated.
+MAX_MANIFEST_BYTES: Final = 256 * 1024 * 1024
+MAX_TENSORS: Final = 1_000_000
+MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
+_MANIFEST_LEVEL: Final = 19
+
+
+def canonical_json(value: object) -> bytes:
+    """Sorted keys, no whitespace, UTF-8: the bytes every digest in the format is taken over."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """A tensor inside a module; ``offset`` and ``length`` locate it in the module's raw bytes."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BITS[self.dtype] // 8
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "length": self.length,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """One shard: the tensors of one LoRA module and the digests that pin them."""
+
+    name: str
+    shard: str
+    raw: str
+    stored_size: int
+    raw_size: int
+    frames: tuple[int, ...]
+    tensors: tuple[TensorEntry, ...]
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(Segment(t.offset, t.length, t.itemsize) for t in self.tensors)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shard": self.shard,
+            "raw": self.raw,
+            "stored_size": self.stored_size,
+            "raw_size": self.raw_size,
+            "frames": list(self.frames),
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+    def leaf(self) -> bytes:
+        """The Merkle leaf data: the canonical JSON of the whole module entry."""
+        return canonical_json(self.to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A named group of modules, with its own Merkle root over them."""
+
+    name: str
+    kind: str
+    modules: tuple[str, ...]
+    root: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "modules": list(self.modules), "root": self.root}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The packed file: enough to rebuild it byte for byte.
+
+    ``order`` lists runs ``(first, count)`` of the tensors in module order (modules by name, each
+    module's tensors in table order) that give the file's data order. ``header`` is ``None`` when
+    the header is exactly what :func:`~lorachunk._safetensors.encode_header` writes for that order,
+    ``metadata`` and ``align`` (as files written by the safetensors library are), else the
+    original text.
+    """
+
+    name: str
+    size: int
+    sha256: str
+    metadata: Mapping[str, str] | None
+    order: tuple[tuple[int, int], ...]
+    align: int
+    header: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "metadata": None if self.metadata is None else dict(self.metadata),
+            "order": [list(run) for run in self.order],
+            "align": self.align,
+            "header": self.header,
+        }
+
+
+def order_runs(flat_keys: Sequence[str], file_keys: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """Compress the permutation from module order to file order into ``(first, count)`` runs."""
+    index = {key: i for i, key in enumerate(flat_keys)}
+    runs: list[list[int]] = []
+    for key in file_keys:
+        i = index[key]
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return tuple((a, b) for a, b in runs)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A packed LoRA. Build with :meth:`build`, read with :meth:`from_bytes`."""
+
+    hash: str
+    codec: Mapping[str, object]
+    source: Source
+    modules: tuple[Module, ...]
+    splits: tuple[Split, ...]
+    root: str
+    format: str = FORMAT_ID
+    _by_name: dict[str, Module] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update((m.name, m) for m in self.modules)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        hash: str,
+        codec: Mapping[str, object],
+        source: Source,
+        modules: Iterable[Module],
+        splits: Mapping[str, tuple[str, Iterable[str]]],
+    ) -> Manifest:
+        """Assemble a manifest, sorting modules and computing every root."""
+        ordered = tuple(sorted(modules, key=lambda m: m.name))
+        by_name = {m.name: m for m in ordered}
+        built = []
+        for name, (kind, members) in sorted(splits.items()):
+            names = tuple(sorted(set(members)))
+            built.append(Split(name, kind, names, merkle_root(hash, [by_name[n].leaf() for n in names])))
+        root = merkle_root(hash, [m.leaf() for m in ordered])
+        return cls(hash, dict(codec), source, ordered, tuple(built), root)
+
+    def module(self, name: str) -> Module:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise UsageError(f"no module {name!r} in this LoRA") from None
+
+    def split(self, name: str) -> Split:
+        for split in self.splits:
+            if split.name == name:
+                return split
+        known = ", ".join(s.name for s in self.splits) or "none"
+        raise UsageError(f"no split {name!r} in this LoRA (splits: {known})")
+
+    @property
+    def metadata(self) -> Mapping[str, str] | None:
+        """The source file's ``__metadata__``."""
+        return self.source.metadata
+
+    def file_order(self) -> list[TensorInfo]:
+        """Every tensor in the source file's data order, with its offset in the data area."""
+        flat = [t for m in self.modules for t in m.tensors]
+        tensors, position = [], 0
+        for first, count in self.source.order:
+            for entry in flat[first : first + count]:
+                tensors.append(TensorInfo(entry.key, entry.dtype, entry.shape, position, entry.length))
+                position += entry.length
+        return tensors
+
+    def header_bytes(self) -> bytes:
+        """The source file's length prefix and header, exactly."""
+        if self.source.header is None:
+            return encode_header(self.file_order(), self.source.metadata, align=self.source.align)
+        header = self.source.header.encode()
+        return len(header).to_bytes(8, "little") + header
+
+    @property
+    def stored_size(self) -> int:
+        return sum(m.stored_size for m in self.modules)
+
+    @property
+    def raw_size(self) -> int:
+        return sum(m.raw_size for m in self.modules)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "hash": self.hash,
+            "codec": dict(self.codec),
+            "source": self.source.to_json(),
+            "modules": [m.to_json() for m in self.modules],
+            "splits": {s.name: s.to_json() for s in self.splits},
+            "root": self.root,
+        }
+
+    def canonical(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def id(self) -> str:
+        """Digest of the canonical JSON: pins every field, metadata and splits included."""
+        return digest(self.hash, self.canonical())
+
+    def to_bytes(self) -> bytes:
+        """The stored form: one zstd frame (with its content size) of the canonical JSON."""
+        return zstandard.ZstdCompressor(level=_MANIFEST_LEVEL, write_checksum=False).compress(self.canonical())
+
+    @classmethod
+    def from_bytes(cls, stored: bytes, *, expected_id: str | None = None) -> Manifest:
+        """Decode and validate a stored manifest.
+
+        Raises :class:`ManifestError` for anything malformed, over a limit or of an unknown format,
+        and :class:`IntegrityError` when a root or ``expected_id`` does not match.
+        """
+        try:
+            declared = zstandard.frame_content_size(stored)
+        except zstandard.ZstdError as exc:
+            raise ManifestError(f"manifest is not a zstd frame: {exc}") from exc
+        if declared < 0 or declared > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest declares {declared} bytes; the limit is {MAX_MANIFEST_BYTES}")
+        try:
+            text = zstandard.ZstdDecompressor().decompress(stored, max_output_size=MAX_MANIFEST_BYTES)
+        except zstandard.ZstdError as exc:
+            raise ManifestError(f"manifest does not decompress: {exc}") from exc
+        if expected_id is not None:
+            check(expected_id, text, what="manifest")
+        return cls.from_json(text)
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Manifest:
+        try:
+            raw = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"manifest is not JSON: {exc}") from exc
+        try:
+            manifest = _parse(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, (ManifestError, IntegrityError)):
+                raise
+            raise ManifestError(f"malformed manifest: {exc!r}") from exc
+        if canonical_json(raw) != text:
+            raise ManifestError("manifest is not in canonical form")
+        return manifest
+
+
+def _parse(raw: dict[str, Any]) -> Manifest:
+    fmt = raw["format"]
+    if fmt != FORMAT_ID:
+        raise ManifestError(f"manifest format {fmt!r} is not supported by this reader, which reads {FORMAT_ID!r}")
+    algorithm = _typed(raw["hash"], str)
+    if algorithm not in ALGORITHMS:
+        raise ManifestError(f"unknown hash algorithm {algorithm!r}")
+    modules = tuple(_module(m, algorithm) for m in _typed(raw["modules"], list))
+    if sum(len(m.tensors) for m in modules) > MAX_TENSORS:
+        raise ManifestError(f"manifest has more than {MAX_TENSORS} tensors")
+    names = [m.name for m in modules]
+    if names != sorted(set(names)):
+        raise ManifestError("module names must be unique and sorted")
+    src = _typed(raw["source"], dict)
+    metadata = src["metadata"]
+    if metadata is not None and not all(isinstance(v, str) for v in _typed(metadata, dict).values()):
+        raise ManifestError("source metadata must map strings to strings")
+    source = Source(
+        name=_typed(src["name"], str),
+        size=_count(src["size"]),
+        sha256=_typed(src["sha256"], str),
+        metadata=metadata,
+        order=tuple((_count(a), _count(b)) for a, b in _typed(src["order"], list)),
+        align=_count(src["align"]),
+        header=None if src["header"] is None else _typed(src["header"], str),
+    )
+    if source.align not in (1, 8):
+        raise ManifestError(f"source align must be 1 or 8, got {source.align}")
+    if split_digest(source.sha256)[0] != "sha256":
+        raise ManifestError("source sha256 must be a sha256 digest")
+    splits_raw = _typed(raw["splits"], dict)
+    splits = {
+        name: (_typed(s["kind"], str), [_typed(n, str) for n in _typed(s["modules"], list)])
+        for name, s in splits_raw.items()
+    }
+    for name, (_, members) in splits.items():
+        missing = sorted(set(members) - set(names))
+        if missing:
+            raise ManifestError(f"split {name!r} names modules that do not exist: {missing[:3]}")
+    manifest = Manifest.build(
+        hash=algorithm,
+        codec=_typed(raw["codec"], dict),
+        source=source,
+        modules=modules,
+        splits=splits,
+    )
+    _check_source(manifest)
+    if manifest.root != raw["root"]:
+        raise IntegrityError(f"manifest root {raw['root']} does not match its modules ({manifest.root})")
+    for split in manifest.splits:
+        if split.root != splits_raw[split.name]["root"]:
+            raise IntegrityError(f"split {split.name!r}: root does not match its modules")
+    return manifest
+
+
+def _module(raw: dict[str, Any], algorithm: str) -> Module:
+    tensors = tuple(
+        TensorEntry(
+            key=_typed(t["key"], str),
+            dtype=_typed(t["dtype"], str),
+            shape=tuple(_count(d) for d in _typed(t["shape"], list)),
+            offset=_count(t["offset"]),
+            length=_count(t["length"]),
+        )
+        for t in _typed(raw["tensors"], list)
+    )
+    module = Module(
+        name=_typed(raw["name"], str),
+        shard=_typed(raw["shard"], str),
+        raw=_typed(raw["raw"], str),
+        stored_size=_count(raw["stored_size"]),
+        raw_size=_count(raw["raw_size"]),
+        frames=tuple(_count(f) for f in _typed(raw["frames"], list)),
+        tensors=tensors,
+    )
+    for value in (module.shard, module.raw):
+        if split_digest(value)[0] != algorithm:
+            raise ManifestError(f"module {module.name!r}: digest {value} does not use the manifest's {algorithm}")
+    if module.raw_size > MAX_SHARD_RAW_BYTES:
+        raise ManifestError(
+            f"module {module.name!r}: raw size {module.raw_size} is over the {MAX_SHARD_RAW_BYTES} limit"
+        )
+    if sum(module.frames) != module.stored_size:
+        raise ManifestError(f"module {module.name!r}: frames do not add up to its stored size")
+    position = 0
+    for tensor in tensors:
+        if tensor.dtype not in DTYPE_BITS:
+            raise ManifestError(f"tensor {tensor.key!r}: unknown dtype {tensor.dtype!r}")
+        expected = _product(tensor.shape) * tensor.itemsize
+        if tensor.offset != position or tensor.length != expected:
+            raise ManifestError(f"tensor {tensor.key!r}: offset/length do not tile module {module.name!r}")
+        position += tensor.length
+    if position != module.raw_size:
+        raise ManifestError(f"module {module.name!r}: tensors cover {position} of {module.raw_size} raw bytes")
+    return module
+
+
+def _check_source(manifest: Manifest) -> None:
+    """The order runs are a permutation of the tensors and the header agrees with the tables."""
+    source = manifest.source
+    total = sum(len(m.tensors) for m in manifest.modules)
+    covered = sorted((first, count) for first, count in source.order)
+    position = 0
+    for first, count in covered:
+        if first != position or count == 0:
+            raise ManifestError("source order does not list every tensor exactly once")
+        position += count
+    if position != total:
+        raise ManifestError("source order does not list every tensor exactly once")
+    if len({t.key for m in manifest.modules for t in m.tensors}) != total:
+        raise ManifestError("a tensor key appears more than once")
+    if source.header is not None:
+        header = source.header.encode()
+        if len(header) > MAX_HEADER_BYTES:
+            raise ManifestError(f"source header of {len(header)} bytes is over the {MAX_HEADER_BYTES}-byte cap")
+        try:
+            layout = parse_header(header, data_length=manifest.raw_size)
+        except FormatError as exc:
+            raise ManifestError(f"source header: {exc}") from exc
+        if list(layout.tensors) != manifest.file_order() or layout.metadata != source.metadata:
+            raise ManifestError("source header and module tables disagree")
+    if source.size != len(manifest.header_bytes()) + manifest.raw_size:
+        raise ManifestError("source size does not match its header and tensors")
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ManifestError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ManifestError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _product(shape: Sequence[int]) -> int:
+    result = 1
+    for dim in shape:
+        result *= dim
+        if result > MAX_SHARD_RAW_BYTES:
+            raise ManifestError(f"shape {list(shape)} is over the size limit")
+    return result

@@ -1,0 +1,399 @@
+"""pack, unpack and verify: a safetensors file to a store of shards and back."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from lorachunk._codec import BytePlaneZstd, Codec, codec_from_config
+from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher
+from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, StoreError, UsageError
+from lorachunk._layout import auto_splits, module_of, user_splits
+from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
+from lorachunk._repository import list_manifest_ids, read_manifest, read_shard, shard_key, write_manifest
+from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
+from lorachunk.storage import LocalStore, Store
+
+__all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
+
+#: ``progress(done, total)`` in bytes of the source (pack) or output (unpack).
+Progress = Callable[[int, int], None]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def as_store(dest: str | os.PathLike[str] | Store) -> Store:
+    return dest if isinstance(dest, Store) else LocalStore(dest)
+
+
+def pack(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Store,
+    *,
+    splits: Mapping[str, Iterable[str]] | None = None,
+    level: int = BytePlaneZstd.DEFAULT_LEVEL,
+    hash: str = DEFAULT_ALGORITHM,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Pack the safetensors file ``src`` into ``dest`` (a folder or a :class:`Store`).
+
+    Parameters
+    ----------
+    splits:
+        Extra named splits, ``{name: [glob, …]}`` over module names; they add to (and on a name
+        clash replace) the automatic ones.
+    level:
+        zstd level for the shards (1 to 22).
+    hash:
+        ``"xxh3-128"`` (fast, catches accidents) or ``"sha256"`` (resists tampering).
+
+    Returns the :class:`Manifest`; ``refs/latest`` of the store points at it.
+
+    Raises :class:`FormatError` for a file that is not valid safetensors, :class:`UsageError` for
+    a split glob that matches nothing and :class:`StoreError` when ``dest`` cannot be written. On
+    any error nothing new is left in ``dest``.
+
+    Example: ``pack("lora.safetensors", "lora.lcs", splits={"attn": ["*attn*"]}).root``
+    """
+    codec = BytePlaneZstd(level=level)
+    new_hasher(hash)  # fail on an unknown algorithm before reading anything
+    path = Path(src)
+    with _mapped_source(path) as (layout, data, size):
+        grouped = _group(layout.tensors)
+        names = list(grouped)
+        all_splits = auto_splits(names) | user_splits(splits or {}, names)
+        store = as_store(dest)
+        created_root = isinstance(dest, (str, os.PathLike)) and not Path(dest).exists()
+        written: list[str] = []
+        try:
+            modules = list(
+                _encode_all(
+                    data, layout, grouped, codec=codec, algorithm=hash, store=store, written=written, progress=progress
+                )
+            )
+            source = _source(path, size, _sha256(data), layout, modules)
+            manifest = Manifest.build(
+                hash=hash, codec=codec.get_config(), source=source, modules=modules, splits=all_splits
+            )
+            write_manifest(store, manifest)
+        except BaseException:
+            _discard(store, dest, created_root=created_root, written=written)
+            raise
+    return manifest
+
+
+def _source(path: Path, size: int, sha256: str, layout: SafetensorsLayout, modules: Sequence[Module]) -> Source:
+    flat = [t.key for m in sorted(modules, key=lambda m: m.name) for t in m.tensors]
+    order = order_runs(flat, [t.key for t in layout.tensors])
+    by_key = {t.key: t for t in layout.tensors}
+    file_order = [by_key[flat[i]] for first, count in order for i in range(first, first + count)]
+    for align in (8, 1):
+        if encode_header(file_order, layout.metadata, align=align)[8:] == layout.header:
+            return Source(path.name, size, f"sha256:{sha256}", layout.metadata, order, align, None)
+    # Written by something other than the safetensors library: keep the header text verbatim.
+    return Source(path.name, size, f"sha256:{sha256}", layout.metadata, order, 8, layout.header.decode())
+
+
+def _discard(store: Store, dest: object, *, created_root: bool, written: Sequence[str]) -> None:
+    if created_root and isinstance(dest, (str, os.PathLike)):
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for key in written:
+        store.delete(key)
+
+
+@contextmanager
+def _mapped_source(path: Path) -> Iterator[tuple[SafetensorsLayout, memoryview, int]]:
+    """The validated layout of ``path`` and a read-only memory map of the whole file."""
+    try:
+        handle = path.open("rb")
+        size = os.fstat(handle.fileno()).st_size
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a folder, not a safetensors file") from None
+    except OSError as exc:
+        raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with handle:
+        layout = _read_layout(handle, size, path)
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        try:
+            yield layout, memoryview(mapping) if mapping is not None else memoryview(b""), size
+        finally:
+            if mapping is not None:
+                with suppress(BufferError):  # a slice is still alive; the map goes with it
+                    mapping.close()
+
+
+def _read_layout(handle: BinaryIO, size: int, path: Path) -> SafetensorsLayout:
+    try:
+        length = read_header_length(handle.read(8), file_size=size)
+        header = handle.read(length)
+        header.decode()
+        layout = parse_header(header, data_length=size - 8 - length)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: header is not UTF-8") from exc
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}") from exc
+    for tensor in layout.tensors:
+        try:
+            tensor.key.encode()
+        except UnicodeEncodeError:
+            raise FormatError(f"{path}: tensor key {tensor.key!r} is not valid Unicode") from None
+    return layout
+
+
+def _sha256(data: memoryview) -> str:
+    hasher = hashlib.sha256()
+    step = 64 * 1024 * 1024
+    for start in range(0, len(data), step):
+        hasher.update(data[start : start + step])
+    return hasher.hexdigest()
+
+
+def _group(tensors: Sequence[TensorInfo]) -> dict[str, list[TensorInfo]]:
+    grouped: dict[str, list[TensorInfo]] = {}
+    for tensor in tensors:
+        grouped.setdefault(module_of(tensor.key), []).append(tensor)
+    return grouped
+
+
+def _encode_all(
+    data: memoryview,
+    layout: SafetensorsLayout,
+    grouped: Mapping[str, list[TensorInfo]],
+    *,
+    codec: Codec,
+    algorithm: str,
+    store: Store,
+    written: list[str],
+    progress: Progress | None,
+) -> Iterator[Module]:
+    base = layout.data_start
+    total = layout.data_length
+    done = 0
+
+    def encode(item: tuple[str, list[TensorInfo]]) -> tuple[Module, bytes]:
+        name, tensors = item
+        raw = _module_bytes(data, base, tensors)
+        entries, position = [], 0
+        for t in tensors:
+            entries.append(TensorEntry(t.key, t.dtype, t.shape, position, t.length))
+            position += t.length
+        module = Module(name, "", digest(algorithm, raw), 0, len(raw), (), tuple(entries))
+        stored, frames = codec.encode(raw, module.segments)
+        return Module(
+            name, digest(algorithm, stored), module.raw, len(stored), len(raw), frames, module.tensors
+        ), stored
+
+    for module, stored in _ordered_map(encode, grouped.items()):
+        key = shard_key(module.shard)
+        if not store.exists(key):
+            store.set(key, stored)
+            written.append(key)
+        done += module.raw_size
+        if progress is not None:
+            progress(done, total)
+        yield module
+
+
+def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) -> memoryview:
+    start = base + tensors[0].offset
+    end = base + tensors[-1].offset + tensors[-1].length
+    if end - start == sum(t.length for t in tensors):
+        return data[start:end]  # contiguous in the file: no copy
+    return memoryview(b"".join(data[base + t.offset : base + t.offset + t.length] for t in tensors))
+
+
+def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, window: int | None = None) -> Iterator[_R]:
+    """``map`` on a thread pool, in order, with at most ``window`` results in flight.
+
+    zstd and the hashes release the GIL, so threads give real parallelism; the window bounds
+    memory to a few modules rather than the whole LoRA.
+    """
+    workers = _workers()
+    window = window or 2 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorachunk") as pool:
+        pending: deque[Future[_R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:
+    """Fetch, verify (stored digest, then raw digest) and decode one module's raw bytes."""
+    stored = read_shard(store, module)
+    out = bytearray(module.raw_size)
+    (codec or codec_from_config(manifest.codec)).decode(
+        memoryview(stored), module.segments, module.frames, memoryview(out)
+    )
+    check(module.raw, out, what=f"module {module.name!r} after decoding")
+    return out
+
+
+def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: Iterable[str] = ()) -> list[Module]:
+    """Modules named by splits and module globs; all modules when both are empty."""
+    split_names, globs = list(splits), list(modules)
+    if not split_names and not globs:
+        return list(manifest.modules)
+    wanted = {name for s in split_names for name in manifest.split(s).modules}
+    for glob in globs:
+        matched = {m.name for m in manifest.modules if fnmatchcase(m.name, glob)}
+        if not matched:
+            raise UsageError(f"module pattern {glob!r} matches no module")
+        wanted |= matched
+    return [m for m in manifest.modules if m.name in wanted]
+
+
+def unpack(
+    dest: str | os.PathLike[str] | Store,
+    out: str | os.PathLike[str],
+    *,
+    splits: Iterable[str] = (),
+    modules: Iterable[str] = (),
+    manifest: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a safetensors file from a packed LoRA.
+
+    With no ``splits`` or ``modules`` the result is the original file byte for byte (checked
+    against its recorded sha256). Otherwise it holds the tensors of the selected modules, in
+    their original order, with the original ``__metadata__``. ``manifest`` selects a manifest
+    by id or hex prefix (default: the store's latest). The file appears only once complete.
+
+    Raises :class:`IntegrityError` if any byte does not match the manifest.
+    """
+    store = as_store(dest)
+    loaded = read_manifest(store, manifest)
+    chosen = select_modules(loaded, splits=splits, modules=modules)
+    whole = len(chosen) == len(loaded.modules)
+    wanted = {t.key for m in chosen for t in m.tensors}
+    order = [t for t in loaded.file_order() if t.key in wanted]
+    header = loaded.header_bytes() if whole else encode_header(order, loaded.metadata)
+    positions, position = {}, len(header)
+    for tensor in order:
+        positions[tensor.key] = position
+        position += tensor.length
+    first_seen = {t.key: i for i, t in enumerate(order)}
+    chosen.sort(key=lambda m: min(first_seen[t.key] for t in m.tensors))
+    codec = codec_from_config(loaded.codec)
+    target = Path(out)
+    tmp = target.with_name(f".{target.name}.lorachunk.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w+b") as handle:
+            _write_tensors(
+                handle,
+                header,
+                positions=positions,
+                total=position,
+                modules=chosen,
+                decode=lambda m: decode_module(store, loaded, m, codec),
+                progress=progress,
+            )
+            if whole and _file_sha256(handle) != loaded.source.sha256:
+                raise IntegrityError(f"unpacked file does not match the source's {loaded.source.sha256}")
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, LorachunkError):
+            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+        raise
+    return target
+
+
+def _write_tensors(
+    handle: BinaryIO,
+    header: bytes,
+    *,
+    positions: Mapping[str, int],
+    total: int,
+    modules: Sequence[Module],
+    decode: Callable[[Module], bytearray],
+    progress: Progress | None,
+) -> None:
+    """Write ``header`` and each module's tensors at their positions, decoding in parallel.
+
+    Modules are usually contiguous runs in the file, so this writes sequentially; a file whose
+    modules interleave (safetensors sorts by dtype first) is written with seeks.
+    """
+    handle.write(header)
+    done = len(header)
+    for module, raw in zip(modules, _ordered_map(decode, modules), strict=False):
+        view = memoryview(raw)
+        for tensor in module.tensors:
+            position = positions[tensor.key]
+            if handle.tell() != position:
+                handle.seek(position)
+            handle.write(view[tensor.offset : tensor.offset + tensor.length])
+        done += module.raw_size
+        if progress is not None:
+            progress(done, total)
+
+
+def _file_sha256(handle: BinaryIO) -> str:
+    handle.flush()
+    handle.seek(0)
+    hasher = hashlib.sha256()
+    while chunk := handle.read(16 * 1024 * 1024):
+        hasher.update(chunk)
+    return f"sha256:{hasher.hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :func:`verify` checked: manifests, distinct shards and their stored bytes."""
+
+    manifests: int
+    shards: int
+    stored_bytes: int
+
+
+def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
+    """Re-check every manifest in ``dest`` and every shard they name.
+
+    Each manifest is checked against its id and its Merkle roots are recomputed; each shard is
+    hashed as stored, decoded, and hashed again as raw bytes.
+
+    Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
+    """
+    store = as_store(dest)
+    problems: list[str] = []
+    manifests: list[Manifest] = []
+    ids = list_manifest_ids(store)
+    if not ids:
+        raise StoreError(f"{store!r} holds no packed LoRA")
+    for manifest_id in ids:
+        try:
+            manifests.append(read_manifest(store, manifest_id))
+        except (IntegrityError, LorachunkError) as exc:
+            problems.append(str(exc))
+    unique = {m.shard: (manifest, m) for manifest in manifests for m in manifest.modules}
+
+    def check_one(item: tuple[Manifest, Module]) -> str | None:
+        manifest, module = item
+        try:
+            decode_module(store, manifest, module)
+        except LorachunkError as exc:
+            return str(exc)
+        return None
+
+    problems.extend(p for p in _ordered_map(check_one, unique.values()) if p is not None)
+    if problems:
+        raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
+    return VerifyReport(len(manifests), len(unique), sum(m.stored_size for _, m in unique.values()))

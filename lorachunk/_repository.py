@@ -1,0 +1,97 @@
+"""The store layout of format lorachunk/1: where manifests, shards and refs live.
+
+::
+
+    refs/latest                       text: the manifest id last packed into this store
+    manifests/<hex>.json.zst          a manifest, named by the digest of its canonical JSON
+    shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from lorachunk._digest import check, hex_of, split_digest
+from lorachunk._exceptions import ManifestError, ShardNotFoundError, StoreError, UsageError
+from lorachunk._manifest import Manifest, Module
+from lorachunk.storage import Store
+
+__all__ = ["LATEST", "list_manifest_ids", "manifest_key", "read_manifest", "read_shard", "shard_key", "write_manifest"]
+
+LATEST: Final = "refs/latest"
+_MANIFESTS: Final = "manifests/"
+_MANIFEST_SUFFIX: Final = ".json.zst"
+#: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
+MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
+
+
+def shard_key(digest: str) -> str:
+    hexpart = hex_of(digest)
+    return f"shards/{hexpart[:2]}/{hexpart}"
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"{_MANIFESTS}{hex_of(manifest_id)}{_MANIFEST_SUFFIX}"
+
+
+def write_manifest(store: Store, manifest: Manifest) -> str:
+    """Store ``manifest`` and point ``refs/latest`` at it; return its id."""
+    manifest_id = manifest.id
+    key = manifest_key(manifest_id)
+    if not store.exists(key):
+        store.set(key, manifest.to_bytes())
+    store.set(LATEST, f"{manifest_id}\n".encode())
+    return manifest_id
+
+
+def list_manifest_ids(store: Store) -> list[str]:
+    """Every manifest id in the store (sorted), as ``"<algorithm>:<hex>"``."""
+    ids = []
+    for key in store.list_prefix(_MANIFESTS):
+        hexpart = key[len(_MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX)
+        algorithm = "sha256" if len(hexpart) == 64 else "xxh3-128"
+        ids.append(f"{algorithm}:{hexpart}")
+    return sorted(ids)
+
+
+def latest_id(store: Store) -> str:
+    try:
+        text = store.get(LATEST)
+    except ShardNotFoundError:
+        raise StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`") from None
+    value = text.decode("ascii", errors="replace").strip()
+    split_digest(value)
+    return value
+
+
+def resolve(store: Store, selector: str | None) -> str:
+    """A manifest id from None (latest), a full id, or a unique hex prefix of an id."""
+    if selector is None:
+        return latest_id(store)
+    hexpart = selector.partition(":")[2] or selector
+    matches = [i for i in list_manifest_ids(store) if hex_of(i).startswith(hexpart.lower())]
+    if len(matches) != 1:
+        problem = "matches no manifest" if not matches else f"is ambiguous ({len(matches)} manifests)"
+        raise UsageError(f"manifest {selector!r} {problem} in {store!r}")
+    return matches[0]
+
+
+def read_manifest(store: Store, selector: str | None = None) -> Manifest:
+    """Read and fully validate a manifest (the latest unless ``selector`` names one)."""
+    manifest_id = resolve(store, selector)
+    key = manifest_key(manifest_id)
+    stored = store.get(key)
+    if len(stored) > MAX_STORED_MANIFEST_BYTES:
+        raise ManifestError(f"{key}: {len(stored)} bytes is over the {MAX_STORED_MANIFEST_BYTES}-byte limit")
+    try:
+        return Manifest.from_bytes(stored, expected_id=manifest_id)
+    except ManifestError as exc:
+        raise ManifestError(f"{key}: {exc}") from exc
+
+
+def read_shard(store: Store, module: Module) -> bytes:
+    """The stored bytes of ``module``'s shard, checked against its digest before any decoding."""
+    key = shard_key(module.shard)
+    data = store.get(key)
+    check(module.shard, data, what=f"shard {key} (module {module.name!r})")
+    return data

@@ -1,0 +1,81 @@
+"""The Store abstraction: bytes by key, nothing about tensors or LoRAs."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+from lorachunk._exceptions import UsageError
+
+__all__ = ["ByteRange", "Store", "check_key"]
+
+# Keys are relative POSIX paths of plain names: no "..", no absolute paths, no backslashes, so a
+# hostile manifest or ref cannot make a store touch anything outside its root.
+_KEY: Final = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe store key, else raise :class:`UsageError`."""
+    if not _KEY.match(key) or any(part in {".", ".."} for part in key.split("/")):
+        raise UsageError(f"invalid store key {key!r}")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Bytes ``[start, end)`` of an object; ``end=None`` means to the end."""
+
+    start: int
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or (self.end is not None and self.end < self.start):
+            raise ValueError(f"invalid byte range {self.start}..{self.end}")
+
+
+class Store(ABC):
+    """Objects by key. Writes are atomic; content-addressed writes are idempotent.
+
+    Subclasses implement the five abstract methods; the capability properties say what a store
+    can do, so callers can check before they try.
+    """
+
+    supports_writes: bool = True
+    supports_listing: bool = True
+
+    @abstractmethod
+    def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        """Return the object (or the part ``byte_range`` names).
+
+        Raises :class:`~lorachunk.ShardNotFoundError` if there is no such object.
+        """
+
+    @abstractmethod
+    def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` atomically: readers see the old object or the new, never a part."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    @abstractmethod
+    def list_prefix(self, prefix: str) -> Iterator[str]:
+        """Yield every key that starts with ``prefix``, in no particular order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
+        """Release connections or handles; the default has none."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

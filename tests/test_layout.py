@@ -1,0 +1,110 @@
+"""Module grouping and automatic splits, by naming convention."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorachunk._layout import auto_splits, block_of, component_of, module_of
+
+
+@pytest.mark.parametrize(
+    ("key", "module"),
+    [
+        ("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight", "lora_unet_mid_block_attentions_0_proj_in"),
+        ("lora_unet_mid_block_attentions_0_proj_in.alpha", "lora_unet_mid_block_attentions_0_proj_in"),
+        ("lora_unet_x.dora_scale", "lora_unet_x"),
+        ("lora_unet_x.lora_mid.weight", "lora_unet_x"),
+        ("lora_te_y.hada_w1_a", "lora_te_y"),
+        ("lora_te_y.hada_t2", "lora_te_y"),
+        ("lora_te_y.lokr_w2_b", "lora_te_y"),
+        ("lora_te_y.lokr_w1", "lora_te_y"),
+        ("lora_unet_z.diff", "lora_unet_z"),
+        ("lora_unet_z.diff_b", "lora_unet_z"),
+        ("base_model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.layers.0.self_attn.q_proj"),
+        (
+            "base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
+            "base_model.model.layers.0.self_attn.q_proj",
+        ),
+        ("model.embed_tokens.lora_embedding_A", "model.embed_tokens"),
+        ("unet.a.to_q.lora_magnitude_vector", "unet.a.to_q"),
+        ("unet.a.to_q.lora_magnitude_vector.default.weight", "unet.a.to_q"),
+        ("unet.a.to_k.lora.down.weight", "unet.a.to_k"),
+        ("unet.a.to_k.lora_linear_layer.up.weight", "unet.a.to_k"),
+        (
+            "mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight",
+            "mid_block.attentions.0.transformer_blocks.0.attn1.processor.to_out",
+        ),
+        ("unet:12:up", "unet:12"),
+        ("text_encoder:3:down", "text_encoder:3"),
+        ("w_a_007", "w_007"),
+        ("w_b_007", "w_007"),
+        ("<s1>", "<s1>"),
+        ("emb_params", "emb_params"),
+        ("some.unknown.layer.weight", "some.unknown.layer"),
+        ("some.unknown.layer.bias", "some.unknown.layer"),
+        ("odd key without rules", "odd key without rules"),
+    ],
+)
+def test_module_of(key: str, module: str) -> None:
+    assert module_of(key) == module
+
+
+@pytest.mark.parametrize(
+    ("module", "component"),
+    [
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1", "text_encoder"),
+        ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "text_encoder"),
+        ("lora_te2_text_model_encoder_layers_0_mlp_fc1", "text_encoder_2"),
+        ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", "text_encoder_2"),
+        ("base_model.model.text_model.encoder.layers.0.self_attn.q_proj", "text_encoder"),
+        ("text_encoder:3", "text_encoder"),
+        ("unet:3", "unet"),
+        ("lora_unet_mid_block_attentions_0_proj_in", "unet"),
+        ("up_blocks.1.attentions.0.proj_in", "unet"),
+        ("transformer.single_transformer_blocks.0.attn.to_q", "transformer"),
+        ("<s1>", "embeddings"),
+        ("w_007", None),
+    ],
+)
+def test_component_of(module: str, component: str | None) -> None:
+    assert component_of(module) == component
+
+
+@pytest.mark.parametrize(
+    ("module", "block"),
+    [
+        ("lora_unet_down_blocks_0_attentions_0_proj_in", ("unet.down_blocks.0", "IN01")),
+        ("lora_unet_down_blocks_0_attentions_1_proj_in", ("unet.down_blocks.0", "IN02")),
+        ("lora_unet_down_blocks_0_downsamplers_0_conv", ("unet.down_blocks.0", "IN03")),
+        ("unet.down_blocks.2.attentions.1.proj_in", ("unet.down_blocks.2", "IN08")),
+        ("lora_unet_down_blocks_3_resnets_1_conv1", ("unet.down_blocks.3", "IN11")),
+        ("unet.mid_block.attentions.0.proj_in", ("unet.mid_block", "MID")),
+        ("lora_unet_up_blocks_0_attentions_0_proj_out", ("unet.up_blocks.0", "OUT00")),
+        ("lora_unet_up_blocks_0_upsamplers_0_conv", ("unet.up_blocks.0", "OUT02")),
+        ("up_blocks.3.attentions.2.proj_out", ("unet.up_blocks.3", "OUT11")),
+        ("lora_unet_input_blocks_4_1_proj_in", ("unet.down_blocks.1", "IN04")),
+        ("lora_unet_output_blocks_5_1_proj_in", ("unet.up_blocks.1", "OUT05")),
+        ("lora_unet_middle_block_1_proj_in", ("unet.mid_block", "MID")),
+        ("lora_unet_conv_in", None),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1", None),
+    ],
+)
+def test_block_of(module: str, block: tuple[str, str] | None) -> None:
+    assert block_of(module) == block
+
+
+def test_blora_splits_in_both_namings() -> None:
+    modules = [
+        "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_up_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q",
+        "unet.up_blocks.0.attentions.1.transformer_blocks.3.attn2.to_k",
+        "unet.up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_q",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+    ]
+    splits = auto_splits(modules)
+    assert splits["content"] == ("b-lora", [modules[0]])
+    assert splits["style"] == ("b-lora", [modules[1], modules[2]])
+    assert splits["text_encoder_2"][1] == [modules[4]]
+    assert splits["BASE"][1] == [modules[4]]
+    assert splits["OUT02"][1] == [modules[3]]
+    assert set(splits["unet"][1]) == set(modules[:4])
