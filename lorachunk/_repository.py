@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 from lorachunk._digest import check, hex_of, split_digest
-from lorachunk._exceptions import ManifestError, ShardNotFoundError, StoreError, UsageError
+from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import Manifest, Module
 from lorachunk.storage import Store
 
@@ -83,10 +83,11 @@ def read_manifest(store: Store, selector: str | None = None) -> Manifest:
     stored = store.get(key)
     if len(stored) > MAX_STORED_MANIFEST_BYTES:
         raise ManifestError(f"{key}: {len(stored)} bytes is over the {MAX_STORED_MANIFEST_BYTES}-byte limit")
+    check(manifest_id, stored, what=key)
     try:
-        return Manifest.from_bytes(stored, expected_id=manifest_id)
-    except ManifestError as exc:
-        raise ManifestError(f"{key}: {exc}") from exc
+        return Manifest.from_bytes(stored)
+    except (ManifestError, IntegrityError) as exc:
+        raise type(exc)(f"{key}: {exc}") from exc
 
 
 def read_shard(store: Store, module: Module) -> bytes:

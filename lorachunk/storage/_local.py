@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 from lorachunk._exceptions import ShardNotFoundError, StoreError
@@ -74,10 +75,15 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot delete {self._path(key)}: {exc.strerror or exc}") from exc
+            raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from exc
+        # Drop fan-out folders left empty, so a rolled-back write leaves no trace.
+        with suppress(OSError):
+            for parent in path.relative_to(self.root).parents[:-1]:
+                (self.root / parent).rmdir()
 
     def list_prefix(self, prefix: str) -> Iterator[str]:
         if not self.root.is_dir():

@@ -1,0 +1,76 @@
+"""The public surface and what importing it costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lorachunk
+from lorachunk._cli import main
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert lorachunk.__all__ == sorted(lorachunk.__all__)
+    for name in lorachunk.__all__:
+        assert hasattr(lorachunk, name)
+
+
+def test_exception_tree() -> None:
+    assert issubclass(lorachunk.ShardNotFoundError, lorachunk.StoreError)
+    assert issubclass(lorachunk.ShardNotFoundError, FileNotFoundError)
+    assert issubclass(lorachunk.StoreError, OSError)
+    for error in (lorachunk.FormatError, lorachunk.ManifestError, lorachunk.IntegrityError, lorachunk.UsageError):
+        assert issubclass(error, lorachunk.LorachunkError) and issubclass(error, ValueError)
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, lorachunk; print([m for m in ('torch', 'httpx', 'huggingface_hub', 'tqdm') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_info_json(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", "--split", "attn=*attn*"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["info", str(tmp_path / "s"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modules"] == 350 and info["tensors"] == 1750
+    assert info["source"]["size"] == falcon.stat().st_size
+    assert info["stored_bytes"] < info["raw_bytes"]
+    splits = {s["name"]: s for s in info["splits"]}
+    assert splits["attn"]["kind"] == "user" and splits["text_encoder"]["modules"] == 72
+    assert info["root"].startswith("xxh3-128:")
+    assert main(["info", str(tmp_path / "s")]) == 0
+    text = capsys.readouterr().out
+    assert info["root"] in text and "text_encoder" in text
+
+
+def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", "--split", "bad"]) == 2
+    assert "NAME=GLOB" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "empty")]) == 3
+    assert "no packed LoRA" in capsys.readouterr().err
+    main(["pack", str(falcon), str(tmp_path / "s"), "-q"])
+    assert main(["unpack", str(tmp_path / "s"), "-o", str(tmp_path / "x"), "--split", "nope", "-q"]) == 2
+    assert "no split 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert lorachunk.__version__ in capsys.readouterr().out
+
+
+def test_cli_unpack_split(falcon: Path, tmp_path: Path) -> None:
+    main(["pack", str(falcon), str(tmp_path / "s"), "-q"])
+    assert (
+        main(["unpack", str(tmp_path / "s"), "-o", str(tmp_path / "te.safetensors"), "--split", "text_encoder", "-q"])
+        == 0
+    )
+    from safetensors.numpy import load_file
+
+    assert all(k.startswith("lora_te_") for k in load_file(tmp_path / "te.safetensors"))

@@ -1,0 +1,115 @@
+"""Bad input files: one clear error from lorachunk's tree, exit code 2, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import DATA
+
+import lorachunk
+from lorachunk._cli import main
+from lorachunk.storage import LocalStore
+
+
+def _file(header: object, data: bytes = b"", *, raw_header: bytes | None = None) -> bytes:
+    text = raw_header if raw_header is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "empty file": (lambda d: _write(d, b""), "too short"),
+    "not safetensors": (lambda d: _write(d, b"PK\x03\x04 this is a zip file, not a LoRA"), "over the"),
+    "header past end": (lambda d: _write(d, struct.pack("<Q", 5000) + b"{}"), "past the end"),
+    "truncated data": (lambda d: _write(d, _file(GOOD, b"\x00" * 5)), "truncated"),
+    "trailing bytes": (lambda d: _write(d, _file(GOOD, b"\x00" * 12)), "trailing"),
+    "header not json": (lambda d: _write(d, _file(None, raw_header=b"{not json")), "not JSON"),
+    "header not object": (lambda d: _write(d, _file([1, 2])), "not a JSON object"),
+    "overlapping": (
+        lambda d: _write(
+            d,
+            _file(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                },
+                b"\x00" * 8,
+            ),
+        ),
+        "overlaps",
+    ),
+    "gap": (
+        lambda d: _write(d, _file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\x00" * 8)),
+        "gap",
+    ),
+    "unknown dtype": (
+        lambda d: _write(d, _file({"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 2]}}, b"\x00" * 2)),
+        "unknown dtype",
+    ),
+    "shape/length mismatch": (
+        lambda d: _write(d, _file({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\x00" * 8)),
+        "needs 12 bytes",
+    ),
+    "negative shape": (
+        lambda d: _write(d, _file({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\x00" * 4)),
+        "shape",
+    ),
+    "bad metadata": (lambda d: _write(d, _file({"__metadata__": {"a": 1}})), "__metadata__"),
+    "header over cap": (lambda d: _write(d, struct.pack("<Q", 100_000_001) + b" " * 16), "cap"),
+    "not utf-8": (lambda d: _write(d, _file(None, raw_header=b'{"\xff": 1}')), "UTF-8"),
+    "a folder": (lambda d: d, "folder"),
+    "missing": (lambda d: d / "nope.safetensors", "cannot read"),
+}
+
+
+def _write(folder: Path, data: bytes) -> Path:
+    path = folder / "bad.safetensors"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_file_is_rejected_cleanly(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make, message = CASES[case]
+    src = make(tmp_path)
+    dest = tmp_path / "store"
+    with pytest.raises(lorachunk.FormatError, match=message):
+        lorachunk.pack(src, dest)
+    assert not dest.exists()
+    assert main(["pack", str(src), str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorachunk: ") and "Traceback" not in err
+    assert not dest.exists()
+
+
+def test_dest_that_is_a_file(falcon: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "file"
+    dest.write_text("occupied")
+    with pytest.raises(lorachunk.StoreError, match="not a folder"):
+        lorachunk.pack(falcon, dest)
+    assert dest.read_text() == "occupied"
+    assert main(["pack", str(falcon), str(dest), "-q"]) == 3
+
+
+class _FailingManifestStore(LocalStore):
+    """A disk that fills up just as the manifest is written (a fault no real folder gives on cue)."""
+
+    def set(self, key: str, value: bytes) -> None:
+        if key.startswith("manifests/"):
+            raise lorachunk.StoreError(f"cannot write {key}: No space left on device")
+        super().set(key, value)
+
+
+def test_failed_pack_leaves_existing_store_untouched(falcon: Path, tmp_path: Path) -> None:
+    """A failure half-way removes the shards this pack wrote and keeps what was there."""
+    dest = tmp_path / "store"
+    lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    with pytest.raises(lorachunk.StoreError, match="No space left"):
+        lorachunk.pack(falcon, _FailingManifestStore(dest))
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
