@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from lorachunk._codec import BytePlaneZstd, Codec, codec_from_config
+from lorachunk._codec import BytePlaneZstd, Codec, Segment, codec_from_config
 from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher
 from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, StoreError, UsageError
 from lorachunk._layout import auto_splits, module_of, user_splits
@@ -33,7 +33,9 @@ _R = TypeVar("_R")
 
 
 def _workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    """Threads for encoding and decoding: ``LORACHUNK_THREADS`` or the CPU count, at most 8."""
+    configured = os.environ.get("LORACHUNK_THREADS", "")
+    return max(1, int(configured)) if configured.isdigit() else min(8, os.cpu_count() or 1)
 
 
 def as_store(dest: str | os.PathLike[str] | Store) -> Store:
@@ -185,24 +187,26 @@ def _encode_all(
     total = layout.data_length
     done = 0
 
-    def encode(item: tuple[str, list[TensorInfo]]) -> tuple[Module, bytes]:
+    def encode(item: tuple[str, list[TensorInfo]]) -> Module:
         name, tensors = item
         raw = _module_bytes(data, base, tensors)
         entries, position = [], 0
         for t in tensors:
             entries.append(TensorEntry(t.key, t.dtype, t.shape, position, t.length))
             position += t.length
-        module = Module(name, "", digest(algorithm, raw), 0, len(raw), (), tuple(entries))
-        stored, frames = codec.encode(raw, module.segments)
-        return Module(
-            name, digest(algorithm, stored), module.raw, len(stored), len(raw), frames, module.tensors
-        ), stored
-
-    for module, stored in _ordered_map(encode, grouped.items()):
+        segments = tuple(Segment(e.offset, e.length, e.itemsize) for e in entries)
+        stored, frames = codec.encode(raw, segments)
+        module = Module(
+            name, digest(algorithm, stored), digest(algorithm, raw), len(stored), len(raw), frames, tuple(entries)
+        )
+        # Written from the worker, so file creation and fsync overlap with encoding elsewhere.
         key = shard_key(module.shard)
         if not store.exists(key):
             store.set(key, stored)
             written.append(key)
+        return module
+
+    for module in _ordered_map(encode, grouped.items()):
         done += module.raw_size
         if progress is not None:
             progress(done, total)

@@ -95,14 +95,39 @@ SDXL_UNET_BLOCKS = (
 
 
 def sdxl(
-    path: Path, *, dtype: str = "F16", rank: int = 32, kohya_names: bool = False, scale: float = 1.0, seed: int = 2
+    path: Path,
+    *,
+    dtype: str = "F16",
+    rank: int = 32,
+    kohya_names: bool = False,
+    scale: float = 1.0,
+    text_encoders: bool = False,
+    seed: int = 2,
 ) -> Path:
-    """SDXL-shaped UNet LoRA: every attention projection of every transformer block.
+    """SDXL-shaped LoRA: every attention projection of every UNet transformer block (630 modules),
+    plus with ``text_encoders`` the attention and MLP of both CLIP encoders (264 more).
 
-    rank 32 gives about 700 modules and 180 MB in F16; ``scale`` < 1 shrinks widths for tests.
+    rank 64 with text encoders gives 894 modules and about 250 MB in F16; ``scale`` < 1 shrinks
+    widths for tests.
     """
     rng = np.random.default_rng(seed)
     tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    if text_encoders:
+        for encoder, width, layers in (("text_encoder", 768, 12), ("text_encoder_2", 1280, 32)):
+            w = max(8, int(width * scale))
+            for layer in range(layers):
+                for proj, (out_dim, in_dim) in {
+                    "self_attn.q_proj": (w, w),
+                    "self_attn.k_proj": (w, w),
+                    "self_attn.v_proj": (w, w),
+                    "self_attn.out_proj": (w, w),
+                    "mlp.fc1": (4 * w, w),
+                    "mlp.fc2": (w, 4 * w),
+                }.items():
+                    down, up = lora_pair(rng, out_dim, in_dim, rank, dtype)
+                    name = f"{encoder}.text_model.encoder.layers.{layer}.{proj}"
+                    tensors[f"{name}.lora_A.weight"] = (dtype, (rank, in_dim), down)
+                    tensors[f"{name}.lora_B.weight"] = (dtype, (out_dim, rank), up)
     for prefix, width, depth, layers in SDXL_UNET_BLOCKS:
         w = max(8, int(width * scale))
         for layer in range(layers):

@@ -1,0 +1,157 @@
+"""Compression and codec speed: lorachunk vs whole-file zstd -3/-19 and ZipNN, side by side.
+
+    python benchmarks/compression.py            # real fixtures + synthetic SDXL-shaped F16 and BF16
+    python benchmarks/compression.py --quick    # smaller synthetic files
+
+Prints a Markdown table; docs/benchmarks.md holds the last published run. Speeds are single
+thread (LORACHUNK_THREADS=1), best of three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ["LORACHUNK_THREADS"] = "1"
+
+import zstandard
+
+import lorachunk
+from lorachunk._codec import codec_from_config
+from lorachunk._repository import manifest_key, read_shard
+from lorachunk.storage import LocalStore
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import synth  # noqa: E402
+
+ZIPNN_DTYPE = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def best(fn: Callable[[], object], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def zipnn_sizes(path: Path, manifest: lorachunk.Manifest) -> tuple[int | None, int | None]:
+    try:
+        import zipnn
+    except ImportError:
+        return None, None
+    data = path.read_bytes()
+    dtypes = {t.dtype for m in manifest.modules for t in m.tensors}
+    main_dtype = max(dtypes, key=lambda d: sum(t.length for m in manifest.modules for t in m.tensors if t.dtype == d))
+    whole = len(zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE.get(main_dtype, "float32")).compress(data))
+    per_module = 0
+    header = manifest.header_bytes()
+    per_module += len(zstandard.ZstdCompressor(level=19).compress(header))
+    offsets = {t.key: t.offset for t in manifest.file_order()}
+    base = len(header)
+    for module in manifest.modules:
+        dtype = module.tensors[0].dtype
+        raw = b"".join(data[base + offsets[t.key] : base + offsets[t.key] + t.length] for t in module.tensors)
+        codec = zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE.get(dtype, "float32"))
+        per_module += len(codec.compress(raw))
+    return whole, per_module
+
+
+def measure(path: Path, workdir: Path) -> dict[str, object]:
+    data = path.read_bytes()
+    store_path = workdir / path.stem
+    pack_s = best(lambda: lorachunk.pack(path, store_path), repeat=2)
+    store = LocalStore(store_path)
+    manifest = lorachunk.read_manifest(store)
+    manifest_bytes = len(store.get(manifest_key(_latest(store))))
+    stored = manifest.stored_size + manifest_bytes
+    z3 = zstandard.ZstdCompressor(level=3)
+    z3_frame = z3.compress(data)
+    z3_s = best(lambda: z3.compress(data))
+    z19 = len(zstandard.ZstdCompressor(level=19).compress(data))
+    z3d_s = best(lambda: zstandard.ZstdDecompressor().decompress(z3_frame))
+    codec = codec_from_config(manifest.codec)
+    shards = [(m, read_shard(store, m)) for m in manifest.modules]
+    buffers = [bytearray(m.raw_size) for m in manifest.modules]
+
+    def decode_all() -> None:
+        for (module, blob), out in zip(shards, buffers, strict=False):
+            codec.decode(memoryview(blob), module.segments, module.frames, memoryview(out))
+
+    decode_s = best(decode_all)
+    zipnn_whole, zipnn_module = zipnn_sizes(path, manifest)
+    mb = len(data) / 1e6
+    return {
+        "file": path.name,
+        "MB": mb,
+        "modules": len(manifest.modules),
+        "lorachunk": stored,
+        "zstd3": len(z3_frame),
+        "zstd19": z19,
+        "zipnn": zipnn_whole,
+        "zipnn_module": zipnn_module,
+        "pack_MBs": mb / pack_s,
+        "zstd3_MBs": mb / z3_s,
+        "decode_MBs": manifest.raw_size / 1e6 / decode_s,
+        "zstd3_dec_MBs": mb / z3d_s,
+    }
+
+
+def _latest(store: LocalStore) -> str:
+    return store.get("refs/latest").decode().strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="synthetic files at 1/4 size")
+    parser.add_argument("--no-synthetic", action="store_true")
+    args = parser.parse_args()
+    files = sorted((ROOT / "tests" / "data" / "loras").glob("*.safetensors"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if not args.no_synthetic:
+            rank = 16 if args.quick else 64
+            files.append(synth.sdxl(workdir / "synthetic_sdxl_f16.safetensors", rank=rank, text_encoders=True))
+            files.append(
+                synth.sdxl(workdir / "synthetic_sdxl_bf16.safetensors", rank=rank, dtype="BF16", text_encoders=True)
+            )
+        for path in files:
+            rows.append(measure(path, workdir))
+            print(f"measured {path.name}", file=sys.stderr)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"zstandard {zstandard.__version__}; speeds single-thread\n"
+    )
+    print(
+        "| file | MB | modules | lorachunk / zstd -19 | / zstd -3 | / ZipNN | / ZipNN per module | "
+        "pack MB/s (x zstd -3) | decode MB/s (x zstd -3 dec) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    totals = {"lorachunk": 0, "zstd19": 0}
+    for r in rows:
+        totals["lorachunk"] += int(r["lorachunk"])  # type: ignore[call-overload]
+        totals["zstd19"] += int(r["zstd19"])  # type: ignore[call-overload]
+        zipnn = f"{r['lorachunk'] / r['zipnn']:.3f}" if r["zipnn"] else "n/a"  # type: ignore[operator]
+        zipnn_m = f"{r['lorachunk'] / r['zipnn_module']:.3f}" if r["zipnn_module"] else "n/a"  # type: ignore[operator]
+        print(
+            f"| {r['file']} | {r['MB']:.2f} | {r['modules']} | {r['lorachunk'] / r['zstd19']:.3f} | "  # type: ignore[operator]
+            f"{r['lorachunk'] / r['zstd3']:.3f} | {zipnn} | {zipnn_m} | "  # type: ignore[operator]
+            f"{r['pack_MBs']:.0f} ({r['pack_MBs'] / r['zstd3_MBs']:.2f}x) | "  # type: ignore[operator]
+            f"{r['decode_MBs']:.0f} ({r['decode_MBs'] / r['zstd3_dec_MBs']:.2f}x) |"  # type: ignore[operator]
+        )
+    print(
+        f"\nAll files: lorachunk stores {totals['lorachunk'] / totals['zstd19']:.3f}x the bytes of whole-file zstd -19."
+    )
+
+
+if __name__ == "__main__":
+    main()
