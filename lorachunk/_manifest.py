@@ -46,28 +46,8 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """A tensor inside a module; ``offset`` and ``length`` locate it in the module's raw bytes."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    length: int
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPE_BITS[self.dtype] // 8
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "offset": self.offset,
-            "length": self.length,
-        }
+#: A tensor inside a module: ``offset`` and ``length`` locate it in the module's raw bytes.
+TensorEntry = TensorInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ _LENGTH_PREFIX: Final = 8
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """One tensor of a safetensors file; ``offset`` is relative to the start of the data area."""
+    """One tensor: where it sits (in a file's data area, or in a module's raw bytes) and its type."""
 
     key: str
     dtype: str
@@ -56,6 +56,15 @@ class TensorInfo:
     @property
     def itemsize(self) -> int:
         return DTYPE_BITS[self.dtype] // 8
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "length": self.length,
+        }
 
 
 @dataclass(frozen=True, slots=True)
