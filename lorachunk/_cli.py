@@ -22,11 +22,10 @@ EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError
+    if n < 1000:
+        return f"{n} B"
+    value, unit = next((n / 1000**i, u) for i, u in ((3, "GB"), (2, "MB"), (1, "kB")) if n >= 1000**i)
+    return f"{value:.1f} {unit}"
 
 
 @contextmanager
@@ -125,7 +124,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(
         f"stored    {_size(info['stored_bytes'] + info['manifest_bytes'])} "
         f"(shards {_size(info['stored_bytes'])} + manifest {_size(info['manifest_bytes'])}), "
-        f"{info['ratio']:.2f}x smaller than the file"
+        f"{info['ratio']:.2f}x compression"
     )
     print(f"modules   {info['modules']}")
     if info["splits"]:

@@ -301,7 +301,7 @@ def unpack(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w+b") as handle:
-            _write_tensors(
+            sha256 = _write_tensors(
                 handle,
                 header,
                 positions=positions,
@@ -310,7 +310,7 @@ def unpack(
                 decode=lambda m: decode_module(store, loaded, m, codec),
                 progress=progress,
             )
-            if whole and _file_sha256(handle) != loaded.source.sha256:
+            if whole and sha256 != loaded.source.sha256:
                 raise IntegrityError(f"unpacked file does not match the source's {loaded.source.sha256}")
         os.replace(tmp, target)
     except BaseException as exc:
@@ -330,27 +330,33 @@ def _write_tensors(
     modules: Sequence[Module],
     decode: Callable[[Module], bytearray],
     progress: Progress | None,
-) -> None:
+) -> str:
     """Write ``header`` and each module's tensors at their positions, decoding in parallel.
 
-    Modules are usually contiguous runs in the file, so this writes sequentially; a file whose
-    modules interleave (safetensors sorts by dtype first) is written with seeks.
+    Returns the sha256 of the file. Modules are usually contiguous runs in the file, so this
+    writes sequentially and hashes as it goes; a file whose modules interleave (safetensors sorts
+    by dtype first) is written with seeks and hashed by reading it back once.
     """
     handle.write(header)
+    hasher = hashlib.sha256(header)
+    sequential = True
     done = len(header)
     for module, raw in zip(modules, _ordered_map(decode, modules), strict=False):
         view = memoryview(raw)
         for tensor in module.tensors:
             position = positions[tensor.key]
+            piece = view[tensor.offset : tensor.offset + tensor.length]
             if handle.tell() != position:
                 handle.seek(position)
-            handle.write(view[tensor.offset : tensor.offset + tensor.length])
+                sequential = False
+            handle.write(piece)
+            if sequential:
+                hasher.update(piece)
         done += module.raw_size
         if progress is not None:
             progress(done, total)
-
-
-def _file_sha256(handle: BinaryIO) -> str:
+    if sequential:
+        return f"sha256:{hasher.hexdigest()}"
     handle.flush()
     handle.seek(0)
     hasher = hashlib.sha256()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import synth
@@ -33,6 +34,8 @@ def test_fixture_roundtrip(fixture_lora: Path, tmp_path: Path) -> None:
     for name, count in splits.items():
         assert len(manifest.split(name).modules) == count, name
     assert lorachunk.verify(store).shards == modules
+    # docs/format.md: every real fixture's header is regenerated, not stored verbatim
+    assert manifest.source.header is None
     out = lorachunk.unpack(store, tmp_path / "out.safetensors")
     assert out.read_bytes() == fixture_lora.read_bytes()
     # every tensor in exactly one module, grouped by the documented rule
@@ -135,3 +138,19 @@ def test_user_splits(falcon: Path, tmp_path: Path) -> None:
     with pytest.raises(lorachunk.UsageError, match="matches no module"):
         lorachunk.pack(falcon, tmp_path / "t", splits={"typo": ["lora_nothing*"]})
     assert not (tmp_path / "t").exists()
+
+
+def test_interleaved_modules_roundtrip(tmp_path: Path) -> None:
+    """safetensors orders data by dtype first, so a module's F32 alpha sits apart from its F16 weights."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    for name in ("lora_unet_a", "lora_unet_b"):
+        tensors[f"{name}.alpha"] = np.array(4.0, dtype=np.float32)
+        tensors[f"{name}.lora_down.weight"] = np.arange(12, dtype=np.float16).reshape(3, 4)
+    src = tmp_path / "mixed.safetensors"
+    save_file(tensors, src)
+    manifest = lorachunk.pack(src, tmp_path / "store")
+    assert len(manifest.source.order) > 1  # the file order is not module order
+    assert lorachunk.unpack(tmp_path / "store", tmp_path / "out.safetensors").read_bytes() == src.read_bytes()

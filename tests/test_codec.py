@@ -1,0 +1,56 @@
+"""The bpz codec on its own: exact round trips, bounded expansion, corrupt frames refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import lorachunk
+from lorachunk._codec import BytePlaneZstd, Segment, codec_from_config
+
+SEGMENTS = (
+    Segment(0, 6000, 2),
+    Segment(6000, 4000, 4),
+    Segment(10000, 8, 8),
+    Segment(10008, 0, 2),
+    Segment(10008, 7, 1),
+)
+
+
+def test_roundtrip_mixed_itemsizes() -> None:
+    raw = os.urandom(10015)
+    codec = BytePlaneZstd(level=3)
+    stored, frames = codec.encode(memoryview(raw), SEGMENTS)
+    # planes: 2 (itemsize 2) + 4 + 8 + 1 (itemsize 1); the empty tensor adds none
+    assert len(frames) == 15 and sum(frames) == len(stored)
+    out = bytearray(len(raw))
+    codec.decode(memoryview(stored), SEGMENTS, frames, memoryview(out))
+    assert bytes(out) == raw
+
+
+def test_incompressible_data_grows_by_a_few_bytes_per_plane() -> None:
+    """docs/format.md: zstd's raw blocks bound the expansion; no separate raw mode is needed."""
+    raw = os.urandom(65536)
+    stored, frames = BytePlaneZstd().encode(memoryview(raw), (Segment(0, 65536, 2),))
+    assert len(stored) <= len(raw) + 8 * len(frames)
+
+
+def test_corrupt_frames_are_integrity_errors() -> None:
+    raw = bytes(range(256)) * 40
+    codec = BytePlaneZstd()
+    segments = (Segment(0, len(raw), 4),)
+    stored, frames = codec.encode(memoryview(raw), segments)
+    out = memoryview(bytearray(len(raw)))
+    with pytest.raises(lorachunk.IntegrityError):
+        codec.decode(memoryview(stored[:-3]), segments, frames, out)
+    with pytest.raises(lorachunk.IntegrityError):
+        codec.decode(memoryview(stored), segments, frames[:-1], out)
+
+
+def test_config_roundtrip_and_unknown_codec() -> None:
+    assert codec_from_config(BytePlaneZstd(level=7).get_config()).get_config() == {"id": "bpz", "level": 7}
+    with pytest.raises(lorachunk.ManifestError, match="unknown codec"):
+        codec_from_config({"id": "zipnn"})
+    with pytest.raises(lorachunk.ManifestError):
+        codec_from_config({"id": "bpz", "level": "3"})
