@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from lorachunk._cache import Cache, CacheInfo
 from lorachunk._exceptions import (
     FormatError,
     IntegrityError,
@@ -24,6 +25,7 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
+from lorachunk._loader import LoRA, PullReport, load, open, pull
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
 from lorachunk._pack import VerifyReport, pack, unpack, verify
 from lorachunk._repository import read_manifest
@@ -35,12 +37,16 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "FORMAT_ID",
+    "Cache",
+    "CacheInfo",
     "FormatError",
     "IntegrityError",
+    "LoRA",
     "LorachunkError",
     "Manifest",
     "ManifestError",
     "Module",
+    "PullReport",
     "ShardNotFoundError",
     "Source",
     "Split",
@@ -50,7 +56,10 @@ __all__ = [
     "UsageError",
     "VerifyReport",
     "__version__",
+    "load",
+    "open",
     "pack",
+    "pull",
     "read_manifest",
     "unpack",
     "verify",

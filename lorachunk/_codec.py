@@ -18,7 +18,7 @@ import zstandard
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
-__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config"]
+__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,39 @@ class BytePlaneZstd(Codec):
             raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
         if position != len(stored) or next(lengths, None) is not None:
             raise IntegrityError("shard frame table does not match its bytes")
+
+    def decode_planes(
+        self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview
+    ) -> None:
+        """Decode into ``out`` without un-grouping: for each group of :func:`plane_groups`, its
+        planes back to back. A device can then un-group in parallel (see ``_torch._ungroup``)."""
+        dctx = _decompressor()
+        target = np.frombuffer(out, dtype=np.uint8)
+        lengths = iter(frames)
+        position = written = 0
+        try:
+            for itemsize, _, count in plane_groups(segments):
+                for _ in range(itemsize):
+                    length = next(lengths)
+                    plane = dctx.decompress(stored[position : position + length], max_output_size=count)
+                    position += length
+                    if len(plane) != count:
+                        raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
+                    target[written : written + count] = np.frombuffer(plane, dtype=np.uint8)
+                    written += count
+        except (StopIteration, zstandard.ZstdError) as exc:
+            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
+        if position != len(stored) or next(lengths, None) is not None or written != len(target):
+            raise IntegrityError("shard frame table does not match its bytes")
+
+
+def plane_groups(segments: Sequence[Segment]) -> list[tuple[int, list[Segment], int]]:
+    """``(itemsize, segments, element count)`` of each non-empty group, in frame order."""
+    return [
+        (itemsize, group, count)
+        for itemsize, group in _groups(segments)
+        if (count := sum(s.length for s in group) // itemsize)
+    ]
 
 
 def _scatter(plane: np.ndarray, views: Sequence[np.ndarray], plane_index: int) -> None:

@@ -13,7 +13,7 @@ from typing import Final
 
 from lorachunk._exceptions import UsageError
 
-__all__ = ["auto_splits", "block_of", "component_of", "module_of", "user_splits"]
+__all__ = ["auto_splits", "block_of", "component_of", "module_of", "scale_targets", "user_splits"]
 
 # First match wins; group "m" is the module name.
 _MODULE_RULES: Final = tuple(
@@ -166,3 +166,34 @@ def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -
             raise UsageError(f"split {name!r}: {', '.join(patterns_of_split)} matches no module")
         splits[name] = ("user", members)
     return splits
+
+
+# Which tensors carry a module's delta linearly, so multiplying them multiplies the delta. The
+# first rule that matches any of a module's keys wins. Alpha is never touched: scaling the up
+# factor scales the delta the same way whatever alpha/rank is.
+_SCALE_RULES: Final = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"\.lora_up\.weight$",  # kohya, LoCon, DoRA (the direction; the magnitude stays)
+        r"\.lora_B(?:\.[^.]+)?\.(?:weight|bias)$",  # PEFT
+        r"\.lora_embedding_B(?:\.[^.]+)?$",
+        r"\.lora(?:_linear_layer)?\.up\.(?:weight|bias)$",  # diffusers
+        r"_lora\.up\.(?:weight|bias)$",  # diffusers attention processors
+        r":up$",  # cloneofsimo
+        r"^w_b_\d+$",  # SAM-LoRA
+        r"\.hada_w1_a$",  # LoHa: (w1a w1b) * (w2a w2b), so one factor
+        r"\.lokr_w1$",  # LoKr: kron(w1, w2)
+        r"\.lokr_w1_a$",  # LoKr with a decomposed w1
+        r"\.diff(?:_b)?$",  # LyCORIS full: the delta itself (weight and bias)
+    )
+)
+
+
+def scale_targets(keys: Iterable[str]) -> list[str]:
+    """The tensor keys of one module to multiply by a strength factor; empty if the layout has none."""
+    keys = list(keys)
+    for rule in _SCALE_RULES:
+        matched = [key for key in keys if rule.search(key)]
+        if matched:
+            return matched
+    return []

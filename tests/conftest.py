@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from http_server import FolderServer, serve
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = sorted((DATA / "loras").glob("*.safetensors"))
@@ -22,3 +25,37 @@ def falcon() -> Path:
 @pytest.fixture(autouse=True)
 def _doctest_tmp_path(doctest_namespace: dict[str, object], tmp_path: Path) -> None:
     doctest_namespace["tmp_path"] = tmp_path
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[FolderServer]:
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path / "www"``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with serve(root) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server on 127.0.0.1 (the closest thing to S3 offline), one bucket ``lorachunk``."""
+    pytest.importorskip("s3fs", reason="the fsspec test extra is not installed")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="lorachunk")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def s3_options(endpoint: str) -> dict[str, object]:
+    return {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}, "skip_instance_cache": True}

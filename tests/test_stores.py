@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_contract import StoreTests
+from conftest import DATA, s3_options
+from http_server import FolderServer
+from store_contract import Put, StoreTests
 
-from lorachunk.storage import LocalStore, MemoryStore, Store
+import lorachunk
+from lorachunk.storage import FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
 
 
 class TestMemoryStore(StoreTests):
@@ -30,13 +35,55 @@ class TestLocalStore(StoreTests):
         assert (tmp_path / "store").exists()
 
 
+class TestHTTPStore(StoreTests):
+    """A real server on 127.0.0.1; objects are placed in the folder it serves."""
+
+    @pytest.fixture
+    def store(self, served: FolderServer) -> Iterator[Store]:
+        with HTTPStore(served.url, retries=1, backoff=0.01) as store:
+            yield store
+
+    @pytest.fixture
+    def put(self, served: FolderServer) -> Put:
+        return LocalStore(served.root).set
+
+
+class TestFsspecMemory(StoreTests):
+    @pytest.fixture
+    def store(self) -> Store:
+        return FsspecStore(f"memory://lorachunk-tests/{uuid.uuid4().hex}")
+
+
+class TestFsspecLocal(StoreTests):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Store:
+        return FsspecStore(f"file://{tmp_path}/store")
+
+
+class TestFsspecS3(StoreTests):
+    """s3fs against moto's S3 server on 127.0.0.1."""
+
+    @pytest.fixture
+    def store(self, s3_endpoint: str) -> Store:
+        return FsspecStore(f"s3://lorachunk/{uuid.uuid4().hex}", storage_options=s3_options(s3_endpoint))
+
+
 def test_pack_into_memory_store(tmp_path: Path) -> None:
-    from conftest import DATA
-
-    import lorachunk
-
     store = MemoryStore()
     manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
     assert lorachunk.verify(store).shards == len(manifest.modules)
     out = lorachunk.unpack(store, tmp_path / "o.safetensors")
     assert out.read_bytes() == (DATA / "loras" / "sam_lora_rank16.safetensors").read_bytes()
+
+
+def test_open_store_dispatch(tmp_path: Path) -> None:
+    assert isinstance(open_store(tmp_path / "x"), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}/x"), LocalStore)
+    assert isinstance(open_store("https://example.org/lora"), HTTPStore)
+    assert isinstance(open_store("memory://somewhere"), FsspecStore)
+    memory = MemoryStore()
+    assert open_store(memory) is memory
+    with pytest.raises(lorachunk.UsageError, match="is a file"):
+        open_store(DATA / "loras" / "sam_lora_rank16.safetensors")
+    with pytest.raises(lorachunk.UsageError, match="fsspec"):
+        open_store("nosuchscheme://x")

@@ -1,9 +1,32 @@
-"""Stores: where packed LoRAs live. Bytes by key; nothing here knows about tensors."""
+"""Stores: where packed LoRAs live. Bytes by key; nothing here knows about tensors.
+
+:class:`HTTPStore` and :class:`FsspecStore` load on first use, so importing this package pulls in
+neither httpx nor fsspec.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from lorachunk.storage._base import ByteRange, Store
 from lorachunk.storage._local import LocalStore
 from lorachunk.storage._memory import MemoryStore
+from lorachunk.storage._url import open_store
 
-__all__ = ["ByteRange", "LocalStore", "MemoryStore", "Store"]
+if TYPE_CHECKING:
+    from lorachunk.storage._fsspec import FsspecStore
+    from lorachunk.storage._http import HTTPStore
+
+__all__ = ["ByteRange", "FsspecStore", "HTTPStore", "LocalStore", "MemoryStore", "Store", "open_store"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HTTPStore":
+        from lorachunk.storage._http import HTTPStore
+
+        return HTTPStore
+    if name == "FsspecStore":
+        from lorachunk.storage._fsspec import FsspecStore
+
+        return FsspecStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

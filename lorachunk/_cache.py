@@ -1,0 +1,203 @@
+"""The shared content-addressed cache: verified objects by digest, for every LoRA and source.
+
+Layout under the cache root (itself a valid store of shards)::
+
+    shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
+    manifests/<hex>.json.zst          manifests, named by their id
+
+Only bytes that hash to their name enter (``put`` checks), every write is temp file + fsync +
+rename (so processes sharing the cache never see a partial object), and every read is checked
+again, so a cache corrupted on disk costs a re-fetch, never a wrong tensor. A hit refreshes the
+file's modification time, which is what least-recently-used pruning orders by.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from lorachunk._digest import check, hex_of, split_digest
+from lorachunk._exceptions import IntegrityError, StoreError, UsageError
+from lorachunk.storage._local import write_atomic
+
+__all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]
+
+_KINDS: Final = ("shards", "manifests")
+#: Temp files older than this belong to a writer that died; pruning removes them.
+_STALE_TMP_S: Final = 3600.0
+
+
+def default_cache_dir() -> Path:
+    """``$LORACHUNK_CACHE``, else the platform's user cache folder + ``lorachunk``."""
+    configured = os.environ.get("LORACHUNK_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lorachunk"
+
+
+def parse_size(text: str) -> int:
+    """``"500MB"``, ``"2GiB"``, ``"10k"`` or plain bytes → bytes."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    value = text.strip().lower().removesuffix("b")
+    number = value.rstrip("kmgti")
+    unit = value[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """What a cache holds."""
+
+    root: Path
+    shards: int
+    manifests: int
+    bytes: int
+
+
+class Cache:
+    """A content-addressed cache folder.
+
+    Parameters
+    ----------
+    root:
+        The folder; :func:`default_cache_dir` when omitted.
+    max_size:
+        If set, :meth:`enforce_limit` (called by the loader after each load) evicts the least
+        recently used objects until the cache holds at most this many bytes.
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.max_size = max_size
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, kind: str, digest: str) -> Path:
+        split_digest(digest)
+        hexpart = hex_of(digest)
+        if kind == "manifests":
+            return self.root / kind / f"{hexpart}.json.zst"
+        return self.root / kind / hexpart[:2] / hexpart
+
+    def get(self, digest: str, *, kind: str = "shards") -> bytes | None:
+        """The object named ``digest``, checked again; None on a miss or a corrupt entry (removed)."""
+        path = self._path(kind, digest)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.misses += 1
+            return None
+        try:
+            check(digest, data, what=str(path))
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        with suppress(OSError):  # a read-only cache still serves hits; it just cannot order them for pruning
+            os.utime(path)
+        self.hits += 1
+        return data
+
+    def put(self, digest: str, data: bytes | memoryview, *, kind: str = "shards") -> None:
+        """Store ``data`` under ``digest``; :class:`IntegrityError` if it does not hash to it."""
+        check(digest, data, what=f"object for the cache {digest}")
+        path = self._path(kind, digest)
+        if path.is_file():
+            return
+        try:
+            write_atomic(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
+
+    def contains(self, digest: str, *, kind: str = "shards") -> bool:
+        return self._path(kind, digest).is_file()
+
+    def _entries(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        for kind in _KINDS:
+            base = self.root / kind
+            if not base.is_dir():
+                continue
+            for dirpath, _, filenames in os.walk(base):
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    try:
+                        yield kind, path, path.stat()
+                    except FileNotFoundError:
+                        continue  # removed by another process meanwhile
+
+    def info(self) -> CacheInfo:
+        counts = dict.fromkeys(_KINDS, 0)
+        total = 0
+        for kind, path, stat in self._entries():
+            if not path.name.startswith("."):
+                counts[kind] += 1
+                total += stat.st_size
+        return CacheInfo(self.root, counts["shards"], counts["manifests"], total)
+
+    def verify(self) -> list[Path]:
+        """Re-hash every entry; remove and return those that do not match their names."""
+        bad = []
+        for _, path, _ in self._entries():
+            if path.name.startswith("."):
+                continue
+            hexpart = path.name.removesuffix(".json.zst")
+            algorithm = "sha256" if len(hexpart) == 64 else "xxh3-128"
+            try:
+                check(f"{algorithm}:{hexpart}", path.read_bytes(), what=str(path))
+            except (IntegrityError, ValueError, OSError):
+                path.unlink(missing_ok=True)
+                bad.append(path)
+        return bad
+
+    def prune(self, max_size: int) -> int:
+        """Evict least recently used objects until at most ``max_size`` bytes remain; return bytes freed.
+
+        Also removes temp files left by writers that died more than an hour ago.
+        """
+        now = time.time()
+        live: list[tuple[float, int, Path]] = []
+        freed = 0
+        for _, path, stat in self._entries():
+            if path.name.startswith("."):
+                if now - stat.st_mtime > _STALE_TMP_S:
+                    path.unlink(missing_ok=True)
+                    freed += stat.st_size
+                continue
+            live.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in live)
+        for _, size, path in sorted(live):
+            if total <= max_size:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            freed += size
+        return freed
+
+    def enforce_limit(self) -> int:
+        return self.prune(self.max_size) if self.max_size is not None else 0
+
+    def clear(self) -> int:
+        """Remove everything; return the bytes freed."""
+        freed = 0
+        for _, path, stat in list(self._entries()):
+            path.unlink(missing_ok=True)
+            freed += stat.st_size
+        return freed
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r})"

@@ -1,0 +1,421 @@
+"""The loader: plan → fetch only the needed shards, concurrently → verify each → decode → place.
+
+torch is imported only by :mod:`lorachunk._torch`, and only when tensors are asked for:
+opening a LoRA, listing its keys, prefetching and pulling never import it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from itertools import islice
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from lorachunk._cache import Cache
+from lorachunk._codec import codec_from_config
+from lorachunk._digest import check
+from lorachunk._exceptions import IntegrityError, StoreError, UsageError
+from lorachunk._layout import scale_targets
+from lorachunk._manifest import Manifest, Module, Split
+from lorachunk._pack import Progress, select_modules
+from lorachunk._repository import LATEST, manifest_key, read_manifest, shard_key
+from lorachunk.storage import LocalStore, Store, open_store
+from lorachunk.storage._url import is_remote
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LoRA", "PullReport", "load", "open", "pull"]
+
+CacheOption = Cache | str | os.PathLike[str] | bool | Literal["auto"] | None
+Scales = Mapping[str, float]
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+DEFAULT_CONCURRENCY = 8
+
+
+def _cache_for(option: CacheOption, source: str | os.PathLike[str] | Store) -> Cache | None:
+    if isinstance(option, Cache):
+        return option
+    if option == "auto":
+        # A local folder is already as close as the cache; copying it would only cost disk.
+        return Cache() if is_remote(source) else None
+    if option is True:
+        return Cache()
+    if option is False or option is None:
+        return None
+    return Cache(option)
+
+
+@dataclass(frozen=True, slots=True)
+class PullReport:
+    """What a fetch did: shards wanted, how many came over the network, and their bytes."""
+
+    shards: int
+    fetched: int
+    fetched_bytes: int
+    cached: int
+
+
+class LoRA(Mapping[str, "torch.Tensor"]):
+    """A packed LoRA, opened: the manifest is read and checked; no shard has been fetched.
+
+    Acts as a read-only mapping from tensor key to tensor (each access fetches just the owning
+    shard); :meth:`load` and :meth:`iter_tensors` fetch many shards at once. Create with
+    :func:`lorachunk.open`.
+    """
+
+    def __init__(
+        self, store: Store, manifest: Manifest, *, cache: Cache | None, concurrency: int, owns_store: bool
+    ) -> None:
+        if concurrency < 1:
+            raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+        self.store = store
+        self.cache = cache
+        self.concurrency = concurrency
+        self._manifest = manifest
+        self._owns_store = owns_store
+        self._codec = codec_from_config(manifest.codec)
+        by_key = {t.key: m for m in manifest.modules for t in m.tensors}
+        self._by_key = {t.key: by_key[t.key] for t in manifest.file_order()}
+        self._lock = threading.Lock()
+        self.fetched = 0
+        self.fetched_bytes = 0
+
+    # -- what is in it: no shard I/O ---------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def root(self) -> str:
+        """The Merkle root over all modules: the LoRA's identity."""
+        return self._manifest.root
+
+    @property
+    def modules(self) -> Mapping[str, Module]:
+        return MappingProxyType({m.name: m for m in self._manifest.modules})
+
+    @property
+    def splits(self) -> Mapping[str, Split]:
+        return MappingProxyType({s.name: s for s in self._manifest.splits})
+
+    @property
+    def metadata(self) -> Mapping[str, str] | None:
+        return self._manifest.metadata
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._by_key:
+            raise KeyError(key)
+        return self.load(keys=[key])[key]
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _select(
+        self, splits: Iterable[str] | None, modules: Iterable[str] | None, keys: Iterable[str] | None
+    ) -> tuple[list[Module], frozenset[str] | None]:
+        wanted_keys = None if keys is None else frozenset(keys)
+        chosen = select_modules(self._manifest, splits=splits or (), modules=modules or ())
+        if wanted_keys is None:
+            return chosen, None
+        missing = sorted(wanted_keys - self._by_key.keys())
+        if missing:
+            raise UsageError(f"no tensor {missing[0]!r} in this LoRA ({len(missing)} unknown key(s))")
+        named = {self._by_key[k].name for k in wanted_keys}
+        if splits is None and modules is None:
+            chosen = [m for m in self._manifest.modules if m.name in named]
+        else:
+            chosen = [m for m in chosen if m.name in named]
+        return chosen, wanted_keys
+
+    def iter_tensors(
+        self,
+        *,
+        splits: Iterable[str] | None = None,
+        modules: Iterable[str] | None = None,
+        keys: Iterable[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        scales: Scales | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
+
+        Selection: ``splits`` (names), ``modules`` (globs over module names) and ``keys`` (tensor
+        keys) narrow what is loaded; with none of them, everything. ``keys`` intersects the
+        other two when given with them.
+
+        ``dtype`` casts floating-point tensors. ``scales`` maps split names or module globs to
+        strength factors: each matching module's delta is multiplied by its factor (the last
+        matching entry wins); docs/loading.md lists which tensor carries the delta per layout.
+
+        Raises :class:`UsageError` for unknown names, :class:`IntegrityError` for a shard that
+        does not match the manifest, :class:`StoreError` subclasses when it cannot be fetched;
+        the error names the shard, its module and the store.
+        """
+        from lorachunk import _torch
+
+        chosen, wanted = self._select(splits, modules, keys)
+        factors = _scale_factors(self._manifest, chosen, scales or {})
+        placer = _torch.make_placer(self._codec, device, dtype, slots=self.concurrency + 2)
+        try:
+            staged = self._map(lambda m: placer.stage(m, self._fetch(m)), _plan(chosen))
+            for item in staged:
+                for key, tensor in placer.finish(item, wanted):
+                    factor = factors.get(key)
+                    if factor is not None:
+                        _torch.scale_(tensor, factor)
+                    yield key, tensor
+        finally:
+            placer.close()
+        if self.cache is not None:
+            self.cache.enforce_limit()
+
+    def load(
+        self,
+        *,
+        splits: Iterable[str] | None = None,
+        modules: Iterable[str] | None = None,
+        keys: Iterable[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        scales: Scales | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """A state dict of the selected tensors, in the source file's order.
+
+        Same options as :meth:`iter_tensors`. Keys are the original ones, so diffusers' and
+        PEFT's loaders take the result as is.
+
+        Example: ``lorachunk.open("lora.lcs").load(splits=["unet"], scales={"unet": 0.8})``
+        """
+        got = dict(
+            self.iter_tensors(splits=splits, modules=modules, keys=keys, device=device, dtype=dtype, scales=scales)
+        )
+        return {key: got[key] for key in self._by_key if key in got}
+
+    def prefetch(
+        self,
+        *,
+        splits: Iterable[str] | None = None,
+        modules: Iterable[str] | None = None,
+        keys: Iterable[str] | None = None,
+        progress: Progress | None = None,
+    ) -> PullReport:
+        """Fetch and verify the selected shards into the cache without making tensors."""
+        if self.cache is None:
+            raise UsageError("prefetch needs a cache; open the LoRA with cache=True or a cache folder")
+        chosen, _ = self._select(splits, modules, keys)
+        return self._copy(chosen, lambda m, data: None, progress)
+
+    def _copy(
+        self, chosen: Sequence[Module], sink: Callable[[Module, bytes], None], progress: Progress | None
+    ) -> PullReport:
+        before = (self.fetched, self.fetched_bytes)
+        total = sum(m.stored_size for m in chosen)
+        done = 0
+        unique = list({m.shard: m for m in chosen}.values())
+        for module in self._map(lambda m: (m, self._fetch(m)), _plan(unique)):
+            sink(*module)
+            done += module[0].stored_size
+            if progress is not None:
+                progress(done, total)
+        fetched = self.fetched - before[0]
+        if self.cache is not None:
+            self.cache.enforce_limit()
+        return PullReport(len(unique), fetched, self.fetched_bytes - before[1], len(unique) - fetched)
+
+    # -- the pipeline --------------------------------------------------------------------------
+
+    def _fetch(self, module: Module) -> bytes:
+        """The verified stored bytes of ``module``'s shard, from the cache or the store."""
+        if self.cache is not None:
+            cached = self.cache.get(module.shard)
+            if cached is not None:
+                return cached
+        key = shard_key(module.shard)
+        what = f"shard {key} (module {module.name!r}) from {self.store!r}"
+        try:
+            data = self.store.get(key)
+        except StoreError as exc:
+            raise type(exc)(f"{what}: {exc}") from exc
+        check(module.shard, data, what=what)
+        with self._lock:
+            self.fetched += 1
+            self.fetched_bytes += len(data)
+        if self.cache is not None:
+            self.cache.put(module.shard, data)
+        return data
+
+    def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
+        """``fn`` over ``items`` on ``concurrency`` threads, yielding results as they complete.
+
+        At most twice ``concurrency`` items are in flight, which bounds memory; the first error
+        cancels what has not started and is raised.
+        """
+        source = iter(items)
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lorachunk-load") as pool:
+            pending: set[Future[_R]] = {pool.submit(fn, item) for item in islice(source, 2 * self.concurrency)}
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        pending.update(pool.submit(fn, item) for item in islice(source, 1))
+                        yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    def close(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> LoRA:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LoRA {self._manifest.source.name!r} root={self.root} modules={len(self._manifest.modules)}>"
+
+
+def _plan(modules: Sequence[Module]) -> list[Module]:
+    """Largest shards first, so the long transfers start early and the tail is short."""
+    return sorted(modules, key=lambda m: -m.stored_size)
+
+
+def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales) -> dict[str, float]:
+    """Tensor key → factor. Modules with no delta (textual-inversion tokens) are left alone; a
+    pattern whose modules carry no delta at all is an error, as is one that matches nothing."""
+    split_names = {s.name for s in manifest.splits}
+    factors: dict[str, float] = {}
+    for pattern, factor in scales.items():
+        if pattern in split_names:
+            matched = set(manifest.split(pattern).modules)
+        else:
+            matched = {m.name for m in manifest.modules if fnmatchcase(m.name, pattern)}
+            if not matched:
+                raise UsageError(f"scale {pattern!r} names no split and matches no module")
+        targets = {m.name: scale_targets(t.key for t in m.tensors) for m in manifest.modules if m.name in matched}
+        if not any(targets.values()):
+            raise UsageError(f"scale {pattern!r}: none of its modules has a tensor of a known layout to scale")
+        for module in chosen:
+            factors.update(dict.fromkeys(targets.get(module.name, ()), float(factor)))
+    return factors
+
+
+def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> Manifest:
+    if cache is not None and selector is not None and ":" in selector:
+        stored = cache.get(selector, kind="manifests")
+        if stored is not None:
+            return Manifest.from_bytes(stored)
+    manifest = read_manifest(store, selector)
+    if cache is not None:
+        cache.put(manifest.id, manifest.to_bytes(), kind="manifests")
+    return manifest
+
+
+def open(
+    source: str | os.PathLike[str] | Store,
+    *,
+    root: str | None = None,
+    manifest: str | None = None,
+    cache: CacheOption = "auto",
+    concurrency: int = DEFAULT_CONCURRENCY,
+    **store_options: Any,
+) -> LoRA:
+    """Open a packed LoRA: read and check its manifest, fetch nothing else.
+
+    Parameters
+    ----------
+    source:
+        A packed folder, an ``http(s)://`` URL of one, an fsspec URL (``s3://…``,
+        ``memory://…``), or a :class:`~lorachunk.storage.Store`.
+    root:
+        The Merkle root you expect; :class:`IntegrityError` before any shard is fetched if the
+        manifest's root differs. Pin it to be sure you load exactly the LoRA you vetted.
+    manifest:
+        A manifest id or unique hex prefix; default the store's latest.
+    cache:
+        ``"auto"`` (the shared cache for remote sources, none for local folders), ``True``,
+        ``False``, a folder, or a :class:`~lorachunk.Cache`.
+    concurrency:
+        Shards fetched and decoded at once.
+    store_options:
+        Passed to the store (``headers=``, ``max_bytes_per_s=``, ``timeout=``, ``retries=`` for
+        HTTP; ``storage_options=`` for fsspec).
+
+    Example::
+
+        with lorachunk.open("https://example.org/loras/ink", root="xxh3-128:…") as lora:
+            state_dict = lora.load(splits=["unet"])
+    """
+    store = open_store(source, **store_options)
+    owns = not isinstance(source, Store)
+    try:
+        cache_obj = _cache_for(cache, source)
+        loaded = _read_manifest(store, manifest, cache_obj)
+        if root is not None and loaded.root != root:
+            raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
+        return LoRA(store, loaded, cache=cache_obj, concurrency=concurrency, owns_store=owns)
+    except BaseException:
+        if owns:
+            store.close()
+        raise
+
+
+def load(
+    source: str | os.PathLike[str] | Store,
+    *,
+    splits: Iterable[str] | None = None,
+    modules: Iterable[str] | None = None,
+    keys: Iterable[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    scales: Scales | None = None,
+    **open_options: Any,
+) -> dict[str, torch.Tensor]:
+    """``open(source, **open_options).load(...)`` in one call; see :meth:`LoRA.load`."""
+    with open(source, **open_options) as lora:
+        return lora.load(splits=splits, modules=modules, keys=keys, device=device, dtype=dtype, scales=scales)
+
+
+def pull(
+    source: str | os.PathLike[str] | Store,
+    dest: str | os.PathLike[str],
+    *,
+    splits: Iterable[str] | None = None,
+    modules: Iterable[str] | None = None,
+    progress: Progress | None = None,
+    **open_options: Any,
+) -> PullReport:
+    """Copy a packed LoRA (or only some splits or modules of it) into the local folder ``dest``.
+
+    The copy holds the manifest and the selected shards, each verified before it is written, so
+    ``dest`` opens and loads offline. Shards already in ``dest`` or the cache are not fetched.
+    """
+    target = LocalStore(dest)
+    with open(source, **open_options) as lora:
+        chosen, _ = lora._select(splits, modules, None)
+        missing = [m for m in chosen if not target.exists(shard_key(m.shard))]
+        report = lora._copy(missing, lambda m, data: target.set(shard_key(m.shard), data), progress)
+        manifest_bytes = lora.manifest.to_bytes()
+        target.set(manifest_key(lora.manifest.id), manifest_bytes)
+        target.set(LATEST, f"{lora.manifest.id}\n".encode())
+    return PullReport(len({m.shard for m in chosen}), report.fetched, report.fetched_bytes, report.cached)

@@ -1,0 +1,223 @@
+"""Where decoded module bytes become torch tensors, on the CPU or a CUDA device. The only module importing torch.
+
+Two placers share one interface: a worker thread calls ``stage`` (decode a verified shard into a
+host buffer; runs in parallel, zstd releases the GIL) and the consuming thread calls ``finish``
+(turn the staged bytes into tensors on the device).
+
+* :class:`CPUPlacer` decodes straight into the module's final buffer: tensors are views of it,
+  no copy after decoding.
+* :class:`CUDAPlacer` decodes the byte planes into a reusable pinned staging buffer, copies them
+  to the device with ``non_blocking`` on a side stream while workers decode the next shards, and
+  un-groups the planes on the GPU, so tensors are created on the device with no CPU-side copy.
+  Host memory stays at a few staging buffers, whatever the LoRA's size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+
+from lorachunk._codec import BytePlaneZstd, Codec, plane_groups
+from lorachunk._digest import check
+from lorachunk._exceptions import UsageError
+from lorachunk._manifest import Module, TensorEntry
+
+__all__ = ["CPUPlacer", "CUDAPlacer", "Placer", "make_placer", "scale_"]
+
+DTYPES: Final[dict[str, torch.dtype]] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise UsageError(f"unknown dtype {dtype!r}")
+    return found
+
+
+def _tensor(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    piece = buffer[entry.offset : entry.offset + entry.length]
+    if entry.offset % max(1, entry.itemsize):
+        piece = piece.clone()  # a tensor after an odd-sized one: views must be aligned
+    return piece.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def _bytes_view(buffer: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous uint8 CPU tensor, for zstd to decode into."""
+    return buffer.numpy().data
+
+
+def scale_(tensor: torch.Tensor, factor: float) -> None:
+    """Multiply in place, computing in float32 so half-precision tensors round once."""
+    if tensor.dtype in (torch.float32, torch.float64):
+        tensor.mul_(factor)
+    else:
+        tensor.copy_(tensor.to(torch.float32).mul_(factor))
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A decoded module waiting for :meth:`Placer.finish`."""
+
+    module: Module
+    buffer: torch.Tensor
+    slot: _Slot | None = None
+
+
+class Placer:
+    """Turns verified stored bytes into tensors on one device."""
+
+    device: torch.device
+
+    def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.codec = codec
+        self.device = device
+        self.dtype = dtype
+
+    def stage(self, module: Module, stored: bytes) -> Staged:
+        raise NotImplementedError
+
+    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def tensors(
+        self, module: Module, buffer: torch.Tensor, keys: frozenset[str] | None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in module.tensors:
+            if keys is not None and entry.key not in keys:
+                continue
+            tensor = _tensor(buffer, entry)
+            if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
+                tensor = tensor.to(self.dtype)
+            yield entry.key, tensor
+
+    def close(self) -> None:
+        """Wait for outstanding copies and release staging buffers."""
+
+
+class CPUPlacer(Placer):
+    def stage(self, module: Module, stored: bytes) -> Staged:
+        buffer = torch.empty(module.raw_size, dtype=torch.uint8)
+        view = _bytes_view(buffer) if module.raw_size else memoryview(bytearray())
+        self.codec.decode(memoryview(stored), module.segments, module.frames, view)
+        check(module.raw, view, what=f"module {module.name!r} after decoding")
+        return Staged(module, buffer)
+
+    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.tensors(staged.module, staged.buffer, keys)
+
+
+class _Slot:
+    """A pinned host buffer and the event that says its last copy to the device is done."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.event: torch.cuda.Event | None = None
+
+    def reserve(self, size: int) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        if self.buffer.numel() < size:
+            self.buffer = torch.empty(max(size, 2 * self.buffer.numel()), dtype=torch.uint8, pin_memory=True)
+        return self.buffer[:size]
+
+
+class CUDAPlacer(Placer):
+    def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None, *, slots: int) -> None:
+        super().__init__(codec, device, dtype)
+        self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        for _ in range(slots):
+            self._free.put(_Slot())
+        self._lock = threading.Lock()
+
+    def stage(self, module: Module, stored: bytes) -> Staged:
+        slot = self._free.get()
+        try:
+            host = slot.reserve(module.raw_size)
+            view = _bytes_view(host) if module.raw_size else memoryview(bytearray())
+            if isinstance(self.codec, BytePlaneZstd):
+                self.codec.decode_planes(memoryview(stored), module.segments, module.frames, view)
+            else:
+                self.codec.decode(memoryview(stored), module.segments, module.frames, view)
+        except BaseException:
+            self._free.put(slot)
+            raise
+        return Staged(module, host, slot)
+
+    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+        module, slot = staged.module, staged.slot
+        assert slot is not None
+        with torch.cuda.stream(self.stream):
+            planes = torch.empty(module.raw_size, dtype=torch.uint8, device=self.device)
+            planes.copy_(staged.buffer, non_blocking=True)
+            slot.event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            slot.event.record(self.stream)
+            self._free.put(slot)
+            raw = _ungroup(planes, module) if isinstance(self.codec, BytePlaneZstd) else planes
+            placed = list(self.tensors(module, raw, keys))
+        # Tensors were made on the side stream; the caller's stream must not read them early,
+        # and the allocator must not reuse their memory while the side stream still writes it.
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for _, tensor in placed:
+            tensor.record_stream(current)
+        return iter(placed)
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+def _ungroup(planes: torch.Tensor, module: Module) -> torch.Tensor:
+    """Byte planes (as :meth:`BytePlaneZstd.decode_planes` lays them out) back to tensor bytes, on the device."""
+    raw = torch.empty_like(planes)
+    position = 0
+    for itemsize, segments, count in plane_groups(module.segments):
+        size = itemsize * count
+        elements = planes[position : position + size].view(itemsize, count).t().contiguous().view(-1)
+        position += size
+        start = 0
+        for segment in segments:
+            raw[segment.offset : segment.offset + segment.length] = elements[start : start + segment.length]
+            start += segment.length
+    return raw
+
+
+def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None, *, slots: int) -> Placer:
+    try:
+        target = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"invalid device {device!r}: {exc}") from exc
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} asked for, but torch sees no CUDA device")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        return CUDAPlacer(codec, target, parse_dtype(dtype), slots=slots)
+    if target.type != "cpu":
+        raise UsageError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return CPUPlacer(codec, target, parse_dtype(dtype))

@@ -1,0 +1,239 @@
+"""Plain HTTP(S): any static server or CDN that serves a packed folder. The only module importing httpx."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Final
+
+import httpx
+
+from lorachunk._exceptions import ShardNotFoundError, StoreError, StoreUnavailableError, UsageError
+from lorachunk.storage._base import ByteRange, Store, check_key
+
+__all__ = ["HTTPStore", "RateLimiter"]
+
+_RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+_CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class RateLimiter:
+    """A token bucket shared by every request of a store: at most ``rate`` bytes per second."""
+
+    def __init__(self, rate: float) -> None:
+        if rate <= 0:
+            raise UsageError(f"max_bytes_per_s must be positive, got {rate}")
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            # One second of burst at most, so an idle pause does not turn into a spike.
+            self._next = max(self._next, now - 1.0) + n / self.rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+class HTTPStore(Store):
+    """A read-only store over HTTP(S), reading ``<url>/<key>``.
+
+    Parameters
+    ----------
+    url:
+        The address of the packed folder, e.g. ``https://cdn.example.org/loras/my_lora``.
+    headers:
+        Sent with every request (e.g. ``{"Authorization": "Bearer …"}``); never logged or put
+        in an error message.
+    concurrency:
+        Most connections open at once (keep-alive pool). HTTP/2 is used when the ``h2`` package is
+        installed (``pip install lorachunk[http2]``).
+    timeout:
+        Seconds to wait for a connection or for the next bytes of a response.
+    retries:
+        Attempts after the first on connection errors, dropped or truncated bodies, 408, 425, 429
+        and 5xx. Waits grow exponentially from ``backoff`` seconds (with full jitter, capped at
+        ``max_backoff``) unless the server's ``Retry-After`` says otherwise.
+    max_bytes_per_s:
+        Cap on the total download rate of this store, for people sharing a link.
+
+    A body that breaks off is resumed with ``Range: bytes=N-`` from where it stopped; the answer
+    must be a 206 whose ``Content-Range`` starts at N (a server that answers 200 instead is read
+    again from the start). Every failure ends in :class:`StoreUnavailableError` naming the URL,
+    or :class:`ShardNotFoundError` for a 404.
+    """
+
+    supports_writes = False
+    supports_listing = False
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        concurrency: int = 8,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        max_bytes_per_s: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"HTTPStore wants an http(s):// URL, got {url!r}")
+        if concurrency < 1 or retries < 0 or timeout <= 0:
+            raise UsageError("concurrency must be ≥ 1, retries ≥ 0 and timeout > 0")
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
+        self.requests = 0
+        self._lock = threading.Lock()
+        try:
+            import h2  # noqa: F401
+
+            http2 = transport is None
+        except ImportError:
+            http2 = False
+        self._client = httpx.Client(
+            # identity: byte offsets for resume and ranges must be those of the stored object.
+            headers={"Accept-Encoding": "identity", **(headers or {})},
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+            http2=http2,
+            follow_redirects=True,
+            transport=transport,
+        )
+
+    def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        url = f"{self.url}/{check_key(key)}"
+        start = 0 if byte_range is None else byte_range.start
+        end = None if byte_range is None else byte_range.end
+        if end is not None and end == start:
+            return b""
+        received = bytearray()
+        last_error, hint = "", None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self._delay(attempt, hint))
+                hint = None
+            offset = start + len(received)
+            headers = {}
+            if offset or end is not None:
+                headers["Range"] = f"bytes={offset}-" + ("" if end is None else str(end - 1))
+            try:
+                with self._client.stream("GET", url, headers=headers) as response:
+                    with self._lock:
+                        self.requests += 1
+                    status = response.status_code
+                    if status == 404:
+                        raise ShardNotFoundError(f"{url}: not found (404)")
+                    if status in _RETRY_STATUS:
+                        last_error = f"HTTP {status}"
+                        hint = _retry_after(response.headers.get("Retry-After"))
+                        continue
+                    if status == 200:
+                        # The server sent the whole object (no range support, or it ignored ours).
+                        received.clear()
+                        skip, want = start, None if end is None else end - start
+                    elif status == 206:
+                        _check_content_range(response.headers.get("Content-Range"), offset, url)
+                        skip, want = 0, None if end is None else end - offset
+                    elif status == 416 and offset > start and end is None:
+                        break  # we already hold everything up to the end of the object
+                    else:
+                        raise StoreError(f"{url}: unexpected HTTP {status}")
+                    self._read_body(response, received, skip=skip, want=want)
+                    break
+            except httpx.TransportError as exc:
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue
+            except httpx.HTTPError as exc:
+                raise StoreError(f"{url}: {exc}") from exc
+        else:
+            raise StoreUnavailableError(f"{url}: gave up after {self.retries + 1} attempts (last: {last_error})")
+        if end is not None and len(received) != end - start:
+            raise StoreError(f"{url}: expected {end - start} bytes, got {len(received)}")
+        return bytes(received)
+
+    def _read_body(self, response: httpx.Response, received: bytearray, *, skip: int, want: int | None) -> None:
+        """Append the body to ``received``, dropping ``skip`` leading bytes; stop after ``want``."""
+        for chunk in response.iter_raw():  # no chunk_size: it would hold back what arrived before a drop
+            if self.limiter is not None:
+                self.limiter.take(len(chunk))
+            dropped = min(skip, len(chunk))
+            skip -= dropped
+            received += memoryview(chunk)[dropped:]
+            if want is not None and len(received) >= want:
+                del received[want:]
+                return
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff)
+        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+    def set(self, key: str, value: bytes) -> None:
+        raise UsageError(f"{self!r} is read-only; pack into a local folder and publish that")
+
+    def delete(self, key: str) -> None:
+        raise UsageError(f"{self!r} is read-only")
+
+    def exists(self, key: str) -> bool:
+        url = f"{self.url}/{check_key(key)}"
+        hint = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self._delay(attempt, hint))
+                hint = None
+            try:
+                response = self._client.head(url)
+            except httpx.TransportError:
+                continue
+            with self._lock:
+                self.requests += 1
+            status = response.status_code
+            if status in _RETRY_STATUS:
+                hint = _retry_after(response.headers.get("Retry-After"))
+                continue
+            if status in (404, 410):
+                return False
+            if status >= 300:
+                raise StoreError(f"{url}: unexpected HTTP {status}")
+            return True
+        raise StoreUnavailableError(f"{url}: gave up after {self.retries + 1} attempts")
+
+    def list_prefix(self, prefix: str) -> Iterator[str]:
+        raise UsageError(f"{self!r} cannot list objects; name the manifest by its full id")
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __repr__(self) -> str:
+        return f"HTTPStore({self.url!r})"
+
+
+def _check_content_range(value: str | None, offset: int, url: str) -> None:
+    match = _CONTENT_RANGE.match(value or "")
+    if match is None or int(match[1]) != offset:
+        raise StoreError(f"{url}: asked for bytes from {offset}, server answered 206 with Content-Range {value!r}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

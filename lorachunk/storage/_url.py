@@ -1,0 +1,55 @@
+"""From a source string to a Store: local paths, ``http(s)://`` and any fsspec URL."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Final
+
+from lorachunk._exceptions import UsageError
+from lorachunk.storage._base import Store
+from lorachunk.storage._local import LocalStore
+from lorachunk.storage._memory import MemoryStore
+
+__all__ = ["is_remote", "open_store"]
+
+_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_remote(source: str | os.PathLike[str] | Store) -> bool:
+    """True for sources whose reads cross a network (worth caching)."""
+    if isinstance(source, Store):
+        return not isinstance(source, (LocalStore, MemoryStore))
+    match = _SCHEME.match(os.fspath(source))
+    return match is not None and match[1].lower() not in {"file", "memory"}
+
+
+def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
+    """The store ``source`` names: a :class:`Store` as is, ``http(s)://`` → :class:`HTTPStore`,
+    ``file://`` or a path → :class:`LocalStore`, any other ``scheme://`` → :class:`FsspecStore`.
+
+    ``options`` go to the store's constructor (e.g. ``headers=`` or ``max_bytes_per_s=`` for
+    HTTP, ``storage_options=`` for fsspec).
+    """
+    if isinstance(source, Store):
+        if options:
+            raise UsageError("store options apply only when the source is a path or URL")
+        return source
+    text = os.fspath(source)
+    match = _SCHEME.match(text)
+    scheme = match[1].lower() if match else None
+    if scheme in {"http", "https"}:
+        from lorachunk.storage._http import HTTPStore
+
+        return HTTPStore(text, **options)
+    if scheme == "hf":
+        raise UsageError("hf:// sources are not supported by this version; use the repo's resolve URL over https://")
+    if scheme is None or scheme == "file":
+        path = Path(text[len("file://") :] if scheme else text)
+        if path.is_file():
+            raise UsageError(f"{path} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
+        return LocalStore(path, **options)
+    from lorachunk.storage._fsspec import FsspecStore
+
+    return FsspecStore(text, **options)

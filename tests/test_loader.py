@@ -1,0 +1,449 @@
+"""The loader against real stores: a local folder, a real HTTP server on 127.0.0.1 that misbehaves
+on cue, fsspec (memory and moto's S3 server), and the shared cache."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import DATA, s3_options
+from http_server import FolderServer
+from safetensors.torch import load_file
+
+import lorachunk
+from lorachunk._repository import shard_key
+
+SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
+DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
+ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
+
+
+def shard_gets(server: FolderServer) -> list[str]:
+    return [r.path for r in server.gets("/shards/")]
+
+
+@pytest.fixture
+def published(served: FolderServer) -> Iterator[tuple[FolderServer, lorachunk.Manifest]]:
+    """The attention-processor LoRA packed into the folder the server serves."""
+    manifest = lorachunk.pack(ATTN, served.root)
+    yield served, manifest
+
+
+def open_http(server: FolderServer, tmp_path: Path, **options: Any) -> lorachunk.LoRA:
+    defaults: dict[str, Any] = {"cache": tmp_path / "cache", "retries": 3, "backoff": 0.01, "timeout": 5.0}
+    return lorachunk.open(server.url, **(defaults | options))
+
+
+def assert_cache_clean(cache: Path) -> None:
+    """Every object in the cache hashes to its name, and no temp file is left."""
+    assert lorachunk.Cache(cache).verify() == []
+    assert not [p for p in cache.rglob(".*") if p.is_file()]
+
+
+def test_full_load_equals_safetensors(fixture_lora: Path, tmp_path: Path) -> None:
+    lorachunk.pack(fixture_lora, tmp_path / "s")
+    expected = load_file(fixture_lora)
+    with lorachunk.open(tmp_path / "s") as lora:
+        got = lora.load()
+    assert list(got) == list(expected)
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
+def test_split_over_http_fetches_only_its_shards(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    split = next(s for s in manifest.splits if s.kind == "block" and 0 < len(s.modules) < len(manifest.modules) / 4)
+    expected_shards = {shard_key(manifest.module(n).shard) for n in split.modules}
+    with open_http(server, tmp_path) as lora:
+        assert shard_gets(server) == []  # opening reads only the ref and the manifest
+        got = lora.load(splits=[split.name])
+    assert {p.lstrip("/") for p in shard_gets(server)} == expected_shards
+    assert len(shard_gets(server)) == len(expected_shards)
+    reference = load_file(ATTN)
+    wanted = {t.key for n in split.modules for t in manifest.module(n).tensors}
+    assert set(got) == wanted
+    for key in wanted:
+        assert torch.equal(got[key], reference[key])
+    assert_cache_clean(tmp_path / "cache")
+
+
+def test_warm_cache_skips_the_network(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    with open_http(server, tmp_path) as lora:
+        first = lora.load()
+    before = len(shard_gets(server))
+    assert before == len({m.shard for m in manifest.modules})
+    with open_http(server, tmp_path, manifest=manifest.id) as lora:
+        second = lora.load()
+        assert lora.fetched == 0
+    assert len(shard_gets(server)) == before
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_corrupt_cache_entry_is_refetched(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    with open_http(server, tmp_path) as lora:
+        lora.prefetch()
+    victim = max(manifest.modules, key=lambda m: m.stored_size)
+    path = tmp_path / "cache" / shard_key(victim.shard)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with open_http(server, tmp_path) as lora:
+        got = lora.load(modules=[victim.name])
+        assert lora.fetched == 1
+    reference = load_file(ATTN)
+    assert all(torch.equal(t, reference[k]) for k, t in got.items())
+    assert_cache_clean(tmp_path / "cache")
+
+
+def test_root_mismatch_fails_before_any_shard(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    wrong = manifest.root[:-4] + ("0000" if not manifest.root.endswith("0000") else "1111")
+    with pytest.raises(lorachunk.IntegrityError, match="root"):
+        open_http(server, tmp_path, root=wrong)
+    assert shard_gets(server) == []
+    with open_http(server, tmp_path, root=manifest.root) as lora:
+        assert lora.root == manifest.root
+
+
+def test_lazy_mapping(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    reference = load_file(ATTN)
+    with open_http(server, tmp_path) as lora:
+        assert list(lora.keys()) == list(reference)
+        assert len(lora) == len(reference) and next(iter(reference)) in lora and "nope" not in lora
+        assert set(lora.splits) == {s.name for s in manifest.splits}
+        assert shard_gets(server) == []
+        key = list(reference)[7]
+        assert torch.equal(lora[key], reference[key])
+        assert len(shard_gets(server)) == 1
+        with pytest.raises(KeyError):
+            lora["nope"]
+
+
+# -- faults a constrained link produces; each ends in correct tensors or one clear error ----------
+
+
+@pytest.mark.parametrize("kind", ["drop", "reset", "ignore_range", "status"])
+def test_recoverable_faults(kind: str, published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    victim = max(manifest.modules, key=lambda m: m.stored_size)
+    if kind == "ignore_range":
+        server.inject(f"/{shard_key(victim.shard)}", "drop", times=1)  # so a resume is attempted
+    server.inject(f"/{shard_key(victim.shard)}", kind, times=2, retry_after="0")
+    with open_http(server, tmp_path) as lora:
+        got = lora.load(modules=[victim.name])
+    reference = load_file(ATTN)
+    assert all(torch.equal(t, reference[k]) for k, t in got.items())
+    requests = [r for r in server.gets() if r.path == f"/{shard_key(victim.shard)}"]
+    assert len(requests) >= 2
+    if kind in ("drop", "ignore_range"):
+        # the second attempt asked to resume where the first broke off instead of starting over
+        assert requests[1].range == f"bytes={requests[0].sent}-"
+    assert_cache_clean(tmp_path / "cache")
+
+
+def test_429_storm_gives_up_with_a_clear_error(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    victim = manifest.modules[0]
+    server.inject(f"/{shard_key(victim.shard)}", "status", status=429, retry_after="0", times=None)
+    with open_http(server, tmp_path, retries=2) as lora, pytest.raises(lorachunk.StoreUnavailableError) as caught:
+        lora.load(modules=[victim.name])
+    message = str(caught.value)
+    assert shard_key(victim.shard) in message and victim.name in message and server.url in message
+    assert "429" in message
+    assert len([r for r in server.gets() if r.path == f"/{shard_key(victim.shard)}"]) == 3
+    assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
+
+
+def test_retry_after_is_honoured(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    victim = manifest.modules[0]
+    server.inject(f"/{shard_key(victim.shard)}", "status", status=503, retry_after="1", times=1)
+    with open_http(server, tmp_path) as lora:
+        start = time.monotonic()
+        lora.load(modules=[victim.name])
+        assert time.monotonic() - start >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "match"),
+    [
+        ("corrupt", lorachunk.IntegrityError, "digest mismatch"),
+        ("bad_range", lorachunk.StoreError, "Content-Range"),
+    ],
+)
+def test_unrecoverable_faults(
+    kind: str,
+    error: type[Exception],
+    match: str,
+    published: tuple[FolderServer, lorachunk.Manifest],
+    tmp_path: Path,
+) -> None:
+    server, manifest = published
+    victim = max(manifest.modules, key=lambda m: m.stored_size)
+    if kind == "bad_range":
+        server.inject(f"/{shard_key(victim.shard)}", "drop", times=1)  # so the retry sends a Range
+    server.inject(f"/{shard_key(victim.shard)}", kind, times=None)
+    with open_http(server, tmp_path) as lora, pytest.raises(error, match=match) as caught:
+        lora.load(modules=[victim.name])
+    assert shard_key(victim.shard) in str(caught.value) and victim.name in str(caught.value)
+    assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
+    assert_cache_clean(tmp_path / "cache")
+
+
+def test_missing_shard(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    victim = manifest.modules[3]
+    (server.root / shard_key(victim.shard)).unlink()
+    with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.ShardNotFoundError) as caught:
+        lora.load()
+    assert shard_key(victim.shard) in str(caught.value) and victim.name in str(caught.value)
+    assert_cache_clean(tmp_path / "cache")
+
+
+def test_stall_ends_at_the_timeout(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    victim = manifest.modules[0]
+    server.inject(f"/{shard_key(victim.shard)}", "stall", seconds=3.0, times=None)
+    start = time.monotonic()
+    with (
+        open_http(server, tmp_path, timeout=0.3, retries=1) as lora,
+        pytest.raises(lorachunk.StoreUnavailableError, match="Timeout"),
+    ):
+        lora.load(modules=[victim.name])
+    assert time.monotonic() - start < 2.5
+
+
+def test_auth_headers_are_sent_and_never_shown(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, _ = published
+    server.required_header = ("Authorization", "Bearer s3cret-token")
+    with pytest.raises(lorachunk.StoreError) as caught:
+        open_http(server, tmp_path)
+    assert "401" in str(caught.value) and "s3cret" not in str(caught.value)
+    with open_http(server, tmp_path, headers={"Authorization": "Bearer s3cret-token"}) as lora:
+        assert len(lora.load()) == len(lora)
+
+
+def test_rate_cap(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    with open_http(server, tmp_path, max_bytes_per_s=2_000_000) as lora:
+        start = time.monotonic()
+        report = lora.prefetch()
+        elapsed = time.monotonic() - start
+    # A lower bound only: the cap must hold; how much slower a busy CI machine is does not matter.
+    assert report.fetched_bytes == sum(m.stored_size for m in manifest.modules)
+    assert elapsed >= (report.fetched_bytes - 2_000_000) / 2_000_000 * 0.9
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+
+_CHILD = """
+import sys, lorachunk
+with lorachunk.open(sys.argv[1], cache=sys.argv[2], retries=5, backoff=0.01) as lora:
+    print(len(lora.load()))
+"""
+
+
+def test_concurrent_processes_share_an_empty_cache(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    cache = tmp_path / "cache"
+    children = [
+        subprocess.Popen([sys.executable, "-c", _CHILD, server.url, str(cache)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outputs = [child.communicate(timeout=120)[0].strip() for child in children]
+    assert [child.returncode for child in children] == [0, 0, 0]
+    assert outputs == [str(sum(len(m.tensors) for m in manifest.modules))] * 3
+    assert_cache_clean(cache)
+    assert lorachunk.Cache(cache).info().shards == len({m.shard for m in manifest.modules})
+
+
+def test_cache_prune_is_lru(tmp_path: Path) -> None:
+    cache = lorachunk.Cache(tmp_path / "c")
+    blobs = [bytes([i]) * 1000 for i in range(5)]
+    from lorachunk._digest import digest
+
+    names = [digest("xxh3-128", b) for b in blobs]
+    for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
+        cache.put(name, blob)
+        path = tmp_path / "c" / shard_key(name)
+        import os
+
+        os.utime(path, (1000 + i, 1000 + i))
+    assert cache.get(names[0]) == blobs[0]  # a hit makes it the most recently used
+    assert cache.prune(3000) == 2000
+    assert [cache.contains(n) for n in names] == [True, False, False, True, True]
+    with pytest.raises(lorachunk.IntegrityError):
+        cache.put(names[1], b"not those bytes")
+    assert not cache.contains(names[1])
+    assert cache.clear() == 3000 and cache.info().bytes == 0
+
+
+# -- selection, dtype, scales -------------------------------------------------------------------
+
+
+def test_keys_dtype_and_iter(tmp_path: Path) -> None:
+    lorachunk.pack(SAM, tmp_path / "s")
+    reference = load_file(SAM)
+    keys = list(reference)[:5]
+    with lorachunk.open(tmp_path / "s") as lora:
+        got = lora.load(keys=keys, dtype="bfloat16")
+        assert list(got) == keys
+        assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], reference[k].bfloat16()) for k in keys)
+        streamed = dict(lora.iter_tensors())
+        assert streamed.keys() == reference.keys()
+        with pytest.raises(lorachunk.UsageError, match="no tensor"):
+            lora.load(keys=["missing"])
+        with pytest.raises(lorachunk.UsageError, match="no split"):
+            lora.load(splits=["missing"])
+        with pytest.raises(lorachunk.UsageError):
+            lora.load(device="tpu")
+
+
+def test_scales_multiply_the_delta(tmp_path: Path) -> None:
+    import synth
+
+    path = synth.sdxl(tmp_path / "x.safetensors", kohya_names=True, scale=0.05, rank=4)
+    lorachunk.pack(path, tmp_path / "s")
+    reference = load_file(path)
+    with lorachunk.open(tmp_path / "s") as lora:
+        scaled = lora.load(scales={"unet": 0.5, "lora_unet_up_blocks_0_*": 2.0})
+    for key, tensor in reference.items():
+        factor = 1.0
+        if key.endswith("lora_up.weight"):
+            factor = 2.0 if key.startswith("lora_unet_up_blocks_0_") else 0.5
+        expected = (tensor.float() * factor).to(tensor.dtype)
+        assert torch.equal(scaled[key], expected), key
+    with lorachunk.open(tmp_path / "s") as lora, pytest.raises(lorachunk.UsageError, match="matches no"):
+        lora.load(scales={"nothing*": 2.0})
+
+
+@pytest.mark.parametrize(
+    ("fixture", "scaled_suffix"),
+    [
+        ("smart_falcon_4_lokr.safetensors", (".lokr_w1", ".diff", ".diff_b", ".lokr_w1_a")),
+        ("peft_sd15_text_encoder.safetensors", (".lora_B.weight", ".lora_B.default.weight")),
+        ("cloneofsimo_lora_disney.safetensors", (":up",)),
+    ],
+)
+def test_scales_per_layout(fixture: str, scaled_suffix: tuple[str, ...], tmp_path: Path) -> None:
+    lorachunk.pack(DATA / "loras" / fixture, tmp_path / "s")
+    reference = load_file(DATA / "loras" / fixture)
+    with lorachunk.open(tmp_path / "s") as lora:
+        got = lora.load(scales={"*": 3.0})
+    changed = {k for k in reference if not torch.equal(got[k], reference[k])}
+    assert changed and all(k.endswith(scaled_suffix) for k in changed)
+    for key in changed:
+        assert torch.allclose(got[key].float(), reference[key].float() * 3.0, rtol=1e-2)
+
+
+# -- pull, prefetch, other stores ------------------------------------------------------------
+
+
+def test_pull_a_split_then_work_offline(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    split = manifest.splits[0]
+    report = lorachunk.pull(server.url, tmp_path / "copy", splits=[split.name], cache=False, retries=1)
+    assert report.shards == report.fetched == len({manifest.module(n).shard for n in split.modules})
+    server.shutdown()
+    with lorachunk.open(tmp_path / "copy") as lora:
+        assert lora.root == manifest.root
+        got = lora.load(splits=[split.name])
+    assert len(got) == sum(len(manifest.module(n).tensors) for n in split.modules)
+    files = [p for p in (tmp_path / "copy" / "shards").rglob("*") if p.is_file()]
+    assert len(files) == report.shards
+
+
+def test_s3_source_end_to_end(s3_endpoint: str, tmp_path: Path) -> None:
+    import uuid
+
+    url = f"s3://lorachunk/{uuid.uuid4().hex}"
+    store = lorachunk.storage.FsspecStore(url, storage_options=s3_options(s3_endpoint))
+    manifest = lorachunk.pack(SAM, store)
+    reference = load_file(SAM)
+    with lorachunk.open(url, cache=tmp_path / "cache", storage_options=s3_options(s3_endpoint)) as lora:
+        assert lora.root == manifest.root
+        got = lora.load()
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    assert lorachunk.Cache(tmp_path / "cache").info().shards == len(manifest.modules)
+
+
+def test_memory_fsspec_source(tmp_path: Path) -> None:
+    import uuid
+
+    url = f"memory://lorachunk-tests/{uuid.uuid4().hex}"
+    lorachunk.pack(DISNEY, lorachunk.storage.FsspecStore(url))
+    got = lorachunk.load(url, cache=False, splits=["unet"])
+    reference = load_file(DISNEY)
+    assert got and all(torch.equal(t, reference[k]) for k, t in got.items())
+
+
+def test_loading_a_copy_of_a_folder(tmp_path: Path) -> None:
+    lorachunk.pack(SAM, tmp_path / "s")
+    shutil.copytree(tmp_path / "s", tmp_path / "t")
+    with lorachunk.open(tmp_path / "t") as lora:
+        assert lora.cache is None  # local folders are not copied into the cache
+        assert len(lora.load()) == len(load_file(SAM))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_load_equals_cpu(tmp_path: Path) -> None:
+    import synth
+
+    path = synth.sdxl(tmp_path / "x.safetensors", scale=0.1, rank=8, dtype="BF16", text_encoders=True)
+    lorachunk.pack(path, tmp_path / "s")
+    reference = load_file(path)
+    with lorachunk.open(tmp_path / "s") as lora:
+        got = lora.load(device="cuda", scales={"unet": 0.5})
+    for key, tensor in reference.items():
+        assert got[key].is_cuda
+        scaled = key.endswith("lora_B.weight") and key.startswith("unet")
+        expected = (tensor.float() * 0.5).to(tensor.dtype) if scaled else tensor
+        assert torch.equal(got[key].cpu(), expected), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_load_of_every_fixture(fixture_lora: Path, tmp_path: Path) -> None:
+    lorachunk.pack(fixture_lora, tmp_path / "s")
+    reference = load_file(fixture_lora)
+    got = lorachunk.load(tmp_path / "s", device="cuda")
+    assert all(torch.equal(got[k].cpu(), t) for k, t in reference.items())
+
+
+def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path: Path) -> None:
+    """The CUDA path decodes byte planes on the host and un-groups them on the device; the
+    un-grouping is plain torch, so it is checked here on the CPU for every module of every fixture."""
+    from lorachunk._codec import BytePlaneZstd
+    from lorachunk._pack import decode_module
+    from lorachunk._repository import read_shard
+    from lorachunk._torch import _ungroup
+
+    manifest = lorachunk.pack(fixture_lora, tmp_path / "s")
+    store = lorachunk.storage.LocalStore(tmp_path / "s")
+    codec = BytePlaneZstd()
+    for module in manifest.modules:
+        planes = torch.empty(module.raw_size, dtype=torch.uint8)
+        codec.decode_planes(memoryview(read_shard(store, module)), module.segments, module.frames, planes.numpy().data)
+        assert bytes(_ungroup(planes, module).numpy()) == bytes(decode_module(store, manifest, module)), module.name
