@@ -4,6 +4,7 @@ Layout under the cache root (itself a valid store of shards)::
 
     shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
     manifests/<hex>.json.zst          manifests, named by their id
+    raw/<first 2 hex>/<hex>           decoded module bytes, named by the module's raw digest
 
 Only bytes that hash to their name enter (``put`` checks), every write is temp file + fsync +
 rename (so processes sharing the cache never see a partial object), and every read is checked
@@ -13,6 +14,7 @@ file's modification time, which is what least-recently-used pruning orders by.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -28,7 +30,7 @@ from lorachunk.storage._local import write_atomic
 
 __all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]
 
-_KINDS: Final = ("shards", "manifests")
+_KINDS: Final = ("shards", "manifests", "raw")
 #: Temp files older than this belong to a writer that died; pruning removes them.
 _STALE_TMP_S: Final = 3600.0
 
@@ -66,6 +68,7 @@ class CacheInfo:
     root: Path
     shards: int
     manifests: int
+    decoded: int
     bytes: int
 
 
@@ -79,11 +82,18 @@ class Cache:
     max_size:
         If set, :meth:`enforce_limit` (called by the loader after each load) evicts the least
         recently used objects until the cache holds at most this many bytes.
+    decoded:
+        Also keep each module's decoded bytes (``raw/``), so a warm CPU load is a memory map plus
+        one xxh3 pass instead of a decode. Costs about the LoRA's uncompressed size on disk.
+        ``LORACHUNK_CACHE_DECODED=0`` turns it off for the default.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None, decoded: bool | None = None
+    ) -> None:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size = max_size
+        self.decoded = decoded if decoded is not None else os.environ.get("LORACHUNK_CACHE_DECODED", "1") != "0"
         self.hits = 0
         self.misses = 0
 
@@ -124,6 +134,44 @@ class Cache:
         except OSError as exc:
             raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
 
+    def get_raw(self, digest: str) -> mmap.mmap | bytes | None:
+        """A module's decoded bytes as a private (copy-on-write) memory map, checked; None on a miss.
+
+        Tensors can be views of the map: no copy, and writing to them never touches the file.
+        """
+        path = self._path("raw", digest)
+        try:
+            with path.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+        except OSError:
+            self.misses += 1
+            return None
+        try:
+            check(digest, memoryview(data), what=str(path))
+        except IntegrityError:
+            path.unlink(missing_ok=True)
+            self.misses += 1
+            return None
+        with suppress(OSError):
+            os.utime(path)
+        self.hits += 1
+        return data
+
+    def put_raw(self, digest: str, data: bytes | memoryview) -> None:
+        """Keep decoded bytes the caller has just checked against ``digest``.
+
+        Written without fsync: every read re-checks the digest, so a file damaged by a crash is
+        found and replaced, and the decode it saves is cheaper than a sync per module.
+        """
+        path = self._path("raw", digest)
+        if path.is_file():
+            return
+        try:
+            write_atomic(path, data, fsync=False)
+        except OSError as exc:
+            raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
+
     def contains(self, digest: str, *, kind: str = "shards") -> bool:
         return self._path(kind, digest).is_file()
 
@@ -147,7 +195,7 @@ class Cache:
             if not path.name.startswith("."):
                 counts[kind] += 1
                 total += stat.st_size
-        return CacheInfo(self.root, counts["shards"], counts["manifests"], total)
+        return CacheInfo(self.root, counts["shards"], counts["manifests"], counts["raw"], total)
 
     def verify(self) -> list[Path]:
         """Re-hash every entry; remove and return those that do not match their names."""

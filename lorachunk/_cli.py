@@ -13,10 +13,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import lorachunk
+from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 from lorachunk._pack import Progress, as_store
 from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest, resolve
+from lorachunk.storage import Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 
@@ -29,16 +31,22 @@ def _size(n: int) -> str:
 
 
 @contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Progress | None]:
+def _progress(enabled: bool, description: str, *, shards: bool = False) -> Iterator[Progress | None]:
+    """A tqdm bar on stderr (bytes and rate; with ``shards``, one call per shard is counted too)."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
     with tqdm(total=0, unit="B", unit_scale=True, desc=description, file=sys.stderr) as bar:
+        count = 0
 
         def update(done: int, total: int) -> None:
+            nonlocal count
             bar.total = total
+            if shards:
+                count += 1
+                bar.set_postfix_str(f"{count} shards", refresh=False)
             bar.update(done - bar.n)
 
         yield update
@@ -67,11 +75,15 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def info_dict(dest: str, selector: str | None) -> dict[str, Any]:
-    store = as_store(dest)
+    with as_store(dest) as store:
+        return _info(store, selector)
+
+
+def _info(store: Store, selector: str | None) -> dict[str, Any]:
     manifest_id = resolve(store, selector)
     manifest = read_manifest(store, manifest_id)
     manifest_bytes = len(store.get(manifest_key(manifest_id)))
-    all_ids = list_manifest_ids(store)
+    all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
     shards: dict[str, int] = {}
     referenced = 0
     for other in all_ids:
@@ -153,6 +165,66 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _store_options(args: argparse.Namespace) -> dict[str, Any]:
+    """HTTP options from the command line; they apply to http(s):// sources only."""
+    if not str(args.source).startswith(("http://", "https://")):
+        return {}
+    headers = {}
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise lorachunk.UsageError("--header wants 'Name: value'")
+        headers[name.strip()] = value.strip()
+    options: dict[str, Any] = {"headers": headers, "timeout": args.timeout, "retries": args.retries}
+    if args.max_rate:
+        options["max_bytes_per_s"] = parse_size(args.max_rate)
+    return options
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    with _progress(not args.quiet, "pull", shards=True) as progress:
+        report = lorachunk.pull(
+            args.source,
+            args.output,
+            splits=args.split or None,
+            modules=args.module or None,
+            manifest=args.manifest,
+            root=args.root,
+            concurrency=args.concurrency,
+            cache=False if args.no_cache else "auto",
+            progress=progress,
+            **_store_options(args),
+        )
+    if not args.quiet:
+        print(
+            f"pulled {report.shards} shards into {args.output}: {report.fetched} fetched "
+            f"({_size(report.fetched_bytes)}), {report.cached} from the cache or already there"
+        )
+    return EXIT_OK
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    cache = lorachunk.Cache(args.cache_dir)
+    if args.action == "info":
+        info = cache.info()
+        print(f"cache     {info.root}")
+        print(f"holds     {info.shards} shards, {info.manifests} manifests, {_size(info.bytes)}")
+    elif args.action == "verify":
+        bad = cache.verify()
+        for path in bad:
+            print(f"removed corrupt entry {path}", file=sys.stderr)
+        if bad:
+            return EXIT_VERIFY
+        print(f"ok: every entry in {cache.root} matches its name")
+    elif args.action == "prune":
+        if args.max_size is None:
+            raise lorachunk.UsageError("cache prune needs --max-size (e.g. --max-size 2GB)")
+        print(f"freed {_size(cache.prune(parse_size(args.max_size)))}")
+    else:
+        print(f"freed {_size(cache.clear())}")
+    return EXIT_OK
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     with _progress(not args.quiet, "unpack") as progress:
         out = lorachunk.unpack(
@@ -191,17 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
+    source_help = "a packed folder, an http(s):// URL of one, or an fsspec URL (s3://…)"
     p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
-    p.add_argument("dest", help="the store folder")
+    p.add_argument("dest", help=source_help)
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("--json", action="store_true", help="machine-readable output (fields documented in docs/cli.md)")
 
     p = command("verify", cmd_verify, "re-hash every manifest and shard in a store; exit 1 naming each bad one")
-    p.add_argument("dest", help="the store folder")
+    p.add_argument("dest", help=source_help)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")
-    p.add_argument("dest", help="the store folder")
+    p.add_argument("dest", help=source_help)
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
     p.add_argument(
@@ -209,6 +282,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("pull", cmd_pull, "copy a packed LoRA, or some splits of it, into a local folder, verifying each shard")
+    p.add_argument("source", help=source_help)
+    p.add_argument("-o", "--output", required=True, help="the local folder (created if missing)")
+    p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
+    p.add_argument(
+        "--module", action="append", default=[], metavar="GLOB", help="only modules matching GLOB (repeatable)"
+    )
+    p.add_argument("--manifest", help="manifest id (default: the source's latest)")
+    p.add_argument("--root", help="fail unless the manifest's Merkle root is this one")
+    p.add_argument("--concurrency", type=int, default=8, help="shards fetched at once (default 8)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or fill the shared cache")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="HTTP header (repeatable)")
+    p.add_argument("--max-rate", metavar="SIZE", help="cap the download rate, bytes per second (e.g. 2MB)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (default 30)")
+    p.add_argument("--retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("cache", cmd_cache, "show, check, shrink or empty the shared shard cache")
+    p.add_argument("action", choices=["info", "verify", "prune", "clear"])
+    p.add_argument("--max-size", metavar="SIZE", help="for prune: evict least recently used down to SIZE (e.g. 2GB)")
+    p.add_argument("--cache-dir", help="the cache folder (default $LORACHUNK_CACHE or the user cache folder)")
     return parser
 
 

@@ -7,12 +7,14 @@ opening a LoRA, listing its keys, prefetching and pulling never import it.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from itertools import islice
+from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -30,6 +32,8 @@ from lorachunk.storage._url import is_remote
 if TYPE_CHECKING:
     import torch
 
+    from lorachunk import _torch
+
 __all__ = ["LoRA", "PullReport", "load", "open", "pull"]
 
 CacheOption = Cache | str | os.PathLike[str] | bool | Literal["auto"] | None
@@ -37,15 +41,14 @@ Scales = Mapping[str, float]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 DEFAULT_CONCURRENCY = 8
+#: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
+PARALLEL_MIN_BYTES = 128 * 1024
 
 
-def _cache_for(option: CacheOption, source: str | os.PathLike[str] | Store) -> Cache | None:
+def _cache_for(option: CacheOption) -> Cache | None:
     if isinstance(option, Cache):
         return option
-    if option == "auto":
-        # A local folder is already as close as the cache; copying it would only cost disk.
-        return Cache() if is_remote(source) else None
-    if option is True:
+    if option is True or option == "auto":
         return Cache()
     if option is False or option is None:
         return None
@@ -77,6 +80,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
         self.store = store
         self.cache = cache
+        # A local folder is already as close as the cache: only decoded modules are worth keeping.
+        self._cache_shards = cache is not None and is_remote(store)
         self.concurrency = concurrency
         self._manifest = manifest
         self._owns_store = owns_store
@@ -173,9 +178,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         factors = _scale_factors(self._manifest, chosen, scales or {})
         placer = _torch.make_placer(self._codec, device, dtype, slots=self.concurrency + 2)
         try:
-            staged = self._map(lambda m: placer.stage(m, self._fetch(m)), _plan(chosen))
-            for item in staged:
-                for key, tensor in placer.finish(item, wanted):
+            for item in self._staged(placer, chosen, wanted):
+                for key, tensor in placer.finish(item):
                     factor = factors.get(key)
                     if factor is not None:
                         _torch.scale_(tensor, factor)
@@ -219,16 +223,21 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         if self.cache is None:
             raise UsageError("prefetch needs a cache; open the LoRA with cache=True or a cache folder")
         chosen, _ = self._select(splits, modules, keys)
-        return self._copy(chosen, lambda m, data: None, progress)
+        return self._copy(chosen, lambda m, data: None, progress, keep=True)
 
     def _copy(
-        self, chosen: Sequence[Module], sink: Callable[[Module, bytes], None], progress: Progress | None
+        self,
+        chosen: Sequence[Module],
+        sink: Callable[[Module, bytes], None],
+        progress: Progress | None,
+        *,
+        keep: bool | None = None,
     ) -> PullReport:
         before = (self.fetched, self.fetched_bytes)
         total = sum(m.stored_size for m in chosen)
         done = 0
         unique = list({m.shard: m for m in chosen}.values())
-        for module in self._map(lambda m: (m, self._fetch(m)), _plan(unique)):
+        for module in self._map(lambda m: (m, self._fetch(m, keep=keep)), _plan(unique)):
             sink(*module)
             done += module[0].stored_size
             if progress is not None:
@@ -240,9 +249,51 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
     # -- the pipeline --------------------------------------------------------------------------
 
-    def _fetch(self, module: Module) -> bytes:
-        """The verified stored bytes of ``module``'s shard, from the cache or the store."""
-        if self.cache is not None:
+    def _staged(
+        self, placer: _torch.Placer, chosen: Sequence[Module], wanted: frozenset[str] | None
+    ) -> Iterator[_torch.Staged]:
+        """Fetch and decode ``chosen``, yielding each module as it is ready.
+
+        Threads pay off for network fetches and for large modules (zstd and big copies release
+        the GIL); for the many tiny modules of a local LoRA they only fight over the GIL, so
+        those are done in this thread. See docs/loading.md for the measurements.
+        """
+        remote = is_remote(self.store)
+        decoded = self.cache if self.cache is not None and self.cache.decoded and placer.keeps_host_bytes else None
+
+        def pooled(module: Module) -> bool:
+            if decoded is not None and decoded.contains(module.raw, kind="raw"):
+                return False  # a memory map and a hash: cheaper than a hand-off to a thread
+            return remote or module.raw_size >= PARALLEL_MIN_BYTES
+
+        def stage(module: Module, data: bytes) -> _torch.Staged:
+            staged = placer.stage(module, data, wanted)
+            if decoded is not None:
+                decoded.put_raw(module.raw, staged.buffer.numpy().data)
+            return staged
+
+        def work(module: Module) -> _torch.Staged | tuple[Module, bytes]:
+            raw = decoded.get_raw(module.raw) if decoded is not None else None
+            if raw is not None:
+                return placer.adopt(module, raw, wanted)
+            data = self._fetch(module)
+            return stage(module, data) if module.raw_size >= PARALLEL_MIN_BYTES else (module, data)
+
+        plan = _plan(chosen)
+        inline = [pooled(m) for m in plan]
+        for module, in_pool in zip(plan, inline, strict=True):
+            if not in_pool:
+                result = work(module)
+                yield stage(*result) if isinstance(result, tuple) else result
+        for result in self._map(work, [m for m, in_pool in zip(plan, inline, strict=True) if in_pool]):
+            yield stage(*result) if isinstance(result, tuple) else result
+
+    def _fetch(self, module: Module, *, keep: bool | None = None) -> bytes:
+        """The verified stored bytes of ``module``'s shard, from the cache or the store.
+
+        ``keep`` (default: for remote stores) puts what was fetched into the cache."""
+        keep = self._cache_shards if keep is None else keep
+        if self.cache is not None and keep:
             cached = self.cache.get(module.shard)
             if cached is not None:
                 return cached
@@ -256,7 +307,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         with self._lock:
             self.fetched += 1
             self.fetched_bytes += len(data)
-        if self.cache is not None:
+        if self.cache is not None and keep:
             self.cache.put(module.shard, data)
         return data
 
@@ -267,14 +318,24 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         cancels what has not started and is raised.
         """
         source = iter(items)
+        completed: queue.SimpleQueue[Future[_R]] = queue.SimpleQueue()
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lorachunk-load") as pool:
-            pending: set[Future[_R]] = {pool.submit(fn, item) for item in islice(source, 2 * self.concurrency)}
+            pending: set[Future[_R]] = set()
+
+            def submit(item: _T) -> None:
+                future = pool.submit(fn, item)
+                pending.add(future)
+                future.add_done_callback(completed.put)
+
+            for item in islice(source, 2 * self.concurrency):
+                submit(item)
             try:
                 while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        pending.update(pool.submit(fn, item) for item in islice(source, 1))
-                        yield future.result()
+                    future = completed.get()
+                    pending.discard(future)
+                    for item in islice(source, 1):
+                        submit(item)
+                    yield future.result()
             finally:
                 for future in pending:
                     future.cancel()
@@ -321,6 +382,8 @@ def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales)
 
 
 def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> Manifest:
+    if not is_remote(store):
+        cache = None
     if cache is not None and selector is not None and ":" in selector:
         stored = cache.get(selector, kind="manifests")
         if stored is not None:
@@ -353,8 +416,10 @@ def open(
     manifest:
         A manifest id or unique hex prefix; default the store's latest.
     cache:
-        ``"auto"`` (the shared cache for remote sources, none for local folders), ``True``,
-        ``False``, a folder, or a :class:`~lorachunk.Cache`.
+        ``"auto"`` or ``True``: the shared cache (:func:`~lorachunk.Cache` default folder).
+        Remote shards are kept there once verified; for a local folder only decoded modules
+        are kept, which makes warm loads a memory map plus a hash. ``False`` or ``None``: no
+        cache. A folder, or a :class:`~lorachunk.Cache`.
     concurrency:
         Shards fetched and decoded at once.
     store_options:
@@ -366,10 +431,12 @@ def open(
         with lorachunk.open("https://example.org/loras/ink", root="xxh3-128:…") as lora:
             state_dict = lora.load(splits=["unet"])
     """
+    if not isinstance(source, Store) and Path(source).is_file():
+        raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
     store = open_store(source, **store_options)
     owns = not isinstance(source, Store)
     try:
-        cache_obj = _cache_for(cache, source)
+        cache_obj = _cache_for(cache)
         loaded = _read_manifest(store, manifest, cache_obj)
         if root is not None and loaded.root != root:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")

@@ -9,7 +9,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -20,9 +20,9 @@ from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher
 from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, StoreError, UsageError
 from lorachunk._layout import auto_splits, module_of, user_splits
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
-from lorachunk._repository import list_manifest_ids, read_manifest, read_shard, shard_key, write_manifest
+from lorachunk._repository import list_manifest_ids, read_manifest, read_shard, resolve, shard_key, write_manifest
 from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
-from lorachunk.storage import LocalStore, Store
+from lorachunk.storage import Store, open_store
 
 __all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
 
@@ -38,8 +38,15 @@ def _workers() -> int:
     return max(1, int(configured)) if configured.isdigit() else min(8, os.cpu_count() or 1)
 
 
-def as_store(dest: str | os.PathLike[str] | Store) -> Store:
-    return dest if isinstance(dest, Store) else LocalStore(dest)
+@contextmanager
+def as_store(dest: str | os.PathLike[str] | Store) -> Iterator[Store]:
+    """A store from a folder, a URL (``http(s)://``, fsspec) or a :class:`Store`; closed after
+    use only if this opened it."""
+    if isinstance(dest, Store):
+        yield dest
+        return
+    with open_store(dest) as store:
+        yield store
 
 
 def pack(
@@ -74,11 +81,11 @@ def pack(
     codec = BytePlaneZstd(level=level)
     new_hasher(hash)  # fail on an unknown algorithm before reading anything
     path = Path(src)
-    with _mapped_source(path) as (layout, data, size):
+    with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(layout.tensors)
         names = list(grouped)
         all_splits = auto_splits(names) | user_splits(splits or {}, names)
-        store = as_store(dest)
+        store = stack.enter_context(as_store(dest))
         created_root = isinstance(dest, (str, os.PathLike)) and not Path(dest).exists()
         written: list[str] = []
         try:
@@ -282,7 +289,19 @@ def unpack(
 
     Raises :class:`IntegrityError` if any byte does not match the manifest.
     """
-    store = as_store(dest)
+    with as_store(dest) as store:
+        return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
+
+
+def _unpack(
+    store: Store,
+    target: Path,
+    *,
+    splits: Iterable[str],
+    modules: Iterable[str],
+    manifest: str | None,
+    progress: Progress | None,
+) -> Path:
     loaded = read_manifest(store, manifest)
     chosen = select_modules(loaded, splits=splits, modules=modules)
     whole = len(chosen) == len(loaded.modules)
@@ -296,7 +315,6 @@ def unpack(
     first_seen = {t.key: i for i, t in enumerate(order)}
     chosen.sort(key=lambda m: min(first_seen[t.key] for t in m.tensors))
     codec = codec_from_config(loaded.codec)
-    target = Path(out)
     tmp = target.with_name(f".{target.name}.lorachunk.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -375,17 +393,22 @@ class VerifyReport:
 
 
 def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
-    """Re-check every manifest in ``dest`` and every shard they name.
+    """Re-check every manifest in ``dest`` and every shard they name (only the latest manifest for
+    stores that cannot list, such as plain HTTP).
 
     Each manifest is checked against its id and its Merkle roots are recomputed; each shard is
     hashed as stored, decoded, and hashed again as raw bytes.
 
     Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
     """
-    store = as_store(dest)
+    with as_store(dest) as store:
+        return _verify(store)
+
+
+def _verify(store: Store) -> VerifyReport:
     problems: list[str] = []
     manifests: list[Manifest] = []
-    ids = list_manifest_ids(store)
+    ids = list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
     if not ids:
         raise StoreError(f"{store!r} holds no packed LoRA")
     for manifest_id in ids:

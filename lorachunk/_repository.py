@@ -68,6 +68,12 @@ def resolve(store: Store, selector: str | None) -> str:
     """A manifest id from None (latest), a full id, or a unique hex prefix of an id."""
     if selector is None:
         return latest_id(store)
+    if not store.supports_listing:
+        try:
+            split_digest(selector)
+        except ManifestError:
+            raise UsageError(f"{store!r} cannot list manifests; name one by its full id (algorithm:hex)") from None
+        return selector
     hexpart = selector.partition(":")[2] or selector
     matches = [i for i in list_manifest_ids(store) if hex_of(i).startswith(hexpart.lower())]
     if len(matches) != 1:

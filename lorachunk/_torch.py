@@ -14,6 +14,7 @@ host buffer; runs in parallel, zstd releases the GIL) and the consuming thread c
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections.abc import Iterator
@@ -84,23 +85,30 @@ class Staged:
 
     module: Module
     buffer: torch.Tensor
+    keys: frozenset[str] | None
     slot: _Slot | None = None
+    placed: list[tuple[str, torch.Tensor]] | None = None
 
 
 class Placer:
     """Turns verified stored bytes into tensors on one device."""
 
     device: torch.device
+    #: Whether staged buffers hold the decoded module bytes on the host (then the cache can keep them).
+    keeps_host_bytes: bool = False
 
     def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None) -> None:
         self.codec = codec
         self.device = device
         self.dtype = dtype
 
-    def stage(self, module: Module, stored: bytes) -> Staged:
+    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
         raise NotImplementedError
 
-    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    def adopt(self, module: Module, raw: mmap.mmap | bytes, keys: frozenset[str] | None) -> Staged:
+        raise NotImplementedError
+
+    def finish(self, staged: Staged) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
     def tensors(
@@ -119,15 +127,25 @@ class Placer:
 
 
 class CPUPlacer(Placer):
-    def stage(self, module: Module, stored: bytes) -> Staged:
+    keeps_host_bytes = True
+
+    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
         buffer = torch.empty(module.raw_size, dtype=torch.uint8)
         view = _bytes_view(buffer) if module.raw_size else memoryview(bytearray())
         self.codec.decode(memoryview(stored), module.segments, module.frames, view)
         check(module.raw, view, what=f"module {module.name!r} after decoding")
-        return Staged(module, buffer)
+        # Tensors are made here, on the worker: with many tiny tensors the per-tensor torch calls
+        # cost more than decoding, and the consuming thread would otherwise do them all alone.
+        return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))
 
-    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.tensors(staged.module, staged.buffer, keys)
+    def adopt(self, module: Module, raw: mmap.mmap | bytes, keys: frozenset[str] | None) -> Staged:
+        """Tensors over already decoded and checked bytes (a cache entry's memory map), no copy."""
+        buffer = torch.frombuffer(raw, dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
+        return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))
+
+    def finish(self, staged: Staged) -> Iterator[tuple[str, torch.Tensor]]:
+        assert staged.placed is not None
+        return iter(staged.placed)
 
 
 class _Slot:
@@ -155,7 +173,7 @@ class CUDAPlacer(Placer):
             self._free.put(_Slot())
         self._lock = threading.Lock()
 
-    def stage(self, module: Module, stored: bytes) -> Staged:
+    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
         slot = self._free.get()
         try:
             host = slot.reserve(module.raw_size)
@@ -167,10 +185,10 @@ class CUDAPlacer(Placer):
         except BaseException:
             self._free.put(slot)
             raise
-        return Staged(module, host, slot)
+        return Staged(module, host, keys, slot)
 
-    def finish(self, staged: Staged, keys: frozenset[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
-        module, slot = staged.module, staged.slot
+    def finish(self, staged: Staged) -> Iterator[tuple[str, torch.Tensor]]:
+        module, slot, keys = staged.module, staged.slot, staged.keys
         assert slot is not None
         with torch.cuda.stream(self.stream):
             planes = torch.empty(module.raw_size, dtype=torch.uint8, device=self.device)

@@ -23,6 +23,12 @@ def falcon() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or fills the user's real cache."""
+    monkeypatch.setenv("LORACHUNK_CACHE", str(tmp_path / "default-cache"))
+
+
+@pytest.fixture(autouse=True)
 def _doctest_tmp_path(doctest_namespace: dict[str, object], tmp_path: Path) -> None:
     doctest_namespace["tmp_path"] = tmp_path
 

@@ -398,12 +398,36 @@ def test_memory_fsspec_source(tmp_path: Path) -> None:
     assert got and all(torch.equal(t, reference[k]) for k, t in got.items())
 
 
-def test_loading_a_copy_of_a_folder(tmp_path: Path) -> None:
+def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
+    manifest = lorachunk.pack(ATTN, tmp_path / "s")
+    reference = load_file(ATTN)
+    cache = lorachunk.Cache(tmp_path / "cache")
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora:
+        cold = lora.load()
+    info = cache.info()
+    assert (info.shards, info.manifests) == (0, 0)  # the folder is already local
+    assert info.decoded == len({m.raw for m in manifest.modules})
+    shutil.rmtree(tmp_path / "s" / "shards")  # a warm load needs no shard at all now
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora:
+        warm = lora.load()
+        warm[next(iter(warm))].add_(1)  # tensors over the cache's map are private copies on write
+    assert cache.verify() == []
+    assert all(torch.equal(cold[k], reference[k]) for k in reference)
+    assert list(warm) == list(reference)
+    # a damaged decoded entry is detected by its digest and decoded again (which needs the shards)
+    victim = next(p for p in (tmp_path / "cache" / "raw").rglob("*") if p.is_file())
+    victim.write_bytes(b"\0" * victim.stat().st_size)
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora, pytest.raises(lorachunk.ShardNotFoundError):
+        lora.load()
+    assert not victim.exists()
+
+
+def test_no_cache_option(tmp_path: Path) -> None:
     lorachunk.pack(SAM, tmp_path / "s")
-    shutil.copytree(tmp_path / "s", tmp_path / "t")
-    with lorachunk.open(tmp_path / "t") as lora:
-        assert lora.cache is None  # local folders are not copied into the cache
+    with lorachunk.open(tmp_path / "s", cache=False) as lora:
+        assert lora.cache is None
         assert len(lora.load()) == len(load_file(SAM))
+    assert not (tmp_path / "default-cache").exists()
 
 
 @pytest.mark.gpu

@@ -84,6 +84,6 @@ def test_open_store_dispatch(tmp_path: Path) -> None:
     memory = MemoryStore()
     assert open_store(memory) is memory
     with pytest.raises(lorachunk.UsageError, match="is a file"):
-        open_store(DATA / "loras" / "sam_lora_rank16.safetensors")
+        lorachunk.open(DATA / "loras" / "sam_lora_rank16.safetensors")
     with pytest.raises(lorachunk.UsageError, match="fsspec"):
         open_store("nosuchscheme://x")

@@ -46,10 +46,7 @@ def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
     if scheme == "hf":
         raise UsageError("hf:// sources are not supported by this version; use the repo's resolve URL over https://")
     if scheme is None or scheme == "file":
-        path = Path(text[len("file://") :] if scheme else text)
-        if path.is_file():
-            raise UsageError(f"{path} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
-        return LocalStore(path, **options)
+        return LocalStore(Path(text[len("file://") :] if scheme else text), **options)
     from lorachunk.storage._fsspec import FsspecStore
 
     return FsspecStore(text, **options)

@@ -1,0 +1,155 @@
+"""One split over an emulated constrained link: lorachunk vs the whole file vs HTTP range requests.
+
+    python benchmarks/link.py           # about 4 minutes
+    python benchmarks/link.py --quick   # the fast link only
+
+The test server (tests/http_server.py) serves, on 127.0.0.1, the packed folder and the original
+``.safetensors`` through one shared token bucket (the link's bandwidth) and delays every
+response by the round-trip time; the slow link also drops 1% of responses part way. For the
+split nearest 10% of the modules of each file, side by side:
+
+- **lorachunk**: ``lorachunk.load(url, splits=[…], cache=False)``: ref, manifest, the split's
+  shards (8 at a time), each verified, with retries and resume;
+- **whole file**: one GET of the ``.safetensors`` (what people do today), then pick the tensors;
+- **ranges**: a GET of the first 1 MB for the header (a second one if it is longer), then the
+  split's tensors as byte ranges of the original, adjacent ones merged, 8 at a time (what a
+  careful reader of the original file could do, with no verification).
+
+"ideal" is (bytes lorachunk must move: ref + manifest + the split's shards) / bandwidth + 2 RTT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import struct
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch  # noqa: F401 - imported before any timing, so the first lorachunk run does not pay for it
+
+import lorachunk
+from lorachunk._repository import LATEST, manifest_key, shard_key
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import synth  # noqa: E402
+from http_server import FolderServer, Link, serve  # noqa: E402
+
+LINKS = {
+    "10 Mbit/s, 100 ms": Link(bandwidth=10e6 / 8, delay=0.1),
+    "2 Mbit/s, 300 ms, 1% drops": Link(bandwidth=2e6 / 8, delay=0.3, drop_rate=0.01),
+}
+
+
+def split_near_tenth(manifest: lorachunk.Manifest) -> lorachunk.Split:
+    splits = [s for s in manifest.splits if len(s.modules) < len(manifest.modules)]
+    return min(splits, key=lambda s: abs(len(s.modules) / len(manifest.modules) - 0.1))
+
+
+def with_retries(client: httpx.Client, url: str, headers: dict[str, str]) -> bytes:
+    """The baselines get retries too (a whole retry, no resume), so drops do not fail them."""
+    for _ in range(10):
+        try:
+            response = client.get(url, headers=headers)
+            response.raise_for_status()
+            return response.content
+        except httpx.TransportError:
+            continue
+    raise RuntimeError(f"{url}: gave up")
+
+
+def ranges_baseline(url: str, keys: set[str]) -> int:
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=8)) as client:
+        head = with_retries(client, url, {"Range": "bytes=0-1048575"})
+        (length,) = struct.unpack("<Q", head[:8])
+        if length + 8 > len(head):
+            head += with_retries(client, url, {"Range": f"bytes={len(head)}-{length + 7}"})
+        header = json.loads(head[8 : 8 + length])
+        spans = sorted(tuple(header[k]["data_offsets"]) for k in keys)
+        merged: list[list[int]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        base = 8 + length
+        with ThreadPoolExecutor(8) as pool:
+            parts = list(
+                pool.map(
+                    lambda span: with_retries(client, url, {"Range": f"bytes={base + span[0]}-{base + span[1] - 1}"}),
+                    merged,
+                )
+            )
+        return len(parts)
+
+
+def measure(server: FolderServer, fn: object) -> tuple[float, int, int]:
+    server.log.clear()
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(r.sent for r in server.log), len(server.log)
+
+
+def run(path: Path, work: Path, links: dict[str, Link]) -> list[str]:
+    folder = work / "www" / path.stem
+    manifest = lorachunk.pack(path, folder)
+    (work / "www" / path.name).write_bytes(path.read_bytes())
+    split = split_near_tenth(manifest)
+    keys = {t.key for n in split.modules for t in manifest.module(n).tensors}
+    must = (
+        len((folder / LATEST).read_bytes())
+        + len((folder / manifest_key(manifest.id)).read_bytes())
+        + sum((folder / shard_key(manifest.module(n).shard)).stat().st_size for n in split.modules)
+    )
+    rows = []
+    for name, link in links.items():
+        with serve(work / "www", link) as server:
+            url = f"{server.url}/{path.stem}"
+            t_lc, b_lc, r_lc = measure(
+                server, lambda: lorachunk.load(url, splits=[split.name], cache=False, backoff=0.2, timeout=30)
+            )
+            t_whole, b_whole, r_whole = measure(
+                server, lambda: with_retries(httpx.Client(timeout=120), f"{server.url}/{path.name}", {})
+            )
+            t_rng, b_rng, r_rng = measure(server, lambda: ranges_baseline(f"{server.url}/{path.name}", keys))
+        assert link.bandwidth is not None
+        ideal = must / link.bandwidth + 2 * link.delay
+        rows.append(
+            f"| {path.name} | {name} | {split.name} ({len(split.modules)}/{len(manifest.modules)}) "
+            f"| {b_lc / 1e3:.0f} kB ({b_lc / must:.3f}x), {r_lc} req, {t_lc:.2f} s "
+            f"({t_lc / ideal:.2f}x ideal, {t_lc / t_whole:.3f}x whole) "
+            f"| {b_whole / 1e3:.0f} kB, {r_whole} req, {t_whole:.2f} s "
+            f"| {b_rng / 1e3:.0f} kB, {r_rng} req, {t_rng:.2f} s |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the 10 Mbit/s link")
+    args = parser.parse_args()
+    links = dict(list(LINKS.items())[:1]) if args.quick else LINKS
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, lorachunk {lorachunk.__version__}\n"
+    )
+    print("| file | link | split (modules) | lorachunk | whole file | ranges of the original |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run(ROOT / "tests" / "data" / "loras" / "diffusers_sd15_attnproc.safetensors", work, links)
+        synthetic = synth.sdxl(work / "synthetic_sdxl_small.safetensors", rank=16, scale=0.25, text_encoders=True)
+        run(synthetic, work, links)
+
+
+if __name__ == "__main__":
+    main()

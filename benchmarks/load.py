@@ -1,0 +1,110 @@
+"""Local loads with a warm page cache: lorachunk vs safetensors.torch.load_file, side by side.
+
+    python benchmarks/load.py           # real fixtures + a synthetic SDXL-shaped LoRA (~230 MB F16)
+    python benchmarks/load.py --quick   # synthetic LoRA at 1/4 width
+
+For each file: ``load_file`` followed by touching every page of every tensor (``load_file``
+alone is a lazy mmap and reads nothing), lorachunk's full load of the packed folder, and a
+one-split load (the split nearest 10% of the modules). The same touch runs on every result, so
+each column is "time until every byte is in memory and usable". Best of five, default threads
+(``LORACHUNK_THREADS`` or the CPU count) and concurrency.
+
+lorachunk runs two ways: *warm*, the default (a cache under a temporary folder holding decoded
+modules after the first load, so a load maps them and checks their xxh3), and *decode*
+(``cache=False``: every shard is read, checked, and decoded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import lorachunk
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import synth  # noqa: E402
+
+PAGE = 4096
+
+
+def touch(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Read one byte of every page of every tensor, so lazily mapped data is really loaded."""
+    total = 0
+    for tensor in tensors.values():
+        flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else tensor.reshape(-1)
+        if flat.numel():
+            total += int(flat[::PAGE].sum())
+    return total
+
+
+def best(fn: Callable[[], object], repeat: int = 5) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def tenth_split(manifest: lorachunk.Manifest) -> lorachunk.Split | None:
+    splits = [s for s in manifest.splits if len(s.modules) < len(manifest.modules)]
+    return min(splits, key=lambda s: abs(len(s.modules) / len(manifest.modules) - 0.1), default=None)
+
+
+def row(path: Path, work: Path) -> str:
+    packed = work / f"{path.stem}.lcs"
+    manifest = lorachunk.pack(path, packed)
+    split = tenth_split(manifest)
+    lora = lorachunk.open(packed, cache=work / "cache")
+    plain = lorachunk.open(packed, cache=False)
+    path.read_bytes()  # warm the page cache for both sides
+    baseline = best(lambda: touch(load_file(path)))
+    full = best(lambda: touch(lora.load()))
+    decode = best(lambda: touch(plain.load()), repeat=3)
+    mb = path.stat().st_size / 1e6
+    cells = (
+        f"| {path.name} | {mb:.2f} | {baseline * 1000:.1f} | {full * 1000:.1f} ({full / baseline:.2f}x) "
+        f"| {decode * 1000:.1f} ({decode / baseline:.2f}x) "
+    )
+    if split is None:
+        return cells + "| (no split) | |"
+    part = best(lambda: touch(lora.load(splits=[split.name])))
+    share = len(split.modules) / len(manifest.modules)
+    return cells + f"| {split.name} ({share:.0%}) | {part * 1000:.1f} ({part / baseline:.2f}x) |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="synthetic LoRA at 1/4 width")
+    args = parser.parse_args()
+    print(
+        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}\n"
+    )
+    print(
+        "| file | MB | load_file + touch ms | lorachunk warm ms (x) | lorachunk decode ms (x) "
+        "| split (share of modules) | split warm ms (x) |"
+    )
+    print("|---|---:|---:|---:|---:|---|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for path in sorted((ROOT / "tests" / "data" / "loras").glob("*.safetensors")):
+            print(row(path, work), flush=True)
+        synthetic = synth.sdxl(
+            work / "synthetic_sdxl_f16.safetensors", rank=64, scale=0.25 if args.quick else 1.0, dtype="F16"
+        )
+        print(row(synthetic, work), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The CLI against remote sources (a real HTTP server on 127.0.0.1) and the cache commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import DATA
+from http_server import FolderServer
+from safetensors.torch import load_file
+
+import lorachunk
+from lorachunk._cli import main
+
+ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
+
+
+@pytest.fixture
+def published(served: FolderServer) -> tuple[FolderServer, lorachunk.Manifest]:
+    return served, lorachunk.pack(ATTN, served.root)
+
+
+def test_pull_split_then_info_verify_unpack(
+    published: tuple[FolderServer, lorachunk.Manifest],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, manifest = published
+    monkeypatch.setenv("LORACHUNK_CACHE", str(tmp_path / "cache"))
+    split = next(s for s in manifest.splits if s.name == "unet.up_blocks.1")
+    out = tmp_path / "copy"
+    code = main(["pull", server.url, "-o", str(out), "--split", split.name, "--root", manifest.root])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"pulled {len(split.modules)} shards" in printed
+    assert len(server.gets("/shards/")) == len(split.modules)
+    assert main(["verify", str(out), "-q"]) == 1  # the other splits' shards are (rightly) missing
+    assert main(["unpack", str(out), "-o", str(tmp_path / "up.safetensors"), "--split", split.name, "-q"]) == 0
+    reference = load_file(ATTN)
+    got = load_file(tmp_path / "up.safetensors")
+    assert got and all(k in reference and (reference[k] == t).all() for k, t in got.items())
+    # the same split again comes from the cache, not the server
+    before = len(server.gets("/shards/"))
+    assert main(["pull", server.url, "-o", str(tmp_path / "copy2"), "--split", split.name, "-q"]) == 0
+    assert len(server.gets("/shards/")) == before
+
+
+def test_remote_info_unpack_verify(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, manifest = published
+    assert main(["info", server.url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["root"] == manifest.root and info["store"]["manifests"] == 1
+    assert main(["unpack", server.url, "-o", str(tmp_path / "whole.safetensors"), "-q"]) == 0
+    assert (tmp_path / "whole.safetensors").read_bytes() == ATTN.read_bytes()
+    assert main(["verify", server.url, "-q"]) == 0
+    assert main(["info", server.url, "--manifest", manifest.id[:12]]) == 2
+    assert "full id" in capsys.readouterr().err
+
+
+def test_pull_errors_are_clear(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, manifest = published
+    code = main(["pull", server.url, "-o", str(tmp_path / "c"), "--root", "xxh3-128:" + "0" * 32, "--no-cache"])
+    assert code == 1 and "expected xxh3-128:000" in capsys.readouterr().err
+    victim = manifest.modules[0]
+    server.inject(f"/shards/{victim.shard[9:11]}/{victim.shard[9:]}", "status", status=503, times=None)
+    code = main(["pull", server.url, "-o", str(tmp_path / "d"), "--no-cache", "--retries", "1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 3 and victim.name in err and "503" in err
+    assert not (tmp_path / "d" / "refs").exists()  # no manifest ref for an incomplete copy
+
+
+def test_cache_commands(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, manifest = published
+    cache = tmp_path / "cache"
+    with lorachunk.open(server.url, cache=cache) as lora:
+        lora.prefetch()
+    assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    assert f"{len(manifest.modules)} shards, 1 manifests" in capsys.readouterr().out
+    assert main(["cache", "verify", "--cache-dir", str(cache)]) == 0
+    victim = next(p for p in (cache / "shards").rglob("*") if p.is_file())
+    victim.write_bytes(b"rot")
+    assert main(["cache", "verify", "--cache-dir", str(cache)]) == 1
+    assert not victim.exists()
+    assert main(["cache", "prune", "--cache-dir", str(cache)]) == 2
+    assert main(["cache", "prune", "--max-size", "10kB", "--cache-dir", str(cache)]) == 0
+    assert lorachunk.Cache(cache).info().bytes <= 10_000
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert lorachunk.Cache(cache).info().bytes == 0
