@@ -28,7 +28,9 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -90,10 +92,10 @@ def ranges_baseline(url: str, keys: set[str]) -> int:
         return len(parts)
 
 
-def measure(server: FolderServer, fn: object) -> tuple[float, int, int]:
+def measure(server: FolderServer, fn: Callable[[], object]) -> tuple[float, int, int]:
     server.log.clear()
     start = time.perf_counter()
-    fn()  # type: ignore[operator]
+    fn()
     elapsed = time.perf_counter() - start
     return elapsed, sum(r.sent for r in server.log), len(server.log)
 
@@ -112,10 +114,10 @@ def run(path: Path, work: Path, links: dict[str, Link]) -> list[str]:
     rows = []
     for name, link in links.items():
         with serve(work / "www", link) as server:
-            url = f"{server.url}/{path.stem}"
-            t_lc, b_lc, r_lc = measure(
-                server, lambda: lorachunk.load(url, splits=[split.name], cache=False, backoff=0.2, timeout=30)
+            load = partial(
+                lorachunk.load, f"{server.url}/{path.stem}", splits=[split.name], cache=False, backoff=0.2, timeout=30
             )
+            t_lc, b_lc, r_lc = measure(server, load)
             t_whole, b_whole, r_whole = measure(
                 server, lambda: with_retries(httpx.Client(timeout=120), f"{server.url}/{path.name}", {})
             )
