@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import importlib.util
 import random
 import re
 import threading
@@ -96,12 +97,8 @@ class HTTPStore(Store):
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
         self.requests = 0
         self._lock = threading.Lock()
-        try:
-            import h2  # noqa: F401
-
-            http2 = transport is None
-        except ImportError:
-            http2 = False
+        # httpx speaks HTTP/2 when the optional h2 package is there (pip install lorachunk[http2]).
+        http2 = transport is None and importlib.util.find_spec("h2") is not None
         self._client = httpx.Client(
             # identity: byte offsets for resume and ranges must be those of the stored object.
             headers={"Accept-Encoding": "identity", **(headers or {})},
