@@ -261,7 +261,11 @@ class Manifest:
             text = zstandard.ZstdDecompressor().decompress(stored, max_output_size=MAX_MANIFEST_BYTES)
         except zstandard.ZstdError as exc:
             raise ManifestError(f"manifest does not decompress: {exc}") from exc
-        return cls.from_json(text)
+        manifest = cls.from_json(text)
+        # Keep the bytes as read: the id is their digest, whatever zstd version or level wrote them,
+        # and nobody pays for compressing them again.
+        manifest._stored.append(bytes(stored))
+        return manifest
 
     @classmethod
     def from_json(cls, text: bytes) -> Manifest:

@@ -471,3 +471,26 @@ def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path:
         planes = torch.empty(module.raw_size, dtype=torch.uint8)
         codec.decode_planes(memoryview(read_shard(store, module)), module.segments, module.frames, planes.numpy().data)
         assert bytes(_ungroup(planes, module).numpy()) == bytes(decode_module(store, manifest, module)), module.name
+
+
+def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_path: Path) -> None:
+    """A manifest compressed by another writer (here zstd -3, not -19) is the same manifest: its id
+    is the digest of the bytes in the store, through open, the cache and pull."""
+    import zstandard
+
+    from lorachunk._digest import digest
+    from lorachunk._repository import LATEST, manifest_key
+
+    original = lorachunk.pack(SAM, served.root)
+    (served.root / manifest_key(original.id)).unlink()
+    other = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(original.canonical())
+    other_id = digest(original.hash, other)
+    assert other_id != original.id
+    (served.root / manifest_key(other_id)).write_bytes(other)
+    (served.root / LATEST).write_text(f"{other_id}\n")
+    with open_http(served, tmp_path) as lora:
+        assert lora.manifest.id == other_id and lora.manifest.to_bytes() == other
+    assert (tmp_path / "cache" / manifest_key(other_id)).read_bytes() == other
+    lorachunk.pull(served.url, tmp_path / "copy", cache=False, retries=1)
+    assert (tmp_path / "copy" / manifest_key(other_id)).read_bytes() == other
+    assert lorachunk.verify(tmp_path / "copy").shards == len(original.modules)
