@@ -94,8 +94,6 @@ class Cache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size = max_size
         self.decoded = decoded if decoded is not None else os.environ.get("LORACHUNK_CACHE_DECODED", "1") != "0"
-        self.hits = 0
-        self.misses = 0
 
     def _path(self, kind: str, digest: str) -> Path:
         split_digest(digest)
@@ -110,17 +108,14 @@ class Cache:
         try:
             data = path.read_bytes()
         except OSError:
-            self.misses += 1
             return None
         try:
             check(digest, data, what=str(path))
         except IntegrityError:
             path.unlink(missing_ok=True)
-            self.misses += 1
             return None
         with suppress(OSError):  # a read-only cache still serves hits; it just cannot order them for pruning
             os.utime(path)
-        self.hits += 1
         return data
 
     def put(self, digest: str, data: bytes | memoryview, *, kind: str = "shards") -> None:
@@ -145,17 +140,14 @@ class Cache:
                 size = os.fstat(handle.fileno()).st_size
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
         except OSError:
-            self.misses += 1
             return None
         try:
             check(digest, memoryview(data), what=str(path))
         except IntegrityError:
             path.unlink(missing_ok=True)
-            self.misses += 1
             return None
         with suppress(OSError):
             os.utime(path)
-        self.hits += 1
         return data
 
     def put_raw(self, digest: str, data: bytes | memoryview) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
@@ -110,50 +110,46 @@ class BytePlaneZstd(Codec):
         return b"".join(frames), tuple(len(f) for f in frames)
 
     def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
-        dctx = _decompressor()
         target = np.frombuffer(out, dtype=np.uint8)
-        lengths = iter(frames)
-        position = 0
-        try:
-            for itemsize, group in _groups(segments):
-                count = sum(s.length for s in group) // itemsize
-                if count == 0:
-                    continue
+        views: list[np.ndarray] = []
+        for itemsize, group, plane_index, plane in self._planes(stored, segments, frames):
+            if plane_index == 0:
                 views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
-                for plane_index in range(itemsize):
-                    length = next(lengths)
-                    plane = dctx.decompress(stored[position : position + length], max_output_size=count)
-                    position += length
-                    if len(plane) != count:
-                        raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
-                    _scatter(np.frombuffer(plane, dtype=np.uint8), views, plane_index)
-        except (StopIteration, zstandard.ZstdError) as exc:
-            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
-        if position != len(stored) or next(lengths, None) is not None:
-            raise IntegrityError("shard frame table does not match its bytes")
+            _scatter(plane, views, plane_index)
 
     def decode_planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview
     ) -> None:
         """Decode into ``out`` without un-grouping: for each group of :func:`plane_groups`, its
         planes back to back. A device can then un-group in parallel (see ``_torch._ungroup``)."""
-        dctx = _decompressor()
         target = np.frombuffer(out, dtype=np.uint8)
+        written = 0
+        for *_, plane in self._planes(stored, segments, frames):
+            target[written : written + len(plane)] = plane
+            written += len(plane)
+        if written != len(target):
+            raise IntegrityError("shard frame table does not match its bytes")
+
+    def _planes(
+        self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int]
+    ) -> Iterator[tuple[int, list[Segment], int, np.ndarray]]:
+        """Each plane in frame order as ``(itemsize, group, plane index, bytes)``, checked against
+        the sizes the manifest declares; :class:`IntegrityError` for anything that does not fit."""
+        dctx = _decompressor()
         lengths = iter(frames)
-        position = written = 0
+        position = 0
         try:
-            for itemsize, _, count in plane_groups(segments):
-                for _ in range(itemsize):
+            for itemsize, group, count in plane_groups(segments):
+                for plane_index in range(itemsize):
                     length = next(lengths)
                     plane = dctx.decompress(stored[position : position + length], max_output_size=count)
                     position += length
                     if len(plane) != count:
                         raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
-                    target[written : written + count] = np.frombuffer(plane, dtype=np.uint8)
-                    written += count
+                    yield itemsize, group, plane_index, np.frombuffer(plane, dtype=np.uint8)
         except (StopIteration, zstandard.ZstdError) as exc:
             raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
-        if position != len(stored) or next(lengths, None) is not None or written != len(target):
+        if position != len(stored) or next(lengths, None) is not None:
             raise IntegrityError("shard frame table does not match its bytes")
 
 

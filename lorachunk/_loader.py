@@ -280,12 +280,12 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             return stage(module, data) if module.raw_size >= PARALLEL_MIN_BYTES else (module, data)
 
         plan = _plan(chosen)
-        inline = [pooled(m) for m in plan]
-        for module, in_pool in zip(plan, inline, strict=True):
+        to_pool = [pooled(m) for m in plan]
+        for module, in_pool in zip(plan, to_pool, strict=True):
             if not in_pool:
                 result = work(module)
                 yield stage(*result) if isinstance(result, tuple) else result
-        for result in self._map(work, [m for m, in_pool in zip(plan, inline, strict=True) if in_pool]):
+        for result in self._map(work, [m for m, in_pool in zip(plan, to_pool, strict=True) if in_pool]):
             yield stage(*result) if isinstance(result, tuple) else result
 
     def _fetch(self, module: Module, *, keep: bool | None = None) -> bytes:

@@ -95,8 +95,6 @@ class HTTPStore(Store):
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
-        self.requests = 0
-        self._lock = threading.Lock()
         # httpx speaks HTTP/2 when the optional h2 package is there (pip install lorachunk[http2]).
         http2 = transport is None and importlib.util.find_spec("h2") is not None
         self._client = httpx.Client(
@@ -127,8 +125,6 @@ class HTTPStore(Store):
                 headers["Range"] = f"bytes={offset}-" + ("" if end is None else str(end - 1))
             try:
                 with self._client.stream("GET", url, headers=headers) as response:
-                    with self._lock:
-                        self.requests += 1
                     status = response.status_code
                     if status == 404:
                         raise ShardNotFoundError(f"{url}: not found (404)")
@@ -194,8 +190,6 @@ class HTTPStore(Store):
                 response = self._client.head(url)
             except httpx.TransportError:
                 continue
-            with self._lock:
-                self.requests += 1
             status = response.status_code
             if status in _RETRY_STATUS:
                 hint = _retry_after(response.headers.get("Retry-After"))
