@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ["LORACHUNK_THREADS"] = "1"
@@ -30,17 +27,9 @@ from lorachunk.storage import LocalStore
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
+from _timing import best, machine  # noqa: E402
 
 ZIPNN_DTYPE = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-
-
-def best(fn: Callable[[], object], repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def zipnn_sizes(path: Path, manifest: lorachunk.Manifest) -> tuple[int | None, int | None]:
@@ -75,9 +64,9 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
     stored = manifest.stored_size + manifest_bytes
     z3 = zstandard.ZstdCompressor(level=3)
     z3_frame = z3.compress(data)
-    z3_s = best(lambda: z3.compress(data))
+    z3_s = best(lambda: z3.compress(data), repeat=3)
     z19 = len(zstandard.ZstdCompressor(level=19).compress(data))
-    z3d_s = best(lambda: zstandard.ZstdDecompressor().decompress(z3_frame))
+    z3d_s = best(lambda: zstandard.ZstdDecompressor().decompress(z3_frame), repeat=3)
     codec = codec_from_config(manifest.codec)
     shards = [(m, read_shard(store, m)) for m in manifest.modules]
     buffers = [bytearray(m.raw_size) for m in manifest.modules]
@@ -86,7 +75,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
         for (module, blob), out in zip(shards, buffers, strict=False):
             codec.decode(memoryview(blob), module.segments, module.frames, memoryview(out))
 
-    decode_s = best(decode_all)
+    decode_s = best(decode_all, repeat=3)
     zipnn_whole, zipnn_module = zipnn_sizes(path, manifest)
     mb = len(data) / 1e6
     return {
@@ -127,10 +116,7 @@ def main() -> None:
         for path in files:
             rows.append(measure(path, workdir))
             print(f"measured {path.name}", file=sys.stderr)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"zstandard {zstandard.__version__}; speeds single-thread\n"
-    )
+    print(f"{machine()}, zstandard {zstandard.__version__}; speeds single-thread\n")
     print(
         "| file | MB | modules | lorachunk / zstd -19 | / zstd -3 | / ZipNN | / ZipNN per module | "
         "pack MB/s (x zstd -3) | decode MB/s (x zstd -3 dec) |"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,18 +26,11 @@ import lorachunk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
+from _timing import best as timing_best  # noqa: E402
 
 
-def best(fn: Callable[[], object], repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best(fn: Callable[[], object]) -> float:
+    return timing_best(fn, repeat=5, warmup=True, sync=torch.cuda.synchronize)
 
 
 def fastsafetensors_load(path: Path) -> Callable[[], object] | None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import struct
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from lorachunk._repository import LATEST, manifest_key, shard_key
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
+from _timing import machine  # noqa: E402
 from http_server import FolderServer, Link, serve  # noqa: E402
 
 LINKS = {
@@ -140,10 +139,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the 10 Mbit/s link")
     args = parser.parse_args()
     links = dict(list(LINKS.items())[:1]) if args.quick else LINKS
-    print(
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, lorachunk {lorachunk.__version__}\n"
-    )
+    print(f"{machine()}, lorachunk {lorachunk.__version__}\n")
     print("| file | link | split (modules) | lorachunk | whole file | ranges of the original |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

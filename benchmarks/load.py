@@ -17,12 +17,9 @@ modules after the first load, so a load maps them and checks their xxh3), and *d
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +30,7 @@ import lorachunk
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
+from _timing import best, machine  # noqa: E402
 
 PAGE = 4096
 
@@ -47,15 +45,6 @@ def touch(tensors: Mapping[str, torch.Tensor]) -> int:
     return total
 
 
-def best(fn: Callable[[], object], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def tenth_split(manifest: lorachunk.Manifest) -> lorachunk.Split | None:
     splits = [s for s in manifest.splits if len(s.modules) < len(manifest.modules)]
     return min(splits, key=lambda s: abs(len(s.modules) / len(manifest.modules) - 0.1), default=None)
@@ -68,8 +57,8 @@ def row(path: Path, work: Path) -> str:
     lora = lorachunk.open(packed, cache=work / "cache")
     plain = lorachunk.open(packed, cache=False)
     path.read_bytes()  # warm the page cache for both sides
-    baseline = best(lambda: touch(load_file(path)))
-    full = best(lambda: touch(lora.load()))
+    baseline = best(lambda: touch(load_file(path)), repeat=5)
+    full = best(lambda: touch(lora.load()), repeat=5)
     decode = best(lambda: touch(plain.load()), repeat=3)
     mb = path.stat().st_size / 1e6
     cells = (
@@ -78,7 +67,7 @@ def row(path: Path, work: Path) -> str:
     )
     if split is None:
         return cells + "| (no split) | |"
-    part = best(lambda: touch(lora.load(splits=[split.name])))
+    part = best(lambda: touch(lora.load(splits=[split.name])), repeat=5)
     share = len(split.modules) / len(manifest.modules)
     return cells + f"| {split.name} ({share:.0%}) | {part * 1000:.1f} ({part / baseline:.2f}x) |"
 
@@ -87,10 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="synthetic LoRA at 1/4 width")
     args = parser.parse_args()
-    print(
-        f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}\n"
-    )
+    print(f"{machine()}, torch {torch.__version__}\n")
     print(
         "| file | MB | load_file + touch ms | lorachunk warm ms (x) | lorachunk decode ms (x) "
         "| split (share of modules) | split warm ms (x) |"

@@ -494,3 +494,25 @@ def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_pat
     lorachunk.pull(served.url, tmp_path / "copy", cache=False, retries=1)
     assert (tmp_path / "copy" / manifest_key(other_id)).read_bytes() == other
     assert lorachunk.verify(tmp_path / "copy").shards == len(original.modules)
+
+
+def test_retry_after_forms() -> None:
+    import email.utils
+
+    from lorachunk.storage._http import _retry_after
+
+    assert _retry_after("7") == 7.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= (_retry_after(later) or 0) <= 31
+    assert _retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
+
+
+def test_cache_size_cap_holds_after_a_load(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
+    server, manifest = published
+    cap = manifest.stored_size // 3
+    cache = lorachunk.Cache(tmp_path / "capped", max_size=cap)
+    with lorachunk.open(server.url, cache=cache, retries=1) as lora:
+        got = lora.load()
+    assert len(got) == len(lora)
+    assert 0 < cache.info().bytes <= cap
