@@ -10,7 +10,7 @@ from http_server import FolderServer
 from store_contract import Put, StoreTests
 
 import lorachunk
-from lorachunk.storage import FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
+from lorachunk.storage import ByteRange, FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
 
 
 class TestMemoryStore(StoreTests):
@@ -46,6 +46,18 @@ class TestHTTPStore(StoreTests):
     @pytest.fixture
     def put(self, served: FolderServer) -> Put:
         return LocalStore(served.root).set
+
+    @pytest.mark.parametrize("fault", ["drop", "ignore_range"])
+    def test_ranged_get_survives_a_drop(self, store: Store, put: Put, served: FolderServer, fault: str) -> None:
+        data = bytes(range(256)) * 400
+        put("obj", data)
+        served.inject("/obj", "drop")
+        if fault == "ignore_range":
+            served.inject("/obj", "ignore_range")  # the resume is answered with the whole object
+        assert store.get("obj", ByteRange(1000, 90_000)) == data[1000:90_000]
+        ranges = [r.range for r in served.gets("/obj")]
+        assert ranges[0] == "bytes=1000-89999" and ranges[1] is not None and ranges[1].endswith("-89999")
+        assert ranges[1] != ranges[0]  # resumed, not restarted
 
 
 class TestFsspecMemory(StoreTests):

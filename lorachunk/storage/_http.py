@@ -113,13 +113,14 @@ class HTTPStore(Store):
         end = None if byte_range is None else byte_range.end
         if end is not None and end == start:
             return b""
-        received = bytearray()
+        # Chunks as they came, joined once at the end: the body is copied once, not per chunk.
+        received: list[bytes] = []
         last_error, hint = "", None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self._delay(attempt, hint))
                 hint = None
-            offset = start + len(received)
+            offset = start + sum(map(len, received))
             headers = {}
             if offset or end is not None:
                 headers["Range"] = f"bytes={offset}-" + ("" if end is None else str(end - 1))
@@ -135,15 +136,15 @@ class HTTPStore(Store):
                     if status == 200:
                         # The server sent the whole object (no range support, or it ignored ours).
                         received.clear()
-                        skip, want = start, None if end is None else end - start
+                        skip = start
                     elif status == 206:
                         _check_content_range(response.headers.get("Content-Range"), offset, url)
-                        skip, want = 0, None if end is None else end - offset
+                        skip = 0
                     elif status == 416 and offset > start and end is None:
                         break  # we already hold everything up to the end of the object
                     else:
                         raise StoreError(f"{url}: unexpected HTTP {status}")
-                    self._read_body(response, received, skip=skip, want=want)
+                    self._read_body(response, received, skip=skip, want=None if end is None else end - start)
                     break
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -152,21 +153,26 @@ class HTTPStore(Store):
                 raise StoreError(f"{url}: {exc}") from exc
         else:
             raise StoreUnavailableError(f"{url}: gave up after {self.retries + 1} attempts (last: {last_error})")
-        if end is not None and len(received) != end - start:
-            raise StoreError(f"{url}: expected {end - start} bytes, got {len(received)}")
-        return bytes(received)
+        data = b"".join(received)
+        if end is not None and len(data) != end - start:
+            raise StoreError(f"{url}: expected {end - start} bytes, got {len(data)}")
+        return data
 
-    def _read_body(self, response: httpx.Response, received: bytearray, *, skip: int, want: int | None) -> None:
-        """Append the body to ``received``, dropping ``skip`` leading bytes; stop after ``want``."""
+    def _read_body(self, response: httpx.Response, received: list[bytes], *, skip: int, want: int | None) -> None:
+        """Append the body's chunks to ``received``, dropping ``skip`` leading bytes; stop at ``want`` bytes."""
+        have = sum(map(len, received))
         for chunk in response.iter_raw():  # no chunk_size: it would hold back what arrived before a drop
             if self.limiter is not None:
                 self.limiter.take(len(chunk))
-            dropped = min(skip, len(chunk))
-            skip -= dropped
-            received += memoryview(chunk)[dropped:]
-            if want is not None and len(received) >= want:
-                del received[want:]
+            if skip:
+                dropped = min(skip, len(chunk))
+                skip -= dropped
+                chunk = chunk[dropped:]  # noqa: PLW2901 - only when a 200 answers a ranged request
+            if want is not None and have + len(chunk) >= want:
+                received.append(chunk[: want - have])
                 return
+            received.append(chunk)
+            have += len(chunk)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
