@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from lorachunk._digest import check, hex_of, split_digest
+from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, StoreError, UsageError
 from lorachunk.storage._local import write_atomic
 
@@ -195,10 +195,8 @@ class Cache:
         for _, path, _ in self._entries():
             if path.name.startswith("."):
                 continue
-            hexpart = path.name.removesuffix(".json.zst")
-            algorithm = "sha256" if len(hexpart) == 64 else "xxh3-128"
             try:
-                check(f"{algorithm}:{hexpart}", path.read_bytes(), what=str(path))
+                check(from_hex(path.name.removesuffix(".json.zst")), path.read_bytes(), what=str(path))
             except (IntegrityError, ValueError, OSError):
                 path.unlink(missing_ok=True)
                 bad.append(path)

@@ -14,7 +14,7 @@ import xxhash
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
-__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "Hasher", "digest", "hex_of", "new_hasher", "split_digest"]
+__all__ = ["ALGORITHMS", "DEFAULT_ALGORITHM", "Hasher", "digest", "from_hex", "hex_of", "new_hasher", "split_digest"]
 
 
 class Hasher(Protocol):
@@ -54,6 +54,12 @@ def split_digest(value: str) -> tuple[str, str]:
     if not sep or expected is None or len(hexpart) != expected or hexpart.strip("0123456789abcdef"):
         raise ManifestError(f"malformed digest {value!r}")
     return algorithm, hexpart
+
+
+def from_hex(hexpart: str) -> str:
+    """The digest an object name stands for: the algorithms have hex parts of different lengths."""
+    algorithm = next((a for a, n in _HEX_LENGTH.items() if n == len(hexpart)), DEFAULT_ALGORITHM)
+    return f"{algorithm}:{hexpart}"
 
 
 def hex_of(value: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from lorachunk._digest import check, hex_of, split_digest
+from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import Manifest, Module
 from lorachunk.storage import Store
@@ -48,9 +48,7 @@ def list_manifest_ids(store: Store) -> list[str]:
     """Every manifest id in the store (sorted), as ``"<algorithm>:<hex>"``."""
     ids = []
     for key in store.list_prefix(_MANIFESTS):
-        hexpart = key[len(_MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX)
-        algorithm = "sha256" if len(hexpart) == 64 else "xxh3-128"
-        ids.append(f"{algorithm}:{hexpart}")
+        ids.append(from_hex(key[len(_MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX)))
     return sorted(ids)
 
 

@@ -78,14 +78,12 @@ class FsspecStore(Store):
             raise StoreError(f"{self.url}/{key}: {exc}") from exc
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
-        if self.exists(key):
-            try:
-                self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise StoreError(f"cannot delete {self.url}/{key}: {exc}") from exc
+        try:
+            self.fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot delete {self.url}/{key}: {exc}") from exc
 
     def list_prefix(self, prefix: str) -> Iterator[str]:
         try:
