@@ -176,7 +176,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
         chosen, wanted = self._select(splits, modules, keys)
         factors = _scale_factors(self._manifest, chosen, scales or {})
-        placer = _torch.make_placer(self._codec, device, dtype, slots=self.concurrency + 2)
+        placer = _torch.make_placer(self._codec, device, dtype)
         try:
             for item in self._staged(placer, chosen, wanted):
                 for key, tensor in placer.finish(item):

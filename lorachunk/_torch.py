@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import mmap
 import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -165,16 +164,18 @@ class _Slot:
 
 
 class CUDAPlacer(Placer):
-    def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None, *, slots: int) -> None:
+    def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None) -> None:
         super().__init__(codec, device, dtype)
         self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        for _ in range(slots):
-            self._free.put(_Slot())
-        self._lock = threading.Lock()
 
     def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
-        slot = self._free.get()
+        # Never wait for a slot: the thread that would free one may be the one asking for it.
+        # The pool grows to the number of modules in flight, which the loader bounds.
+        try:
+            slot = self._free.get_nowait()
+        except queue.Empty:
+            slot = _Slot()
         try:
             host = slot.reserve(module.raw_size)
             view = _bytes_view(host) if module.raw_size else memoryview(bytearray())
@@ -225,7 +226,7 @@ def _ungroup(planes: torch.Tensor, module: Module) -> torch.Tensor:
     return raw
 
 
-def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None, *, slots: int) -> Placer:
+def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None) -> Placer:
     try:
         target = torch.device(device)
     except RuntimeError as exc:
@@ -235,7 +236,7 @@ def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | s
             raise UsageError(f"device {device!r} asked for, but torch sees no CUDA device")
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
-        return CUDAPlacer(codec, target, parse_dtype(dtype), slots=slots)
+        return CUDAPlacer(codec, target, parse_dtype(dtype))
     if target.type != "cpu":
         raise UsageError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
     return CPUPlacer(codec, target, parse_dtype(dtype))

@@ -455,6 +455,24 @@ def test_gpu_load_of_every_fixture(fixture_lora: Path, tmp_path: Path) -> None:
     assert all(torch.equal(got[k].cpu(), t) for k, t in reference.items())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_load_over_http_with_few_threads(served: FolderServer, tmp_path: Path) -> None:
+    """Remote shards of mixed sizes through a small pool: staging slots must never deadlock,
+    and a cast on the device must give what a cast on the CPU gives."""
+    import synth
+
+    path = synth.sdxl(tmp_path / "x.safetensors", scale=0.1, rank=16, dtype="BF16", text_encoders=True)
+    lorachunk.pack(path, served.root)
+    reference = load_file(path)
+    got = dict(lorachunk.open(served.url, concurrency=2).iter_tensors(device="cuda:0", dtype="float16"))
+    assert got.keys() == reference.keys()
+    for key, tensor in reference.items():
+        expected = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+        assert got[key].device == torch.device("cuda", 0)
+        assert torch.equal(got[key].cpu(), expected), key
+
+
 def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path: Path) -> None:
     """The CUDA path decodes byte planes on the host and un-groups them on the device; the
     un-grouping is plain torch, so it is checked here on the CPU for every module of every fixture."""
