@@ -82,6 +82,8 @@ def main() -> int:
             rows.append(("fastsafetensors", best(fast), size))
         lora = lorachunk.open(work / "s", cache=False)
         rows.append(("lorachunk load(device='cuda')", best(lambda: lora.load(device="cuda")), manifest.raw_size))
+        # The host-side decode alone, on this machine's CPUs: the floor under the CUDA path.
+        rows.append(("lorachunk load(device='cpu')", best(lambda: lora.load(device="cpu")), manifest.raw_size))
         split_bytes = sum(manifest.module(n).raw_size for n in split.modules)
         rows.append(
             (f"lorachunk split {split.name}", best(lambda: lora.load(device="cuda", splits=[split.name])), split_bytes)

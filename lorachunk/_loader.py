@@ -259,12 +259,14 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         those are done in this thread. See docs/loading.md for the measurements.
         """
         remote = is_remote(self.store)
+        on_cpu = placer.device.type == "cpu"
         decoded = self.cache if self.cache is not None and self.cache.decoded and placer.keeps_host_bytes else None
 
         def pooled(module: Module) -> bool:
             if decoded is not None and decoded.contains(module.raw, kind="raw"):
                 return False  # a memory map and a hash: cheaper than a hand-off to a thread
-            return remote or module.raw_size >= PARALLEL_MIN_BYTES
+            # The consuming thread does the device work, so on a GPU every decode goes to the pool.
+            return remote or not on_cpu or module.raw_size >= PARALLEL_MIN_BYTES
 
         def stage(module: Module, data: bytes) -> _torch.Staged:
             staged = placer.stage(module, data, wanted)
@@ -277,7 +279,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             if raw is not None:
                 return placer.adopt(module, raw, wanted)
             data = self._fetch(module)
-            return stage(module, data) if module.raw_size >= PARALLEL_MIN_BYTES else (module, data)
+            if module.raw_size >= PARALLEL_MIN_BYTES or not on_cpu:
+                return stage(module, data)
+            return module, data
 
         plan = _plan(chosen)
         to_pool = [pooled(m) for m in plan]

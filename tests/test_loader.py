@@ -465,7 +465,8 @@ def test_gpu_load_over_http_with_few_threads(served: FolderServer, tmp_path: Pat
     path = synth.sdxl(tmp_path / "x.safetensors", scale=0.1, rank=16, dtype="BF16", text_encoders=True)
     lorachunk.pack(path, served.root)
     reference = load_file(path)
-    got = dict(lorachunk.open(served.url, concurrency=2).iter_tensors(device="cuda:0", dtype="float16"))
+    with lorachunk.open(served.url, concurrency=2) as lora:
+        got = dict(lora.iter_tensors(device="cuda:0", dtype="float16"))
     assert got.keys() == reference.keys()
     for key, tensor in reference.items():
         expected = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
