@@ -13,13 +13,16 @@ fetch, verify and load only the parts you need::
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from lorachunk._cache import Cache, CacheInfo
 from lorachunk._exceptions import (
+    AuthenticationError,
     FormatError,
     IntegrityError,
     LorachunkError,
     ManifestError,
+    RepositoryNotFoundError,
     ShardNotFoundError,
     StoreError,
     StoreUnavailableError,
@@ -30,6 +33,9 @@ from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, Tens
 from lorachunk._pack import VerifyReport, pack, unpack, verify
 from lorachunk._repository import read_manifest
 
+if TYPE_CHECKING:
+    from lorachunk._hub import PushResult, push
+
 try:
     __version__ = version("lorachunk")
 except PackageNotFoundError:  # running from a source tree that was never installed
@@ -37,6 +43,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "FORMAT_ID",
+    "AuthenticationError",
     "Cache",
     "CacheInfo",
     "FormatError",
@@ -47,6 +54,8 @@ __all__ = [
     "ManifestError",
     "Module",
     "PullReport",
+    "PushResult",
+    "RepositoryNotFoundError",
     "ShardNotFoundError",
     "Source",
     "Split",
@@ -60,7 +69,17 @@ __all__ = [
     "open",
     "pack",
     "pull",
+    "push",
     "read_manifest",
     "unpack",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The Hub client loads on first use: ``import lorachunk`` stays light.
+    if name in {"push", "PushResult"}:
+        from lorachunk import _hub
+
+        return getattr(_hub, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

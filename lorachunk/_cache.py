@@ -5,6 +5,7 @@ Layout under the cache root (itself a valid store of shards)::
     shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
     manifests/<hex>.json.zst          manifests, named by their id
     raw/<first 2 hex>/<hex>           decoded module bytes, named by the module's raw digest
+    refs/<sha256 of a source>         the manifest id last read from a remote source (for offline use)
 
 Only bytes that hash to their name enter (``put`` checks), every write is temp file + fsync +
 rename (so processes sharing the cache never see a partial object), and every read is checked
@@ -14,6 +15,7 @@ file's modification time, which is what least-recently-used pruning orders by.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import sys
@@ -164,6 +166,26 @@ class Cache:
         except OSError as exc:
             raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
 
+    def get_ref(self, source: str) -> str | None:
+        """The manifest id last read from ``source`` (a remote store's name), or None."""
+        try:
+            value = self._ref_path(source).read_text("ascii").strip()
+            split_digest(value)
+        except (OSError, ValueError):
+            return None
+        return value
+
+    def set_ref(self, source: str, manifest_id: str) -> None:
+        """Remember ``manifest_id`` as what ``source`` pointed at, so it opens offline later."""
+        split_digest(manifest_id)
+        path = self._ref_path(source)
+        with suppress(OSError):  # a ref only saves a round trip later; a read-only cache still works
+            if not path.is_file() or path.read_text("ascii").strip() != manifest_id:
+                write_atomic(path, f"{manifest_id}\n".encode(), fsync=False)
+
+    def _ref_path(self, source: str) -> Path:
+        return self.root / "refs" / hashlib.sha256(source.encode()).hexdigest()
+
     def contains(self, digest: str, *, kind: str = "shards") -> bool:
         return self._path(kind, digest).is_file()
 
@@ -235,6 +257,9 @@ class Cache:
         for _, path, stat in list(self._entries()):
             path.unlink(missing_ok=True)
             freed += stat.st_size
+        refs = self.root / "refs"
+        for path in refs.iterdir() if refs.is_dir() else ():
+            path.unlink(missing_ok=True)
         return freed
 
     def __repr__(self) -> str:

@@ -166,8 +166,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, Any]:
-    """HTTP options from the command line; they apply to http(s):// sources only."""
-    if not str(args.source).startswith(("http://", "https://")):
+    """HTTP options from the command line; they apply to http(s):// and hf:// sources only."""
+    if not str(args.source).startswith(("http://", "https://", "hf://")):
         return {}
     headers = {}
     for header in args.header:
@@ -200,6 +200,36 @@ def cmd_pull(args: argparse.Namespace) -> int:
             f"pulled {report.shards} shards into {args.output}: {report.fetched} fetched "
             f"({_size(report.fetched_bytes)}), {report.cached} from the cache or already there"
         )
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    pack_options: dict[str, Any] = {}
+    if args.split:
+        pack_options["splits"] = _split_option(args.split)
+    if args.level is not None:
+        pack_options["level"] = args.level
+    if args.hash is not None:
+        pack_options["hash"] = args.hash
+    result = lorachunk.push(
+        args.src,
+        args.repo_id,
+        revision=args.revision,
+        repo_type=args.repo_type,
+        path=args.path,
+        private=True if args.private else None,
+        create_pr=args.create_pr,
+        message=args.message,
+        update_card=args.update_card,
+        **pack_options,
+    )
+    if not args.quiet:
+        print(
+            f"pushed {result.uploaded} new shards ({_size(result.uploaded_bytes)} with the manifest); "
+            f"{result.skipped} were already in {result.repo_id}"
+        )
+        print(f"commit    {result.pr_url or result.commit_url}")
+        print(f"root      {result.root}")
     return EXIT_OK
 
 
@@ -263,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    source_help = "a packed folder, an http(s):// URL of one, or an fsspec URL (s3://…)"
+    source_help = "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL"
     p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
     p.add_argument("dest", help=source_help)
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
@@ -298,6 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", metavar="SIZE", help="cap the download rate, bytes per second (e.g. 2MB)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (default 30)")
     p.add_argument("--retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("push", cmd_push, "publish a LoRA to a Hugging Face Hub repo, uploading only the shards it lacks")
+    p.add_argument("src", help="a packed folder, or a .safetensors file (packed on the fly)")
+    p.add_argument("repo_id", help="NAMESPACE/NAME; created if missing")
+    p.add_argument("--revision", help="branch to commit to (default main)")
+    p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
+    p.add_argument("--path", help="folder inside the repo (default: its root)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--update-card", action="store_true", help="rewrite README.md even if the repo has one")
+    p.add_argument("--split", action="append", default=[], metavar="NAME=GLOB", help="when packing: extra split")
+    p.add_argument("--level", type=int, help="when packing: zstd level 1-22 (default 3)")
+    p.add_argument("--hash", choices=ALGORITHMS, help="when packing: digest algorithm")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("cache", cmd_cache, "show, check, shrink or empty the shared shard cache")

@@ -11,6 +11,8 @@ working::
     ├── UsageError(ValueError)             an option names something that does not exist or matches nothing
     └── StoreError(OSError)                a store could not read or write an object
         ├── ShardNotFoundError(FileNotFoundError)   an object is missing from the store
+        ├── RepositoryNotFoundError(FileNotFoundError)  a Hub repo or revision does not exist (or is not visible)
+        ├── AuthenticationError(PermissionError)    the credentials were refused (401/403)
         └── StoreUnavailableError                   the store did not answer usefully (network, 5xx, 429)
 
 Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json.JSONDecodeError``,
@@ -20,10 +22,12 @@ Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "FormatError",
     "IntegrityError",
     "LorachunkError",
     "ManifestError",
+    "RepositoryNotFoundError",
     "ShardNotFoundError",
     "StoreError",
     "StoreUnavailableError",
@@ -57,6 +61,14 @@ class StoreError(LorachunkError, OSError):
 
 class ShardNotFoundError(StoreError, FileNotFoundError):
     """The store has no object under the requested key."""
+
+
+class RepositoryNotFoundError(StoreError, FileNotFoundError):
+    """A Hub repository or revision does not exist, or the credentials given cannot see it."""
+
+
+class AuthenticationError(StoreError, PermissionError):
+    """The server refused the credentials (HTTP 401 or 403). The token is never in the message."""
 
 
 class StoreUnavailableError(StoreError):

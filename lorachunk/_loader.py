@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check
-from lorachunk._exceptions import IntegrityError, StoreError, UsageError
+from lorachunk._exceptions import IntegrityError, StoreError, StoreUnavailableError, UsageError
 from lorachunk._layout import scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, select_modules
@@ -392,9 +392,20 @@ def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> M
         stored = cache.get(selector, kind="manifests")
         if stored is not None:
             return Manifest.from_bytes(stored)
+    if store.offline:
+        # No request at all: the manifest the cache last saw for this source (or the one named).
+        manifest_id = selector if selector is not None and ":" in selector else None
+        if cache is not None and selector is None:
+            manifest_id = cache.get_ref(repr(store))
+        stored = cache.get(manifest_id, kind="manifests") if cache is not None and manifest_id else None
+        if stored is None:
+            raise StoreUnavailableError(f"{store!r} is offline and the cache has no manifest for it")
+        return Manifest.from_bytes(stored)
     manifest = read_manifest(store, selector)
     if cache is not None:
         cache.put(manifest.id, manifest.to_bytes(), kind="manifests")
+        if selector is None:
+            cache.set_ref(repr(store), manifest.id)
     return manifest
 
 

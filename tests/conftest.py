@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+
+# Before huggingface_hub is imported anywhere: uploads to the test Hub take the plain LFS path.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from http_server import FolderServer, serve
+from hub_server import HubServer, serve_hub
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = sorted((DATA / "loras").glob("*.safetensors"))
@@ -65,3 +69,16 @@ def s3_endpoint() -> Iterator[str]:
 
 def s3_options(endpoint: str) -> dict[str, object]:
     return {"client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}, "skip_instance_cache": True}
+
+
+HUB_TOKEN = "hf_test_5f1c0ffee_do_not_leak"
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A Hub-protocol server on 127.0.0.1 that wants ``HUB_TOKEN``; HF_ENDPOINT and HF_TOKEN point at it."""
+    with serve_hub(token=HUB_TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield server

@@ -1,7 +1,7 @@
 """Stores: where packed LoRAs live. Bytes by key; nothing here knows about tensors.
 
-:class:`HTTPStore` and :class:`FsspecStore` load on first use, so importing this package pulls in
-neither httpx nor fsspec.
+:class:`HTTPStore`, :class:`HubStore` and :class:`FsspecStore` load on first use, so importing this
+package pulls in neither httpx, huggingface_hub nor fsspec.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from lorachunk.storage._memory import MemoryStore
 from lorachunk.storage._url import open_store
 
 if TYPE_CHECKING:
+    from lorachunk._hub import HubStore
     from lorachunk.storage._fsspec import FsspecStore
     from lorachunk.storage._http import HTTPStore
 
-__all__ = ["ByteRange", "FsspecStore", "HTTPStore", "LocalStore", "MemoryStore", "Store", "open_store"]
+__all__ = ["ByteRange", "FsspecStore", "HTTPStore", "HubStore", "LocalStore", "MemoryStore", "Store", "open_store"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from lorachunk.storage._http import HTTPStore
 
         return HTTPStore
+    if name == "HubStore":
+        from lorachunk._hub import HubStore
+
+        return HubStore
     if name == "FsspecStore":
         from lorachunk.storage._fsspec import FsspecStore
 

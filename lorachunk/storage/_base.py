@@ -46,6 +46,8 @@ class Store(ABC):
 
     supports_writes: bool = True
     supports_listing: bool = True
+    #: The store may not touch the network now (e.g. ``HF_HUB_OFFLINE=1``): readers use the cache alone.
+    offline: bool = False
 
     @abstractmethod
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:

@@ -13,10 +13,16 @@ from typing import Final
 
 import httpx
 
-from lorachunk._exceptions import ShardNotFoundError, StoreError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import (
+    AuthenticationError,
+    ShardNotFoundError,
+    StoreError,
+    StoreUnavailableError,
+    UsageError,
+)
 from lorachunk.storage._base import ByteRange, Store, check_key
 
-__all__ = ["HTTPStore", "RateLimiter"]
+__all__ = ["HTTPStore", "RateLimiter", "is_network_error"]
 
 _RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -129,6 +135,8 @@ class HTTPStore(Store):
                     status = response.status_code
                     if status == 404:
                         raise ShardNotFoundError(f"{url}: not found (404)")
+                    if status in (401, 403):
+                        raise AuthenticationError(f"{url}: credentials refused (HTTP {status})")
                     if status in _RETRY_STATUS:
                         last_error = f"HTTP {status}"
                         hint = _retry_after(response.headers.get("Retry-After"))
@@ -202,6 +210,8 @@ class HTTPStore(Store):
                 continue
             if status in (404, 410):
                 return False
+            if status in (401, 403):
+                raise AuthenticationError(f"{url}: credentials refused (HTTP {status})")
             if status >= 300:
                 raise StoreError(f"{url}: unexpected HTTP {status}")
             return True
@@ -215,6 +225,12 @@ class HTTPStore(Store):
 
     def __repr__(self) -> str:
         return f"HTTPStore({self.url!r})"
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is httpx's word for a failed connection or exchange (for callers of
+    libraries built on httpx, such as huggingface_hub, which must not import httpx themselves)."""
+    return isinstance(exc, httpx.HTTPError)
 
 
 def _check_content_range(value: str | None, offset: int, url: str) -> None:

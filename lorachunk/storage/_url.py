@@ -27,6 +27,7 @@ def is_remote(source: str | os.PathLike[str] | Store) -> bool:
 
 def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
     """The store ``source`` names: a :class:`Store` as is, ``http(s)://`` → :class:`HTTPStore`,
+    ``hf://namespace/name[@revision][/path]`` → :class:`HubStore`,
     ``file://`` or a path → :class:`LocalStore`, any other ``scheme://`` → :class:`FsspecStore`.
 
     ``options`` go to the store's constructor (e.g. ``headers=`` or ``max_bytes_per_s=`` for
@@ -44,7 +45,16 @@ def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
 
         return HTTPStore(text, **options)
     if scheme == "hf":
-        raise UsageError("hf:// sources are not supported by this version; use the repo's resolve URL over https://")
+        from lorachunk._hub import HubStore, parse_hf_url
+
+        parsed = parse_hf_url(text)
+        return HubStore(
+            str(parsed["repo_id"]),
+            revision=parsed["revision"],
+            repo_type=str(parsed["repo_type"]),
+            path=parsed["path"],
+            **options,
+        )
     if scheme is None or scheme == "file":
         return LocalStore(Path(text[len("file://") :] if scheme else text), **options)
     from lorachunk.storage._fsspec import FsspecStore
