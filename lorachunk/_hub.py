@@ -161,22 +161,39 @@ class HubStore(Store):
         self.offline = _offline()
         self.commit: str | None = None
         self._http: HTTPStore | None = None
+        self._latest: bytes | None = None
         self._api = HfApi(endpoint=self.endpoint, token=token)
         if self.offline:
             return
         token = token or get_token()
-        try:
-            info = self._api.repo_info(repo_id, revision=self.revision, repo_type=repo_type)
-        except Exception as exc:  # converted by _raise
-            _raise(exc, repr(self))
-        if info.sha is None:
-            raise StoreError(f"{self!r}: the Hub did not say which commit {self.revision!r} is")
-        self.commit = info.sha
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         headers.update(http_options.pop("headers", None) or {})
         kind = "" if repo_type == "model" else f"{repo_type}s/"
-        base = f"{self.endpoint}/{kind}{repo_id}/resolve/{self.commit}" + (f"/{quote(self.path)}" if self.path else "")
-        self._http = HTTPStore(base, headers=headers, **http_options)
+        folder = f"/{quote(self.path)}" if self.path else ""
+        resolve = f"{self.endpoint}/{kind}{repo_id}/resolve"
+        http = HTTPStore(f"{resolve}/{{commit}}{folder}", headers=headers, **http_options)
+        try:
+            # One round trip for both: refs/latest at the revision, and (in X-Repo-Commit) the
+            # commit it resolved to, as hf_hub_download does. Everything else is read at that commit.
+            self._latest, answer = http.fetch(f"{resolve}/{quote(self.revision, safe='')}{folder}/{LATEST}")
+            self.commit = answer.get("X-Repo-Commit")
+        except ShardNotFoundError:
+            pass  # no refs/latest there, or no such repo or revision: the API says which below
+        except BaseException:
+            http.close()
+            raise
+        if self.commit is None:
+            self._latest = None
+            try:
+                self.commit = self._api.repo_info(repo_id, revision=self.revision, repo_type=repo_type).sha
+            except Exception as exc:  # converted by _raise
+                http.close()
+                _raise(exc, repr(self))
+        if not self.commit or not re.fullmatch(r"[0-9a-f]{40}", self.commit):
+            http.close()
+            raise StoreError(f"{self!r}: the Hub did not say which commit {self.revision!r} is")
+        http.url = http.url.replace("{commit}", self.commit)
+        self._http = http
 
     @property
     def source(self) -> str:
@@ -191,7 +208,10 @@ class HubStore(Store):
         return self._http
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        return self._online().get(key, byte_range)
+        http = self._online()
+        if key == LATEST and self._latest is not None and byte_range is None:
+            return self._latest
+        return http.get(key, byte_range)
 
     def exists(self, key: str) -> bool:
         return self._online().exists(key)
@@ -285,9 +305,10 @@ def push(
 ) -> PushResult:
     """Publish a packed LoRA (or a ``.safetensors`` file, packed on the fly) to a Hub repo.
 
-    The repo is created if missing. One commit adds the manifest, ``refs/latest`` and only the
-    shards the repo does not hold yet (their names are their digests, so the repo's listing says
-    which), and a model card when the repo has none (or with ``update_card``).
+    The repo (and the branch ``revision``) is created if missing. One commit adds the manifest,
+    ``refs/latest`` and only the shards the repo does not hold yet (their names are their
+    digests, so the repo's listing says which), and a model card when the repo has none (or
+    with ``update_card``).
 
     ``manifest`` picks one of several manifests in a packed folder (default: its latest);
     ``pack_options`` (``splits=``, ``level=``, ``hash=``) apply when ``src`` is a file.
@@ -306,6 +327,8 @@ def push(
         packed = read_manifest(store, manifest)
         try:
             api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+            if revision != constants.DEFAULT_REVISION:
+                api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
             present = {
                 entry.path
                 for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision, repo_type=repo_type)

@@ -41,6 +41,9 @@ Scales = Mapping[str, float]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 DEFAULT_CONCURRENCY = 8
+#: Remote fetches are mostly waiting: at 100 ms per request and ~25 kB shards, 8 in flight leave a
+#: 10 Mbit/s link idle between rounds (benchmarks/hub.py).
+REMOTE_CONCURRENCY = 16
 #: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
 PARALLEL_MIN_BYTES = 128 * 1024
 
@@ -415,7 +418,7 @@ def open(
     root: str | None = None,
     manifest: str | None = None,
     cache: CacheOption = "auto",
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = None,
     **store_options: Any,
 ) -> LoRA:
     """Open a packed LoRA: read and check its manifest, fetch nothing else.
@@ -436,7 +439,9 @@ def open(
         are kept, which makes warm loads a memory map plus a hash. ``False`` or ``None``: no
         cache. A folder, or a :class:`~lorachunk.Cache`.
     concurrency:
-        Shards fetched and decoded at once.
+        Shards fetched and decoded at once: default 8 for local folders, 16 for remote sources
+        (so that on a slow link with long round trips the link never waits for a request). For
+        ``http(s)://`` and ``hf://`` sources it also sizes the connection pool.
     store_options:
         Passed to the store (``headers=``, ``max_bytes_per_s=``, ``timeout=``, ``retries=`` for
         HTTP; ``storage_options=`` for fsspec).
@@ -448,6 +453,10 @@ def open(
     """
     if not isinstance(source, Store) and Path(source).is_file():
         raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
+    remote = is_remote(source)
+    threads = concurrency or (REMOTE_CONCURRENCY if remote else DEFAULT_CONCURRENCY)
+    if not isinstance(source, Store) and os.fspath(source).startswith(("http://", "https://", "hf://")):
+        store_options.setdefault("concurrency", threads)
     store = open_store(source, **store_options)
     owns = not isinstance(source, Store)
     try:
@@ -455,7 +464,7 @@ def open(
         loaded = _read_manifest(store, manifest, cache_obj)
         if root is not None and loaded.root != root:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
-        return LoRA(store, loaded, cache=cache_obj, concurrency=concurrency, owns_store=owns)
+        return LoRA(store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns)
     except BaseException:
         if owns:
             store.close()

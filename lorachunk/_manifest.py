@@ -168,12 +168,13 @@ class Manifest:
     ) -> Manifest:
         """Assemble a manifest, sorting modules and computing every root."""
         ordered = tuple(sorted(modules, key=lambda m: m.name))
-        by_name = {m.name: m for m in ordered}
+        # A module sits in several splits; its leaf is serialised once (this dominates reading a manifest).
+        leaves = {m.name: m.leaf() for m in ordered}
         built = []
         for name, (kind, members) in sorted(splits.items()):
             names = tuple(sorted(set(members)))
-            built.append(Split(name, kind, names, merkle_root(hash, [by_name[n].leaf() for n in names])))
-        root = merkle_root(hash, [m.leaf() for m in ordered])
+            built.append(Split(name, kind, names, merkle_root(hash, [leaves[n] for n in names])))
+        root = merkle_root(hash, list(leaves.values()))
         return cls(hash, dict(codec), source, ordered, tuple(built), root)
 
     def module(self, name: str) -> Module:

@@ -28,11 +28,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from http_server import Link
 
 _API = re.compile(
-    r"^/api/(models|datasets)/([^/]+/[^/]+?)(?:/(revision|preupload|commit|tree|paths-info)(?:/([^/]+)(.*))?)?$"
+    r"^/api/(models|datasets)/([^/]+/[^/]+?)(?:/(revision|preupload|commit|tree|paths-info|branch)(?:/([^/]+)(.*))?)?$"
 )
 _RESOLVE = re.compile(r"^/(?:(datasets)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 _LFS_BATCH = re.compile(r"^/(?:(datasets)/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch$")
 _LFS_PUT = re.compile(r"^/lfs-upload/([0-9a-f]{64})$")
+_CDN = re.compile(r"^/cdn/([0-9a-f]{64})$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -71,9 +72,14 @@ class Request:
 class HubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, *, token: str | None = None, link: Link | None = None, page_size: int = 1000) -> None:
+    def __init__(
+        self, *, token: str | None = None, link: Link | None = None, page_size: int = 1000, cdn: bool = False
+    ) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.token = token
+        #: Answer resolves of LFS files with a 302 to another origin (``localhost`` instead of
+        #: ``127.0.0.1``), as the Hub sends them to its CDN.
+        self.cdn = cdn
         self.link = link or Link()
         self.page_size = page_size
         self.repos: dict[tuple[str, str], Repo] = {}
@@ -262,6 +268,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self, *, content: bool) -> None:
         request, _ = self._begin()
         url = urlsplit(self.path)
+        if match := _CDN.match(url.path):
+            data = self.server.lfs.get(match[1])
+            if data is None:
+                self._error(request, 404, None, "no such object")
+            else:
+                self._ranged(request, data, {"ETag": f'"{match[1]}"', "Accept-Ranges": "bytes"}, content=content)
+            return
         if not self._authorized(request, write=False):
             return
         if match := _RESOLVE.match(url.path):
@@ -348,6 +361,14 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry.sha256 or entry.blob}"', "Accept-Ranges": "bytes"}
         if entry.sha256 is not None:
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
+            if self.server.cdn:
+                port = self.server.server_address[1]
+                headers["Location"] = f"http://localhost:{port}/cdn/{entry.sha256}"
+                self._send(request, 302, b"", headers, content=content)
+                return
+        self._ranged(request, data, headers, content=content)
+
+    def _ranged(self, request: Request, data: bytes, headers: dict[str, str], *, content: bool) -> None:
         status = 200
         match = _RANGE.match(self.headers.get("Range") or "")
         if match:
@@ -394,13 +415,22 @@ class _Handler(BaseHTTPRequestHandler):
                 self._batch(request, json.loads(body))
             return
         match = _API.match(url.path)
-        if match is None or match[3] not in ("preupload", "commit", "paths-info"):
+        if match is None or match[3] not in ("preupload", "commit", "paths-info", "branch"):
             self._error(request, 404, None, "no such endpoint")
             return
         repo = self._repo(request, match[1].removesuffix("s"), match[2])
         if repo is None:
             return
         revision = unquote(match[4] or "main")
+        if match[3] == "branch":
+            with self.server.lock:
+                if revision in repo.refs:
+                    self._error(request, 409, None, f"branch {revision} already exists")
+                    return
+                start = (json.loads(body) if body else {}).get("startingPoint") or "main"
+                repo.refs[revision] = repo.refs.get(start, start)
+            self._json(request, {})
+            return
         create_pr = parse_qs(url.query).get("create_pr", ["0"])[0] == "1"
         if match[3] == "commit":
             lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -486,8 +516,10 @@ def _file_info(path: str, entry: Entry) -> dict[str, Any]:
 
 
 @contextmanager
-def serve_hub(*, token: str | None = None, link: Link | None = None, page_size: int = 1000) -> Iterator[HubServer]:
-    server = HubServer(token=token, link=link, page_size=page_size)
+def serve_hub(
+    *, token: str | None = None, link: Link | None = None, page_size: int = 1000, cdn: bool = False
+) -> Iterator[HubServer]:
+    server = HubServer(token=token, link=link, page_size=page_size, cdn=cdn)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -62,7 +62,10 @@ def test_push_then_pull_whole_and_one_split(hub: HubServer, tmp_path: Path) -> N
     wanted = {shard_key(manifest.module(n).shard) for n in split.modules}
     fetched = [p for p in hub.resolved() if p.startswith("shards/")]
     assert sorted(fetched) == sorted(wanted)
-    assert len(hub.requests("GET", "/api/")) == 1  # the revision, resolved once
+    # The revision is resolved once (refs/latest at main names its commit); the rest is read at that commit.
+    first, *rest = hub.requests("GET", "/resolve/")
+    assert first.path == f"/{REPO}/resolve/main/refs/latest"
+    assert rest and all(r.path.startswith(f"/{REPO}/resolve/{result.commit}/") for r in rest)
     part = lorachunk.load(tmp_path / "part", splits=[split.name])
     reference = load_numpy(ATTN)
     assert {k: v.numpy().tobytes() for k, v in part.items()} == {k: reference[k].tobytes() for k in part}
@@ -138,6 +141,14 @@ def test_create_pr_leaves_main_alone(hub: HubServer, tmp_path: Path) -> None:
     assert pr.pr_url is not None and pr.pr_url.endswith("/discussions/1")
     assert _manifest(f"hf://{REPO}").root == first.root
     assert _manifest(f"hf://{REPO}@refs%2Fpr%2F1").root == pr.root
+
+
+def test_push_to_a_new_branch(hub: HubServer) -> None:
+    main = lorachunk.push(SAM, REPO)
+    branch = lorachunk.push(ATTN, REPO, revision="attn")
+    assert _manifest(f"hf://{REPO}").root == main.root
+    assert _manifest(f"hf://{REPO}@attn").root == branch.root
+    assert lorachunk.push(ATTN, REPO, revision="attn").uploaded == 0  # the branch exists now: no error
 
 
 def test_wrong_token_is_refused_without_showing_it(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -240,3 +251,21 @@ def test_push_of_a_copy_of_a_clone_is_a_local_store(hub: HubServer, tmp_path: Pa
     assert lorachunk.verify(tmp_path / "clone").shards > 0
     shutil.copytree(tmp_path / "clone", tmp_path / "copy")
     assert (tmp_path / "copy" / manifest_key(_manifest(tmp_path / "copy").id)).is_file()
+
+
+def test_token_stays_with_the_hub_on_cdn_redirects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub answers LFS files with a redirect to its CDN; the token must not follow it."""
+    from hub_server import serve_hub
+
+    with serve_hub(token=HUB_TOKEN, cdn=True) as cdn_hub:
+        monkeypatch.setenv("HF_ENDPOINT", cdn_hub.url)
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        lorachunk.push(SAM, REPO)
+        cdn_hub.log.clear()
+        got = lorachunk.load(f"hf://{REPO}", cache=False)
+        downloads = cdn_hub.requests("GET", "/cdn/")
+    reference = load_numpy(SAM)
+    assert {k: v.numpy().tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in reference.items()}
+    assert len(downloads) == len(reference) // 2 + 1  # every shard and the manifest came from the CDN
+    assert all(r.authorization is None for r in downloads)
+    assert all(r.authorization == f"Bearer {HUB_TOKEN}" for r in cdn_hub.requests("GET", "/resolve/"))

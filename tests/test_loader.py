@@ -534,3 +534,12 @@ def test_cache_size_cap_holds_after_a_load(published: tuple[FolderServer, lorach
         got = lora.load()
     assert len(got) == len(lora)
     assert 0 < cache.info().bytes <= cap
+
+
+def test_remote_sources_default_to_more_requests_in_flight(served: FolderServer, tmp_path: Path) -> None:
+    lorachunk.pack(SAM, served.root)
+    with lorachunk.open(served.url) as remote, lorachunk.open(served.root) as local:
+        assert remote.concurrency == 16 and local.concurrency == 8
+        assert remote.store._client._transport._pool._max_connections == 16  # type: ignore[attr-defined]
+    with lorachunk.open(served.url, concurrency=3) as chosen:
+        assert chosen.concurrency == 3

@@ -114,14 +114,19 @@ class HTTPStore(Store):
         )
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        url = f"{self.url}/{check_key(key)}"
+        return self.fetch(f"{self.url}/{check_key(key)}", byte_range)[0]
+
+    def fetch(self, url: str, byte_range: ByteRange | None = None) -> tuple[bytes, Mapping[str, str]]:
+        """:meth:`get` for any URL on this store's client, with the final response's headers
+        (e.g. the Hub's ``X-Repo-Commit``). Same retries, resume and errors."""
         start = 0 if byte_range is None else byte_range.start
         end = None if byte_range is None else byte_range.end
         if end is not None and end == start:
-            return b""
+            return b"", {}
         # Chunks as they came, joined once at the end: the body is copied once, not per chunk.
         received: list[bytes] = []
         last_error, hint = "", None
+        headers_seen: Mapping[str, str] = {}
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self._delay(attempt, hint))
@@ -152,6 +157,7 @@ class HTTPStore(Store):
                         break  # we already hold everything up to the end of the object
                     else:
                         raise StoreError(f"{url}: unexpected HTTP {status}")
+                    headers_seen = response.headers
                     self._read_body(response, received, skip=skip, want=None if end is None else end - start)
                     break
             except httpx.TransportError as exc:
@@ -164,7 +170,7 @@ class HTTPStore(Store):
         data = b"".join(received)
         if end is not None and len(data) != end - start:
             raise StoreError(f"{url}: expected {end - start} bytes, got {len(data)}")
-        return data
+        return data, headers_seen
 
     def _read_body(self, response: httpx.Response, received: list[bytes], *, skip: int, want: int | None) -> None:
         """Append the body's chunks to ``received``, dropping ``skip`` leading bytes; stop at ``want`` bytes."""
