@@ -258,7 +258,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_unpack(args: argparse.Namespace) -> int:
     with _progress(not args.quiet, "unpack") as progress:
         out = lorachunk.unpack(
-            args.dest, args.output, splits=args.split, modules=args.module, manifest=args.manifest, progress=progress
+            args.dest,
+            args.output,
+            splits=args.split,
+            modules=args.module,
+            manifest=args.manifest,
+            format=args.format,
+            progress=progress,
         )
     if not args.quiet:
         print(f"wrote {out}")
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("pack", cmd_pack, "pack a .safetensors LoRA into a folder of verified, compressed shards")
-    p.add_argument("src", help="the .safetensors file")
+    p.add_argument("src", help="the .safetensors file, or a PEFT adapter folder")
     p.add_argument("dest", help="the store folder (created if missing; several LoRAs may share one)")
     p.add_argument(
         "--split",
@@ -305,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")
     p.add_argument("dest", help=source_help)
-    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    p.add_argument("-o", "--output", required=True, help="the .safetensors file to write (a folder with --format peft)")
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "peft"],
+        default="safetensors",
+        help="peft: a folder with adapter_model.safetensors and the files packed with it",
+    )
     p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
     p.add_argument(
         "--module", action="append", default=[], metavar="GLOB", help="only modules matching GLOB (repeatable)"

@@ -8,6 +8,7 @@ before decompressing and any flipped byte is caught. See docs/format.md for the 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -22,6 +23,8 @@ from lorachunk._safetensors import DTYPE_BITS, MAX_HEADER_BYTES, TensorInfo, enc
 
 __all__ = [
     "FORMAT_ID",
+    "MAX_FILES",
+    "MAX_FILES_BYTES",
     "MAX_MANIFEST_BYTES",
     "MAX_SHARD_RAW_BYTES",
     "MAX_TENSORS",
@@ -38,6 +41,10 @@ FORMAT_ID: Final = "lorachunk/1"
 MAX_MANIFEST_BYTES: Final = 256 * 1024 * 1024
 MAX_TENSORS: Final = 1_000_000
 MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
+#: Small text files that travel with the tensors (a PEFT ``adapter_config.json``, a README).
+MAX_FILES: Final = 64
+MAX_FILES_BYTES: Final = 1024 * 1024
+_FILE_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _MANIFEST_LEVEL: Final = 19
 
 
@@ -150,6 +157,8 @@ class Manifest:
     splits: tuple[Split, ...]
     root: str
     format: str = FORMAT_ID
+    #: Small text files packed with the tensors (name → text), e.g. PEFT's ``adapter_config.json``.
+    files: Mapping[str, str] = field(default_factory=dict)
     _by_name: dict[str, Module] = field(default_factory=dict, init=False, repr=False, compare=False)
     _stored: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
 
@@ -165,8 +174,11 @@ class Manifest:
         source: Source,
         modules: Iterable[Module],
         splits: Mapping[str, tuple[str, Iterable[str]]],
+        files: Mapping[str, str] | None = None,
     ) -> Manifest:
         """Assemble a manifest, sorting modules and computing every root."""
+        files = dict(sorted((files or {}).items()))
+        check_files(files)
         ordered = tuple(sorted(modules, key=lambda m: m.name))
         # A module sits in several splits; its leaf is serialised once (this dominates reading a manifest).
         leaves = {m.name: m.leaf() for m in ordered}
@@ -174,8 +186,11 @@ class Manifest:
         for name, (kind, members) in sorted(splits.items()):
             names = tuple(sorted(set(members)))
             built.append(Split(name, kind, names, merkle_root(hash, [leaves[n] for n in names])))
-        root = merkle_root(hash, list(leaves.values()))
-        return cls(hash, dict(codec), source, ordered, tuple(built), root)
+        # The files (a PEFT config says how the weights apply) are one more leaf, so the root pins
+        # them too; without files the root is that of the modules alone, as it always was.
+        extra = [canonical_json({"files": files})] if files else []
+        root = merkle_root(hash, list(leaves.values()) + extra)
+        return cls(hash, dict(codec), source, ordered, tuple(built), root, files=files)
 
     def module(self, name: str) -> Module:
         try:
@@ -229,7 +244,7 @@ class Manifest:
             "modules": [m.to_json() for m in self.modules],
             "splits": {s.name: s.to_json() for s in self.splits},
             "root": self.root,
-        }
+        } | ({"files": dict(self.files)} if self.files else {})
 
     def canonical(self) -> bytes:
         return canonical_json(self.to_json())
@@ -330,6 +345,7 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         source=source,
         modules=modules,
         splits=splits,
+        files={_typed(k, str): _typed(v, str) for k, v in _typed(raw.get("files", {}), dict).items()},
     )
     _check_source(manifest)
     if manifest.root != raw["root"]:
@@ -338,6 +354,19 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         if split.root != splits_raw[split.name]["root"]:
             raise IntegrityError(f"split {split.name!r}: root does not match its modules")
     return manifest
+
+
+def check_files(files: Mapping[str, str]) -> None:
+    """Plain file names (no folders, nothing hidden), few and small; :class:`ManifestError` otherwise."""
+    if len(files) > MAX_FILES:
+        raise ManifestError(f"{len(files)} files; at most {MAX_FILES} travel with a LoRA")
+    total = 0
+    for name, text in files.items():
+        if not _FILE_NAME.match(name) or name in {".", ".."}:
+            raise ManifestError(f"file name {name!r} is not a plain file name")
+        total += len(text.encode())
+    if total > MAX_FILES_BYTES:
+        raise ManifestError(f"files of {total} bytes; at most {MAX_FILES_BYTES} travel with a LoRA")
 
 
 def _module(raw: dict[str, Any], algorithm: str) -> Module:

@@ -13,16 +13,17 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Final, Literal, TypeVar
 
 from lorachunk._codec import BytePlaneZstd, Codec, Segment, codec_from_config
 from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher
-from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, StoreError, UsageError
+from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, ManifestError, StoreError, UsageError
 from lorachunk._layout import auto_splits, module_of, user_splits
-from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
+from lorachunk._manifest import Manifest, Module, Source, TensorEntry, check_files, order_runs
 from lorachunk._repository import list_manifest_ids, read_manifest, read_shard, resolve, shard_key, write_manifest
 from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
 from lorachunk.storage import Store, open_store
+from lorachunk.storage._local import write_atomic
 
 __all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
 
@@ -80,7 +81,7 @@ def pack(
     """
     codec = BytePlaneZstd(level=level)
     new_hasher(hash)  # fail on an unknown algorithm before reading anything
-    path = Path(src)
+    path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(layout.tensors)
         names = list(grouped)
@@ -96,13 +97,41 @@ def pack(
             )
             source = _source(path, size, _sha256(data), layout, modules)
             manifest = Manifest.build(
-                hash=hash, codec=codec.get_config(), source=source, modules=modules, splits=all_splits
+                hash=hash, codec=codec.get_config(), source=source, modules=modules, splits=all_splits, files=files
             )
             write_manifest(store, manifest)
         except BaseException:
             _discard(store, dest, created_root=created_root, written=written)
             raise
     return manifest
+
+
+ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
+
+
+def _adapter_folder(folder: Path) -> tuple[Path, dict[str, str]]:
+    """A PEFT adapter folder: its weights file, and every other file in it as text to carry along."""
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FormatError(f"{folder} is a folder without {ADAPTER_WEIGHTS}; pack a .safetensors file or a PEFT folder")
+    files, refused = {}, []
+    for path in sorted(folder.iterdir()):
+        if path == weights or path.name.startswith("."):
+            continue
+        try:
+            files[path.name] = path.read_text("utf-8") if path.is_file() else None
+        except (UnicodeDecodeError, OSError):
+            files[path.name] = None
+        if files[path.name] is None:
+            refused.append(path.name)
+    if refused:
+        raise UsageError(f"{folder}: only small text files travel with the tensors; cannot carry {refused}")
+    carried = {name: text for name, text in files.items() if text is not None}
+    try:
+        check_files(carried)
+    except ManifestError as exc:
+        raise UsageError(f"{folder}: {exc}") from None
+    return weights, carried
 
 
 def _source(path: Path, size: int, sha256: str, layout: SafetensorsLayout, modules: Sequence[Module]) -> Source:
@@ -278,6 +307,7 @@ def unpack(
     splits: Iterable[str] = (),
     modules: Iterable[str] = (),
     manifest: str | None = None,
+    format: Literal["safetensors", "peft"] = "safetensors",
     progress: Progress | None = None,
 ) -> Path:
     """Write a safetensors file from a packed LoRA.
@@ -287,10 +317,24 @@ def unpack(
     their original order, with the original ``__metadata__``. ``manifest`` selects a manifest
     by id or hex prefix (default: the store's latest). The file appears only once complete.
 
+    ``format="peft"``: ``out`` is a folder that gets ``adapter_model.safetensors`` and the files
+    packed with it (``adapter_config.json``, …), which ``PeftModel.from_pretrained`` loads.
+
     Raises :class:`IntegrityError` if any byte does not match the manifest.
     """
+    if format not in ("safetensors", "peft"):
+        raise UsageError(f"format must be 'safetensors' or 'peft', got {format!r}")
     with as_store(dest) as store:
-        return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
+        if format == "safetensors":
+            return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
+        folder = Path(out)
+        loaded = read_manifest(store, manifest)
+        if "adapter_config.json" not in loaded.files:
+            raise UsageError("this LoRA was not packed from a PEFT folder (it has no adapter_config.json)")
+        _unpack(store, folder / ADAPTER_WEIGHTS, splits=splits, modules=modules, manifest=loaded.id, progress=progress)
+        for name, text in loaded.files.items():
+            write_atomic(folder / name, text.encode())
+        return folder
 
 
 def _unpack(
