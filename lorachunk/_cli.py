@@ -21,6 +21,15 @@ from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest
 from lorachunk.storage import Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+#: How `info` names each kind of split, in the order it lists them (docs/splits.md).
+SPLIT_KINDS = {
+    "component": "component",
+    "b-lora": "B-LoRA",
+    "block": "UNet block",
+    "block-weight": "LoRA Block Weight",
+    "part": "composed from",
+    "user": "yours",
+}
 
 
 def _size(n: int) -> str:
@@ -141,13 +150,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"modules   {info['modules']}")
     if info["splits"]:
         print("splits")
-        width = max(len(s["name"]) for s in info["splits"])
-        kinds = ["component", "b-lora", "block", "block-weight", "user"]
-        for s in sorted(info["splits"], key=lambda s: (kinds.index(s["kind"]) if s["kind"] in kinds else 9, s["name"])):
-            print(
-                f"  {s['name']:<{width}}  {s['kind']:<12} {s['modules']:>5} modules"
-                f"  {_size(s['stored_bytes']):>9} stored  {_size(s['raw_bytes']):>9} raw"
-            )
+        labels = [f"{s['name']} ({SPLIT_KINDS.get(s['kind'], s['kind'])})" for s in info["splits"]]
+        width = max(map(len, labels))
+        order = list(SPLIT_KINDS)
+        ranked = sorted(
+            zip(labels, info["splits"], strict=True),
+            key=lambda pair: (order.index(pair[1]["kind"]) if pair[1]["kind"] in order else 9, pair[1]["name"]),
+        )
+        for label, s in ranked:
+            print(f"  {label + ':':<{width + 1}} {s['modules']:>5} modules, {_size(s['stored_bytes']):>9}")
     store = info["store"]
     if store["manifests"] > 1:
         saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]

@@ -108,3 +108,28 @@ def test_blora_splits_in_both_namings() -> None:
     assert splits["BASE"][1] == [modules[4]]
     assert splits["OUT02"][1] == [modules[3]]
     assert set(splits["unet"][1]) == set(modules[:4])
+
+
+def test_every_naming_gives_the_same_splits() -> None:
+    """diffusers, kohya and LDM names of the same SDXL layers split identically (docs/splits.md)."""
+    layers = [
+        ("down_blocks.1.attentions.0.proj_in", "input_blocks.4.1.proj_in"),
+        ("down_blocks.2.attentions.1.attn1", "input_blocks.8.1.attn1"),
+        ("mid_block.attentions.0.proj_out", "middle_block.1.proj_out"),
+        ("up_blocks.0.attentions.0.proj_in", "output_blocks.0.1.proj_in"),
+        ("up_blocks.0.attentions.1.attn2", "output_blocks.1.1.attn2"),
+        ("up_blocks.1.resnets.2.conv1", "output_blocks.5.0.conv1"),
+    ]
+    namings = {
+        "diffusers": [f"unet.{d}" for d, _ in layers],
+        "kohya": [f"lora_unet_{d.replace('.', '_')}" for d, _ in layers],
+        "ldm": [f"lora_unet_{ldm.replace('.', '_')}" for _, ldm in layers],
+    }
+    shapes = {
+        naming: {name: (kind, len(members)) for name, (kind, members) in auto_splits(modules).items()}
+        for naming, modules in namings.items()
+    }
+    assert shapes["diffusers"] == shapes["kohya"]
+    # LDM names carry no attention/resnet distinction, so B-LoRA's attention-level splits need diffusers names.
+    assert {k: v for k, v in shapes["diffusers"].items() if v[0] != "b-lora"} == shapes["ldm"]
+    assert shapes["diffusers"]["OUT01"] == ("block-weight", 1) and shapes["diffusers"]["style"] == ("b-lora", 1)
