@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from lorachunk._cache import Cache, CacheInfo
+from lorachunk._compose import Take, compose
 from lorachunk._exceptions import (
     AuthenticationError,
     FormatError,
@@ -61,10 +62,12 @@ __all__ = [
     "Split",
     "StoreError",
     "StoreUnavailableError",
+    "Take",
     "TensorEntry",
     "UsageError",
     "VerifyReport",
     "__version__",
+    "compose",
     "load",
     "open",
     "pack",

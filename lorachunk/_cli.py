@@ -244,6 +244,28 @@ def cmd_push(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from lorachunk._compose import parse_take
+
+    scales = {}
+    for value in args.scale:
+        name, sep, factor = value.partition("=")
+        try:
+            scales[name] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise lorachunk.UsageError(f"--scale wants NAME=FACTOR, got {value!r}")
+    manifest = lorachunk.compose(
+        args.dest, [parse_take(t) for t in args.take], scales=scales, prefer=args.prefer, name=args.name
+    )
+    if not args.quiet:
+        parts = ", ".join(f"{s.name} ({len(s.modules)} modules)" for s in manifest.splits if s.kind == "part")
+        print(f"composed {manifest.source.name} into {args.dest}: {parts}")
+        print(f"root {manifest.root}")
+    return EXIT_OK
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     cache = lorachunk.Cache(args.cache_dir)
     if args.action == "info":
@@ -366,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", default=[], metavar="NAME=GLOB", help="when packing: extra split")
     p.add_argument("--level", type=int, help="when packing: zstd level 1-22 (default 3)")
     p.add_argument("--hash", choices=ALGORITHMS, help="when packing: digest algorithm")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("compose", cmd_compose, "make a new LoRA from splits of others, reusing their shards")
+    p.add_argument("dest", help="the store to write into (shards already there are not copied)")
+    p.add_argument(
+        "--take",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE[:SPLIT]",
+        help="a part: the split SPLIT (default: all) of the packed LoRA at SOURCE (repeatable)",
+    )
+    p.add_argument("--scale", action="append", default=[], metavar="NAME=F", help="bake strength F into a part")
+    p.add_argument("--prefer", action="append", default=[], metavar="NAME", help="this part wins shared modules")
+    p.add_argument("--name", default="composed.safetensors", help="file name the result unpacks to")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("cache", cmd_cache, "show, check, shrink or empty the shared shard cache")

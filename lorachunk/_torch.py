@@ -27,7 +27,7 @@ from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
 
-__all__ = ["CPUPlacer", "CUDAPlacer", "Placer", "make_placer", "scale_"]
+__all__ = ["CPUPlacer", "CUDAPlacer", "Placer", "make_placer", "scale_", "scale_bytes"]
 
 DTYPES: Final[dict[str, torch.dtype]] = {
     "BOOL": torch.bool,
@@ -76,6 +76,14 @@ def scale_(tensor: torch.Tensor, factor: float) -> None:
         tensor.mul_(factor)
     else:
         tensor.copy_(tensor.to(torch.float32).mul_(factor))
+
+
+def scale_bytes(buffer: bytearray, entry: TensorEntry, factor: float) -> None:
+    """Multiply, in place and in float32, the tensor that ``entry`` locates in ``buffer``."""
+    whole = torch.frombuffer(buffer, dtype=torch.uint8)
+    tensor = _tensor(whole, entry)  # a view of the buffer, or an aligned copy
+    scale_(tensor, factor)
+    whole[entry.offset : entry.offset + entry.length].copy_(tensor.reshape(-1).view(torch.uint8))
 
 
 @dataclass(frozen=True, slots=True)

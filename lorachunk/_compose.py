@@ -1,0 +1,228 @@
+"""Compose a new LoRA from splits of others: a new manifest over the shards that already exist.
+
+The composed LoRA is a LoRA like any other: it verifies, loads, unpacks to a valid safetensors
+file (whose sha256 the manifest records) and pushes. Shards are content-addressed, so a part taken
+as it is costs nothing where its shard already lives (a shared folder, a Hub repo holding the
+sources); elsewhere its stored bytes are copied, verified, never re-encoded. A part with a
+strength other than 1 gets new shards: its delta tensors are multiplied (in float32, like
+``LoRA.load(scales=…)``) and re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Final
+
+from lorachunk._codec import BytePlaneZstd
+from lorachunk._digest import digest
+from lorachunk._exceptions import UsageError
+from lorachunk._layout import auto_splits, scale_targets
+from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
+from lorachunk._pack import as_store, decode_module
+from lorachunk._repository import read_manifest, shard_key, write_manifest
+from lorachunk._safetensors import TensorInfo, encode_header
+from lorachunk.storage import Store
+
+__all__ = ["Take", "compose", "parse_take"]
+
+#: Recorded in the composed file's ``__metadata__``: which parts it was made of.
+METADATA_KEY: Final = "lorachunk.composed_from"
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """One part of a composed LoRA: the split ``split`` (or all) of the packed LoRA at ``source``."""
+
+    name: str
+    source: str | os.PathLike[str] | Store
+    split: str | None = None
+
+
+def parse_take(text: str) -> Take:
+    """``NAME=SOURCE[:SPLIT]`` → :class:`Take`. A URL's own colons are not taken for the split."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise UsageError(f"--take wants NAME=SOURCE[:SPLIT], got {text!r}")
+    source, colon, split = rest.rpartition(":")
+    if not colon or "/" in split or not source or source.endswith(("http", "https", "hf", "s3", "file")):
+        return Take(name, rest)
+    return Take(name, source, split or None)
+
+
+@dataclass
+class _Part:
+    take: Take
+    store: Store
+    manifest: Manifest
+    modules: list[Module]
+
+
+def compose(
+    dest: str | os.PathLike[str] | Store,
+    takes: Sequence[Take],
+    *,
+    scales: Mapping[str, float] | None = None,
+    prefer: Sequence[str] = (),
+    name: str = "composed.safetensors",
+) -> Manifest:
+    """Write into ``dest`` a LoRA made of ``takes``; return its manifest (``refs/latest`` points at it).
+
+    ``scales`` maps take names to strengths baked into the new LoRA. Two takes claiming the same
+    module is a :class:`UsageError` unless one of them is in ``prefer`` (earlier wins). Every take
+    becomes a split of the result (``kind: part``) next to the automatic ones. ``name`` is the
+    file name ``unpack`` gives the result.
+
+    Example: ``compose("mix.lcs", [Take("style", "a.lcs", "style"), Take("content", "b.lcs", "content")])``
+    """
+    if not takes:
+        raise UsageError("compose needs at least one --take")
+    names = [t.name for t in takes]
+    if len(set(names)) != len(names):
+        raise UsageError(f"take names must be unique, got {names}")
+    scales = dict(scales or {})
+    unknown = sorted(set(scales) - set(names)) + sorted(set(prefer) - set(names))
+    if unknown:
+        raise UsageError(f"--scale/--prefer name no take: {unknown}")
+    with ExitStack() as stack:
+        parts = [_open(stack, take) for take in takes]
+        algorithm = parts[0].manifest.hash
+        for part in parts:
+            if part.manifest.hash != algorithm or part.manifest.codec.get("id") != BytePlaneZstd.codec_id:
+                used = f"hash {part.manifest.hash} and codec {part.manifest.codec.get('id')}"
+                raise UsageError(
+                    f"take {part.take.name!r} uses {used}; composing needs one hash ({algorithm}) "
+                    f"and the {BytePlaneZstd.codec_id} codec"
+                )
+        owner = _claim(parts, prefer)
+        out = stack.enter_context(as_store(dest))
+        codec = BytePlaneZstd()
+        modules: dict[str, Module] = {}
+        raws: dict[str, bytes] = {}
+        file_order: list[TensorEntry] = []
+        for part in parts:
+            factor = scales.get(part.take.name)
+            for module in part.modules:
+                if owner[module.name] is not part:
+                    continue
+                raw = bytes(decode_module(part.store, part.manifest, module))  # verified twice
+                if factor is None or factor == 1.0:
+                    if not out.exists(shard_key(module.shard)):
+                        out.set(shard_key(module.shard), part.store.get(shard_key(module.shard)))
+                else:
+                    raw = _scaled(raw, module, factor)
+                    stored, frames = codec.encode(memoryview(raw), module.segments)
+                    module = Module(  # noqa: PLW2901 - the scaled module replaces the taken one
+                        module.name,
+                        digest(algorithm, stored),
+                        digest(algorithm, raw),
+                        len(stored),
+                        len(raw),
+                        frames,
+                        module.tensors,
+                    )
+                    out.set(shard_key(module.shard), stored)
+                modules[module.name] = module
+                raws[module.name] = raw
+            by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
+            file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
+        metadata = {
+            METADATA_KEY: json.dumps(
+                [
+                    {
+                        "name": p.take.name,
+                        "root": p.manifest.root,
+                        "split": p.take.split,
+                        "scale": scales.get(p.take.name),
+                    }
+                    for p in parts
+                ],
+                sort_keys=True,
+            )
+        }
+        source = _source(name, modules, raws, file_order, metadata)
+        splits: dict[str, tuple[str, list[str]]] = dict(auto_splits(modules))
+        for part in parts:
+            splits[part.take.name] = ("part", [m.name for m in part.modules if owner[m.name] is part])
+        manifest = Manifest.build(
+            hash=algorithm, codec=codec.get_config(), source=source, modules=modules.values(), splits=splits
+        )
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _open(stack: ExitStack, take: Take) -> _Part:
+    store = stack.enter_context(as_store(take.source))
+    manifest = read_manifest(store)
+    chosen = manifest.split(take.split).modules if take.split else [m.name for m in manifest.modules]
+    return _Part(take, store, manifest, [manifest.module(n) for n in chosen])
+
+
+def _claim(parts: Sequence[_Part], prefer: Sequence[str]) -> dict[str, _Part]:
+    """Module name → the part it comes from; two claims need ``prefer`` to settle them."""
+    rank = {name: i for i, name in enumerate(prefer)}
+    owner: dict[str, _Part] = {}
+    for part in parts:
+        for module in part.modules:
+            other = owner.get(module.name)
+            if other is None:
+                owner[module.name] = part
+                continue
+            ranks = (rank.get(other.take.name), rank.get(part.take.name))
+            if ranks == (None, None):
+                raise UsageError(
+                    f"takes {other.take.name!r} and {part.take.name!r} both hold module {module.name!r}; "
+                    "say which wins with --prefer NAME"
+                )
+            if ranks[0] is None or (ranks[1] is not None and ranks[1] < ranks[0]):
+                owner[module.name] = part
+    return owner
+
+
+def _scaled(raw: bytes, module: Module, factor: float) -> bytes:
+    targets = set(scale_targets(t.key for t in module.tensors))
+    if not targets:
+        return raw
+    from lorachunk import _torch  # only composing with strengths needs torch
+
+    buffer = bytearray(raw)
+    for entry in module.tensors:
+        if entry.key in targets:
+            _torch.scale_bytes(buffer, entry, factor)
+    return bytes(buffer)
+
+
+def _source(
+    name: str,
+    modules: Mapping[str, Module],
+    raws: Mapping[str, bytes],
+    file_order: Sequence[TensorEntry],
+    metadata: Mapping[str, str],
+) -> Source:
+    """The file the composed LoRA unpacks to: header as the safetensors library writes it, then
+    the tensors part after part, each part in its source file's order."""
+    owner = {t.key: m for m in modules.values() for t in m.tensors}
+    infos, position = [], 0
+    for entry in file_order:
+        infos.append(TensorInfo(entry.key, entry.dtype, entry.shape, position, entry.length))
+        position += entry.length
+    header = encode_header(infos, metadata)
+    hasher = hashlib.sha256(header)
+    for chunk in _tensor_bytes(file_order, owner, raws):
+        hasher.update(chunk)
+    ordered = sorted(modules.values(), key=lambda m: m.name)
+    flat = [t.key for m in ordered for t in m.tensors]
+    order = order_runs(flat, [t.key for t in file_order])
+    return Source(name, len(header) + position, f"sha256:{hasher.hexdigest()}", dict(metadata), order, 8, None)
+
+
+def _tensor_bytes(
+    file_order: Sequence[TensorEntry], owner: Mapping[str, Module], raws: Mapping[str, bytes]
+) -> Iterator[memoryview]:
+    for entry in file_order:
+        raw = memoryview(raws[owner[entry.key].name])
+        yield raw[entry.offset : entry.offset + entry.length]

@@ -1,0 +1,157 @@
+"""Compose LoRAs from splits of others: two synthetic SDXL-shaped LoRAs (B-LoRA style of one,
+content of the other) and two real fixtures (a text encoder LoRA and a UNet LoRA)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import synth
+import torch
+from conftest import DATA
+from hub_server import HubServer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import lorachunk
+from lorachunk import Take
+from lorachunk._cli import main as cli
+from lorachunk._compose import METADATA_KEY, parse_take
+from lorachunk._repository import shard_key
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> tuple[Path, Path]:
+    """Packed folders of two different synthetic SDXL LoRAs (same layers, different weights)."""
+    for name, seed in (("a", 2), ("b", 3)):
+        path = synth.sdxl(tmp_path / f"{name}.safetensors", rank=4, scale=0.25, dtype="BF16", seed=seed)
+        lorachunk.pack(path, tmp_path / f"{name}.lcs")
+    return tmp_path / "a.lcs", tmp_path / "b.lcs"
+
+
+def _keys(packed: Path, split: str) -> set[str]:
+    with lorachunk.open(packed) as lora:
+        return {t.key for n in lora.splits[split].modules for t in lora.modules[n].tensors}
+
+
+def test_style_of_one_content_of_the_other(two: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two
+    manifest = lorachunk.compose(tmp_path / "mix.lcs", [Take("style", a, "style"), Take("content", b, "content")])
+    assert {s.name: s.kind for s in manifest.splits if s.kind == "part"} == {"style": "part", "content": "part"}
+    got = lorachunk.load(tmp_path / "mix.lcs")
+    style_a, content_b = lorachunk.load(a, splits=["style"]), lorachunk.load(b, splits=["content"])
+    assert got.keys() == style_a.keys() | content_b.keys()
+    assert all(torch.equal(got[k], v) for k, v in (style_a | content_b).items())
+    assert lorachunk.verify(tmp_path / "mix.lcs").shards == len(manifest.modules)
+
+    # It unpacks to a valid safetensors file whose sha256 the manifest recorded (unpack checks it).
+    out = lorachunk.unpack(tmp_path / "mix.lcs", tmp_path / "mix.safetensors")
+    assert load_file(out).keys() == got.keys()
+    with safe_open(out, "pt") as handle:
+        recipe = json.loads(handle.metadata()[METADATA_KEY])
+    assert [(r["name"], r["split"]) for r in recipe] == [("style", "style"), ("content", "content")]
+
+
+def test_shards_already_in_the_store_are_not_copied(two: tuple[Path, Path]) -> None:
+    a, b = two
+    before = set(lorachunk.storage.LocalStore(a).list_prefix("shards/"))
+    manifest = lorachunk.compose(a, [Take("style", a, "style"), Take("content", b, "content")])
+    added = set(lorachunk.storage.LocalStore(a).list_prefix("shards/")) - before
+    content = lorachunk.read_manifest(lorachunk.storage.LocalStore(b)).split("content").modules
+    assert added == {shard_key(manifest.module(n).shard) for n in content}  # only what a lacked
+
+
+def test_two_takes_of_one_module_need_prefer(two: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two
+    takes = [Take("base", a), Take("style", b, "style")]
+    with pytest.raises(lorachunk.UsageError, match="--prefer"):
+        lorachunk.compose(tmp_path / "x.lcs", takes)
+    lorachunk.compose(tmp_path / "x.lcs", takes, prefer=["style"])
+    got = lorachunk.load(tmp_path / "x.lcs")
+    style_b = lorachunk.load(b, splits=["style"])
+    rest_a = {k: v for k, v in lorachunk.load(a).items() if k not in style_b}
+    assert all(torch.equal(got[k], v) for k, v in (rest_a | style_b).items())
+    assert got.keys() == rest_a.keys() | style_b.keys()
+
+
+def test_scale_is_baked_in_like_a_load_time_scale(two: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two
+    lorachunk.compose(
+        tmp_path / "x.lcs", [Take("style", a, "style"), Take("content", b, "content")], scales={"style": 0.5}
+    )
+    got = lorachunk.load(tmp_path / "x.lcs")
+    expected = lorachunk.load(a, splits=["style"], scales={"style": 0.5}) | lorachunk.load(b, splits=["content"])
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    assert any(not torch.equal(got[k], v) for k, v in lorachunk.load(a, splits=["style"]).items())
+
+
+def test_real_fixtures_text_encoder_of_one_unet_of_another(tmp_path: Path) -> None:
+    te, unet = (
+        DATA / "loras" / "peft_sd15_text_encoder.safetensors",
+        DATA / "loras" / "diffusers_sd15_attnproc.safetensors",
+    )
+    lorachunk.pack(te, tmp_path / "te.lcs")
+    lorachunk.pack(unet, tmp_path / "unet.lcs")
+    assert (
+        cli(
+            [
+                "compose",
+                str(tmp_path / "mix.lcs"),
+                "--take",
+                f"te={tmp_path}/te.lcs",
+                "--take",
+                f"unet={tmp_path}/unet.lcs",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert cli(["unpack", str(tmp_path / "mix.lcs"), "-o", str(tmp_path / "mix.safetensors"), "-q"]) == 0
+    got = load_file(tmp_path / "mix.safetensors")
+    expected = load_file(te) | load_file(unet)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_bad_compositions(two: tuple[Path, Path], tmp_path: Path) -> None:
+    a, b = two
+    with pytest.raises(lorachunk.UsageError, match="no split"):
+        lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "nope")])
+    with pytest.raises(lorachunk.UsageError, match="unique"):
+        lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style"), Take("s", b, "content")])
+    with pytest.raises(lorachunk.UsageError, match="name no take"):
+        lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style")], scales={"t": 2.0})
+    other = tmp_path / "sha.lcs"
+    lorachunk.pack(tmp_path / "b.safetensors", other, hash="sha256")
+    with pytest.raises(lorachunk.UsageError, match="one hash"):
+        lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style"), Take("c", other, "content")])
+    assert not (tmp_path / "x.lcs" / "refs").exists()
+
+
+def test_parse_take() -> None:
+    assert parse_take("s=a.lcs:style") == Take("s", "a.lcs", "style")
+    assert parse_take("s=a.lcs") == Take("s", "a.lcs")
+    assert parse_take("s=https://cdn.example.org/a") == Take("s", "https://cdn.example.org/a")
+    assert parse_take("s=https://cdn.example.org/a:unet.up_blocks.0") == Take(
+        "s", "https://cdn.example.org/a", "unet.up_blocks.0"
+    )
+    assert parse_take("s=hf://me/x@v2:style") == Take("s", "hf://me/x@v2", "style")
+    with pytest.raises(lorachunk.UsageError):
+        parse_take("nothing")
+
+
+def test_pushing_a_composition_next_to_its_sources_uploads_only_the_manifest(
+    hub: HubServer, two: tuple[Path, Path], tmp_path: Path
+) -> None:
+    a, b = two
+    lorachunk.push(a, "me/loras")
+    lorachunk.push(b, "me/loras")
+    lorachunk.compose(tmp_path / "mix.lcs", [Take("style", a, "style"), Take("content", b, "content")])
+    hub.log.clear()
+    result = lorachunk.push(tmp_path / "mix.lcs", "me/loras")
+    assert result.uploaded == 0 and result.uploaded_bytes == len(
+        lorachunk.read_manifest(lorachunk.storage.LocalStore(tmp_path / "mix.lcs")).to_bytes()
+    )
+    assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the manifest
+    got = lorachunk.load("hf://me/loras")
+    assert got.keys() == _keys(a, "style") | _keys(b, "content")
