@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 store or networ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -171,7 +172,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = lorachunk.verify(args.dest)
-    if not args.quiet:
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
+    elif not args.quiet:
         print(f"ok: {report.manifests} manifest(s), {report.shards} shards, {_size(report.stored_bytes)} verified")
     return EXIT_OK
 
@@ -270,10 +273,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cache = lorachunk.Cache(args.cache_dir)
     if args.action == "info":
         info = cache.info()
+        if args.json:
+            print(json.dumps(dataclasses.asdict(info) | {"root": str(info.root)}, indent=2, sort_keys=True))
+            return EXIT_OK
         print(f"cache     {info.root}")
-        print(f"holds     {info.shards} shards, {info.manifests} manifests, {_size(info.bytes)}")
+        counts = f"{info.shards} shards, {info.manifests} manifests, {info.decoded} decoded modules"
+        print(f"holds     {counts}, {_size(info.bytes)}")
     elif args.action == "verify":
         bad = cache.verify()
+        if args.json:
+            print(json.dumps({"root": str(cache.root), "removed": [str(p) for p in bad]}, indent=2, sort_keys=True))
+            return EXIT_VERIFY if bad else EXIT_OK
         for path in bad:
             print(f"removed corrupt entry {path}", file=sys.stderr)
         if bad:
@@ -319,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("pack", cmd_pack, "pack a .safetensors LoRA into a folder of verified, compressed shards")
-    p.add_argument("src", help="the .safetensors file, or a PEFT adapter folder")
-    p.add_argument("dest", help="the store folder (created if missing; several LoRAs may share one)")
+    p.add_argument("src", metavar="SRC", help="the .safetensors file, or a PEFT adapter folder")
+    p.add_argument("dest", metavar="DEST", help="the store folder (created if missing; several LoRAs may share one)")
     p.add_argument(
         "--split",
         action="append",
@@ -328,22 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=GLOB",
         help="add a named split of modules matching GLOB (repeatable)",
     )
-    p.add_argument("--level", type=int, default=3, help="zstd level 1-22 (default 3)")
+    p.add_argument("--level", type=int, default=3, help="zstd level 1-22")
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     source_help = "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL"
     p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
-    p.add_argument("dest", help=source_help)
+    p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (fields documented in docs/cli.md)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (fields in docs/cli.md)")
 
     p = command("verify", cmd_verify, "re-hash every manifest and shard in a store; exit 1 naming each bad one")
-    p.add_argument("dest", help=source_help)
+    p.add_argument("dest", metavar="SOURCE", help=source_help)
+    p.add_argument("--json", action="store_true", help="print what was checked as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")
-    p.add_argument("dest", help=source_help)
+    p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("-o", "--output", required=True, help="the .safetensors file to write (a folder with --format peft)")
     p.add_argument(
         "--format",
@@ -359,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("pull", cmd_pull, "copy a packed LoRA, or some splits of it, into a local folder, verifying each shard")
-    p.add_argument("source", help=source_help)
+    p.add_argument("source", metavar="SOURCE", help=source_help)
     p.add_argument("-o", "--output", required=True, help="the local folder (created if missing)")
     p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
     p.add_argument(
@@ -376,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("push", cmd_push, "publish a LoRA to a Hugging Face Hub repo, uploading only the shards it lacks")
-    p.add_argument("src", help="a packed folder, or a .safetensors file (packed on the fly)")
-    p.add_argument("repo_id", help="NAMESPACE/NAME; created if missing")
+    p.add_argument("src", metavar="SRC", help="a packed folder, or a .safetensors file (packed on the fly)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="NAMESPACE/NAME; created if missing")
     p.add_argument("--revision", help="branch to commit to (default main)")
     p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
     p.add_argument("--path", help="folder inside the repo (default: its root)")
@@ -391,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("compose", cmd_compose, "make a new LoRA from splits of others, reusing their shards")
-    p.add_argument("dest", help="the store to write into (shards already there are not copied)")
+    p.add_argument("dest", metavar="DEST", help="the store to write into (shards already there are not copied)")
     p.add_argument(
         "--take",
         action="append",
@@ -408,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["info", "verify", "prune", "clear"])
     p.add_argument("--max-size", metavar="SIZE", help="for prune: evict least recently used down to SIZE (e.g. 2GB)")
     p.add_argument("--cache-dir", help="the cache folder (default $LORACHUNK_CACHE or the user cache folder)")
+    p.add_argument("--json", action="store_true", help="for info and verify: print the result as JSON")
     return parser
 
 

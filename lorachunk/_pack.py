@@ -61,6 +61,9 @@ def pack(
 ) -> Manifest:
     """Pack the safetensors file ``src`` into ``dest`` (a folder or a :class:`Store`).
 
+    ``src`` may also be a PEFT adapter folder: its ``adapter_model.safetensors`` is packed and its
+    other (small, text) files travel in the manifest, pinned by the root (``Manifest.files``).
+
     Parameters
     ----------
     splits:
