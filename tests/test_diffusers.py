@@ -1,5 +1,6 @@
-"""diffusers takes what lorachunk loads, unchanged: a tiny Stable Diffusion pipeline built from configs
-(random weights, no network), LoRAs for it in kohya and PEFT naming (synthetic), fused and compared."""
+"""diffusers takes what lorachunk loads, unchanged: a tiny Stable Diffusion pipeline built from
+configs (random weights, no network), LoRAs for it in kohya, PEFT and diffusers' older
+attention-processor naming (synthetic), fused and compared."""
 
 from __future__ import annotations
 
@@ -70,7 +71,13 @@ def make_lora(pipe: Any, path: Path, style: str, rank: int = 4) -> Path:
                 continue
             down = torch.randn(rank, module.in_features, generator=generator) * 0.1
             up = torch.randn(module.out_features, rank, generator=generator) * 0.1
-            if style == "kohya":
+            if style == "attnproc":  # diffusers' older attention-processor format: UNet only
+                if component != "unet":
+                    continue
+                parent, _, proj = name.removesuffix(".0").rpartition(".")
+                key = f"unet.{parent}.processor.{proj}_lora"
+                tensors |= {f"{key}.down.weight": down, f"{key}.up.weight": up}
+            elif style == "kohya":
                 key = prefix + name.replace(".", "_")
                 tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
                 tensors[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
@@ -110,7 +117,7 @@ def setup(tmp_path: Path) -> Setup:
     return make
 
 
-@pytest.mark.parametrize("style", ["kohya", "peft"])
+@pytest.mark.parametrize("style", ["kohya", "peft", "attnproc"])
 def test_same_fused_weights_as_loading_the_file(style: str, setup: Setup, tmp_path: Path) -> None:
     original, packed = setup(style)
     reference = tiny_pipe(tmp_path)
@@ -130,7 +137,7 @@ def test_same_fused_weights_as_loading_the_file(style: str, setup: Setup, tmp_pa
     assert all(torch.equal(v, expected[k]) for k, v in fused(direct).items())
 
 
-@pytest.mark.parametrize("style", ["kohya", "peft"])
+@pytest.mark.parametrize("style", ["kohya", "peft", "attnproc"])
 def test_style_split_changes_only_its_block(style: str, setup: Setup, tmp_path: Path) -> None:
     _, packed = setup(style)
     with lorachunk.open(packed) as lora:
