@@ -41,6 +41,7 @@ from lorachunk._exceptions import (
     UsageError,
 )
 from lorachunk._manifest import Manifest
+from lorachunk._pack import ADAPTER_WEIGHTS
 from lorachunk._repository import LATEST, manifest_key, read_manifest, read_shard, shard_key
 from lorachunk.storage._base import ByteRange, Store, check_key
 from lorachunk.storage._http import HTTPStore, is_network_error
@@ -271,14 +272,15 @@ class PushResult:
 
 @contextmanager
 def _packed(src: str | os.PathLike[str], pack_options: dict[str, Any]) -> Iterator[LocalStore]:
-    """``src`` as a packed folder: as is, or packed into a temporary one if it is a file."""
+    """``src`` as a packed folder: as is, or packed into a temporary one if it is a file or a
+    PEFT adapter folder."""
     path = Path(src)
-    if path.is_dir():
+    if path.is_dir() and not (path / ADAPTER_WEIGHTS).is_file():
         if pack_options:
             raise UsageError(f"{src} is already packed; pack options apply to .safetensors files only")
         yield LocalStore(path)
         return
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{src}: no such file or folder")
     from lorachunk._pack import pack
 

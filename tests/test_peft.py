@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -112,3 +113,10 @@ def test_bad_folders_and_sources(adapter: tuple[Path, torch.Tensor], tmp_path: P
         load_adapter(base_model(), tmp_path / "plain")
     with pytest.raises(lorachunk.UsageError, match="PEFT"):
         lorachunk.unpack(tmp_path / "plain", tmp_path / "out", format="peft")
+
+
+def test_push_a_peft_folder_and_load_it_from_the_hub(adapter: tuple[Path, torch.Tensor], hub: HubServer) -> None:
+    folder, expected = adapter
+    result = lorachunk.push(folder, "me/tiny-adapter")  # packed on the fly, config included
+    model = load_adapter(base_model(), "hf://me/tiny-adapter", root=result.root)
+    assert torch.equal(logits(model), expected)
