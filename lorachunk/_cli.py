@@ -387,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("push", cmd_push, "publish a LoRA to a Hugging Face Hub repo, uploading only the shards it lacks")
-    p.add_argument("src", metavar="SRC", help="a packed folder, or a .safetensors file (packed on the fly)")
+    p.add_argument(
+        "src", metavar="SRC", help="a packed folder, a .safetensors file or a PEFT folder (packed on the fly)"
+    )
     p.add_argument("repo_id", metavar="REPO_ID", help="NAMESPACE/NAME; created if missing")
     p.add_argument("--revision", help="branch to commit to (default main)")
     p.add_argument("--repo-type", choices=["model", "dataset"], default="model")
