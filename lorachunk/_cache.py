@@ -5,6 +5,8 @@ Layout under the cache root (itself a valid store of shards)::
     shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
     manifests/<hex>.json.zst          manifests, named by their id
     raw/<first 2 hex>/<hex>           decoded module bytes, named by the module's raw digest
+    bundles/<hex of a root>           every decoded module of one LoRA, back to back in manifest
+                                      order (written by a full load; readers check each module)
     refs/<sha256 of a source>         the manifest id last read from a remote source (for offline use)
 
 Only bytes that hash to their name enter (``put`` checks), every write is temp file + fsync +
@@ -19,9 +21,10 @@ import hashlib
 import mmap
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -32,7 +35,7 @@ from lorachunk.storage._local import write_atomic
 
 __all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]
 
-_KINDS: Final = ("shards", "manifests", "raw")
+_KINDS: Final = ("shards", "manifests", "raw", "bundles")
 #: Temp files older than this belong to a writer that died; pruning removes them.
 _STALE_TMP_S: Final = 3600.0
 
@@ -72,6 +75,8 @@ class CacheInfo:
     manifests: int
     decoded: int
     bytes: int
+    #: LoRAs whose decoded modules are kept as one file (see :meth:`Cache.get_bundle`).
+    bundles: int = 0
 
 
 class Cache:
@@ -166,6 +171,61 @@ class Cache:
         except OSError as exc:
             raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
 
+    def get_bundle(self, root: str, size: int) -> mmap.mmap | None:
+        """Every decoded module of the LoRA with Merkle root ``root``, back to back in manifest
+        order, as one private memory map; None unless the file exists and has ``size`` bytes.
+
+        Not checked as a whole (that would read all of it for a partial load): callers check each
+        module's slice against its raw digest, and :meth:`drop_bundle` one that does not match.
+        One map instead of one per module is what makes a warm load of a LoRA of many small
+        modules cheap.
+        """
+        path = self._bundle_path(root)
+        try:
+            with path.open("rb") as handle:
+                if size == 0 or os.fstat(handle.fileno()).st_size != size:
+                    return None
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except OSError:
+            return None
+        with suppress(OSError):
+            os.utime(path)
+        return data
+
+    def drop_bundle(self, root: str) -> None:
+        self._bundle_path(root).unlink(missing_ok=True)
+
+    @contextmanager
+    def bundle_writer(self, root: str, size: int) -> Iterator[Callable[[int, bytes | memoryview], None]]:
+        """Write a bundle for ``root`` piece by piece (``write(offset, data)``); it appears, whole,
+        only if the ``with`` block ends without an error. No fsync: readers check every module."""
+        path = self._bundle_path(root)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
+        done = False
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.truncate(size)
+
+                def write(offset: int, data: bytes | memoryview) -> None:
+                    handle.seek(offset)
+                    handle.write(data)
+
+                yield write
+            done = True
+        finally:
+            if done:
+                os.replace(tmp, path)
+            else:
+                Path(tmp).unlink(missing_ok=True)
+
+    def _bundle_path(self, root: str) -> Path:
+        split_digest(root)
+        return self.root / "bundles" / hex_of(root)
+
     def get_ref(self, source: str) -> str | None:
         """The manifest id last read from ``source`` (a remote store's name), or None."""
         try:
@@ -209,13 +269,13 @@ class Cache:
             if not path.name.startswith("."):
                 counts[kind] += 1
                 total += stat.st_size
-        return CacheInfo(self.root, counts["shards"], counts["manifests"], counts["raw"], total)
+        return CacheInfo(self.root, counts["shards"], counts["manifests"], counts["raw"], total, counts["bundles"])
 
     def verify(self) -> list[Path]:
         """Re-hash every entry; remove and return those that do not match their names."""
         bad = []
-        for _, path, _ in self._entries():
-            if path.name.startswith("."):
+        for kind, path, _ in self._entries():
+            if path.name.startswith(".") or kind == "bundles":  # named by a root: checked per module on use
                 continue
             try:
                 check(from_hex(path.name.removesuffix(".json.zst")), path.read_bytes(), what=str(path))

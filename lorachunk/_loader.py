@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -90,6 +90,11 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self._owns_store = owns_store
         self._codec = codec_from_config(manifest.codec)
         by_key = {t.key: m for m in manifest.modules for t in m.tensors}
+        self._offsets: dict[str, int] = {}  # each module's place in a cache bundle (manifest order)
+        position = 0
+        for module in manifest.modules:
+            self._offsets[module.name] = position
+            position += module.raw_size
         self._by_key = {t.key: by_key[t.key] for t in manifest.file_order()}
         self._lock = threading.Lock()
         self.fetched = 0
@@ -160,7 +165,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         scales: Scales | None = None,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
 
         Selection: ``splits`` (names), ``modules`` (globs over module names) and ``keys`` (tensor
@@ -261,9 +266,44 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         the GIL); for the many tiny modules of a local LoRA they only fight over the GIL, so
         those are done in this thread. See docs/loading.md for the measurements.
         """
+        decoded = self.cache if self.cache is not None and self.cache.decoded and placer.keeps_host_bytes else None
+        if decoded is None:
+            yield from self._decoded(placer, chosen, wanted, None, None)
+            return
+        root, size = self._manifest.root, self._manifest.raw_size
+        bundle = decoded.get_bundle(root, size)
+        if bundle is not None:
+            whole = memoryview(bundle)
+            for index, module in enumerate(chosen):
+                offset = self._offsets[module.name]
+                view = whole[offset : offset + module.raw_size]
+                try:
+                    check(module.raw, view, what=f"module {module.name!r} in the cache's bundle")
+                except IntegrityError:
+                    decoded.drop_bundle(root)  # damaged on disk: decode the rest as if it never was
+                    yield from self._decoded(placer, chosen[index:], wanted, decoded, None)
+                    return
+                yield placer.adopt(module, view, wanted)
+            return
+        if len(chosen) < len(self._manifest.modules) or (decoded.max_size is not None and size > decoded.max_size):
+            yield from self._decoded(placer, chosen, wanted, decoded, None)
+            return
+        # A full load writes all decoded modules into one file, so later loads map it once.
+        with decoded.bundle_writer(root, size) as write:
+            yield from self._decoded(placer, chosen, wanted, decoded, write)
+
+    def _decoded(
+        self,
+        placer: _torch.Placer,
+        chosen: Sequence[Module],
+        wanted: frozenset[str] | None,
+        decoded: Cache | None,
+        write: Callable[[int, bytes | memoryview], None] | None,
+    ) -> Iterator[_torch.Staged]:
+        """:meth:`_staged` without a bundle: each module from the per-module cache or decoded.
+        With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
         remote = is_remote(self.store)
         on_cpu = placer.device.type == "cpu"
-        decoded = self.cache if self.cache is not None and self.cache.decoded and placer.keeps_host_bytes else None
 
         def pooled(module: Module) -> bool:
             if decoded is not None and decoded.contains(module.raw, kind="raw"):
@@ -273,8 +313,13 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
         def stage(module: Module, data: bytes) -> _torch.Staged:
             staged = placer.stage(module, data, wanted)
-            if decoded is not None:
+            if decoded is not None and write is None:
                 decoded.put_raw(module.raw, staged.buffer.numpy().data)
+            return staged
+
+        def kept(staged: _torch.Staged) -> _torch.Staged:
+            if write is not None and staged.module.raw_size:
+                write(self._offsets[staged.module.name], staged.buffer.numpy().data)
             return staged
 
         def work(module: Module) -> _torch.Staged | tuple[Module, bytes]:
@@ -291,9 +336,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         for module, in_pool in zip(plan, to_pool, strict=True):
             if not in_pool:
                 result = work(module)
-                yield stage(*result) if isinstance(result, tuple) else result
+                yield kept(stage(*result) if isinstance(result, tuple) else result)
         for result in self._map(work, [m for m, in_pool in zip(plan, to_pool, strict=True) if in_pool]):
-            yield stage(*result) if isinstance(result, tuple) else result
+            yield kept(stage(*result) if isinstance(result, tuple) else result)
 
     def _fetch(self, module: Module, *, keep: bool | None = None) -> bytes:
         """The verified stored bytes of ``module``'s shard, from the cache or the store.

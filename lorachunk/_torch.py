@@ -112,7 +112,7 @@ class Placer:
     def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
         raise NotImplementedError
 
-    def adopt(self, module: Module, raw: mmap.mmap | bytes, keys: frozenset[str] | None) -> Staged:
+    def adopt(self, module: Module, raw: mmap.mmap | bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         raise NotImplementedError
 
     def finish(self, staged: Staged) -> Iterator[tuple[str, torch.Tensor]]:
@@ -145,7 +145,7 @@ class CPUPlacer(Placer):
         # cost more than decoding, and the consuming thread would otherwise do them all alone.
         return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))
 
-    def adopt(self, module: Module, raw: mmap.mmap | bytes, keys: frozenset[str] | None) -> Staged:
+    def adopt(self, module: Module, raw: mmap.mmap | bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         """Tensors over already decoded and checked bytes (a cache entry's memory map), no copy."""
         buffer = torch.frombuffer(raw, dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
         return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))

@@ -401,24 +401,42 @@ def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
     manifest = lorachunk.pack(ATTN, tmp_path / "s")
     reference = load_file(ATTN)
     cache = lorachunk.Cache(tmp_path / "cache")
+    split = manifest.split("unet.down_blocks.0")
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora:
+        lora.load(splits=[split.name])
+    info = cache.info()
+    assert (info.shards, info.manifests, info.bundles) == (0, 0, 0)  # the folder is already local
+    assert info.decoded == len({manifest.module(n).raw for n in split.modules})  # a partial load: per module
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         cold = lora.load()
-    info = cache.info()
-    assert (info.shards, info.manifests) == (0, 0)  # the folder is already local
-    assert info.decoded == len({m.raw for m in manifest.modules})
+    assert cache.info().bundles == 1  # a full load: one file for the whole LoRA
     shutil.rmtree(tmp_path / "s" / "shards")  # a warm load needs no shard at all now
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         warm = lora.load()
+        assert set(lora.load(splits=[split.name])) == {t.key for n in split.modules for t in manifest.module(n).tensors}
         warm[next(iter(warm))].add_(1)  # tensors over the cache's map are private copies on write
     assert cache.verify() == []
     assert all(torch.equal(cold[k], reference[k]) for k in reference)
     assert list(warm) == list(reference)
-    # a damaged decoded entry is detected by its digest and decoded again (which needs the shards)
-    victim = next(p for p in (tmp_path / "cache" / "raw").rglob("*") if p.is_file())
-    victim.write_bytes(b"\0" * victim.stat().st_size)
+    # a damaged bundle is detected module by module, dropped, and decoded again (which needs the shards)
+    bundle = next((tmp_path / "cache" / "bundles").iterdir())
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 1
+    bundle.write_bytes(bytes(data))
     with lorachunk.open(tmp_path / "s", cache=cache) as lora, pytest.raises(lorachunk.ShardNotFoundError):
         lora.load()
-    assert not victim.exists()
+    assert not bundle.exists()
+
+
+def test_interrupted_full_load_leaves_no_bundle(tmp_path: Path) -> None:
+    lorachunk.pack(SAM, tmp_path / "s")
+    cache = lorachunk.Cache(tmp_path / "cache")
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora:
+        tensors = lora.iter_tensors()
+        next(tensors)
+        tensors.close()  # the caller stopped half way
+    assert cache.info().bundles == 0
+    assert not list((tmp_path / "cache" / "bundles").iterdir())  # no temp file either
 
 
 def test_no_cache_option(tmp_path: Path) -> None:
