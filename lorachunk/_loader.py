@@ -25,7 +25,7 @@ from lorachunk._exceptions import IntegrityError, StoreError, StoreUnavailableEr
 from lorachunk._layout import scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, select_modules
-from lorachunk._repository import LATEST, manifest_key, read_manifest, shard_key
+from lorachunk._repository import LATEST, manifest_key, parse_manifest, read_manifest, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
 
@@ -439,16 +439,16 @@ def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> M
     if cache is not None and selector is not None and ":" in selector:
         stored = cache.get(selector, kind="manifests")
         if stored is not None:
-            return Manifest.from_bytes(stored)
+            return parse_manifest(selector, stored, what=f"cached manifest {selector}")
     if store.offline:
         # No request at all: the manifest the cache last saw for this source (or the one named).
         manifest_id = selector if selector is not None and ":" in selector else None
         if cache is not None and selector is None:
             manifest_id = cache.get_ref(repr(store))
         stored = cache.get(manifest_id, kind="manifests") if cache is not None and manifest_id else None
-        if stored is None:
+        if stored is None or manifest_id is None:
             raise StoreUnavailableError(f"{store!r} is offline and the cache has no manifest for it")
-        return Manifest.from_bytes(stored)
+        return parse_manifest(manifest_id, stored, what=f"cached manifest {manifest_id}")
     manifest = read_manifest(store, selector)
     if cache is not None:
         cache.put(manifest.id, manifest.to_bytes(), kind="manifests")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import synth
+from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
@@ -134,3 +135,18 @@ def test_shared_modules_are_stored_once(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 from lorachunk.storage import LocalStore  # noqa: E402
+
+
+def test_a_manifest_is_parsed_once_but_always_checked(tmp_path: Path) -> None:
+    """Parsed manifests are remembered by id; the bytes are still checked against the id each time."""
+    from lorachunk._repository import manifest_key
+
+    store = lorachunk.storage.LocalStore(tmp_path / "s")
+    manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
+    first, second = lorachunk.read_manifest(store), lorachunk.read_manifest(store)
+    assert first is second and first.id == manifest.id
+    stored = bytearray(store.get(manifest_key(manifest.id)))
+    stored[-1] ^= 1
+    store.set(manifest_key(manifest.id), bytes(stored))
+    with pytest.raises(lorachunk.IntegrityError):
+        lorachunk.read_manifest(store)
