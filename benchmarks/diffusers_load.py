@@ -17,7 +17,6 @@ round robin, each ending with the adapter deleted again:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -29,9 +28,8 @@ from typing import Any
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import lorachunk
 from lorachunk.integrations.diffusers import load_lora
@@ -40,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import synth  # noqa: E402
 from _timing import machine  # noqa: E402
+from test_diffusers import tiny_pipe  # noqa: E402
 
 SDXL_UNET = {
     "sample_size": 128,
@@ -62,38 +61,7 @@ SDXL_UNET = {
 def pipeline(work: Path) -> Any:
     with torch.device("meta"):
         unet: Any = UNet2DConditionModel(**SDXL_UNET)
-    unet = unet.to(torch.float16).to_empty(device="cpu")
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=1,
-            vocab_size=100,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        norm_num_groups=8,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-    )
-    (work / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
-    (work / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"))
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return tiny_pipe(work, unet.to(torch.float16).to_empty(device="cpu"))
 
 
 def timed(pipe: Any, load: Callable[[], object]) -> float:

@@ -11,11 +11,12 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -198,9 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+_Server = TypeVar("_Server", bound=ThreadingHTTPServer)
+
+
 @contextmanager
-def serve(root: Path, link: Link | None = None) -> Iterator[FolderServer]:
-    server = FolderServer(root, link)
+def running(server: _Server) -> Iterator[_Server]:
+    """``server`` answering on a thread for the duration of the block, then closed."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -209,3 +213,7 @@ def serve(root: Path, link: Link | None = None) -> Iterator[FolderServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def serve(root: Path, link: Link | None = None) -> AbstractContextManager[FolderServer]:
+    return running(FolderServer(root, link))

@@ -18,14 +18,13 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from http_server import Link
+from http_server import Link, running
 
 _API = re.compile(
     r"^/api/(models|datasets)/([^/]+/[^/]+?)(?:/(revision|preupload|commit|tree|paths-info|branch)(?:/([^/]+)(.*))?)?$"
@@ -515,16 +514,7 @@ def _file_info(path: str, entry: Entry) -> dict[str, Any]:
     return info
 
 
-@contextmanager
 def serve_hub(
     *, token: str | None = None, link: Link | None = None, page_size: int = 1000, cdn: bool = False
-) -> Iterator[HubServer]:
-    server = HubServer(token=token, link=link, page_size=page_size, cdn=cdn)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+) -> AbstractContextManager[HubServer]:
+    return running(HubServer(token=token, link=link, page_size=page_size, cdn=cdn))

@@ -21,10 +21,11 @@ from lorachunk.integrations.diffusers import load_lora
 STYLE = "up_blocks.0.attentions.1."  # B-LoRA's style block (SDXL naming; the tiny UNet has it too)
 
 
-def tiny_pipe(tmp_path: Path) -> Any:
-    """The same pipeline every call (fixed seed): 2 UNet levels, up_blocks.0 with two attentions."""
+def tiny_pipe(tmp_path: Path, unet: Any = None) -> Any:
+    """The same pipeline every call (fixed seed): 2 UNet levels, up_blocks.0 with two attentions.
+    ``unet`` replaces the tiny UNet (benchmarks/diffusers_load.py brings an SDXL-shaped one)."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
+    unet = unet or UNet2DConditionModel(
         sample_size=8,
         layers_per_block=1,
         block_out_channels=(32, 64),
