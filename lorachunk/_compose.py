@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from lorachunk._codec import BytePlaneZstd
-from lorachunk._digest import digest
+from lorachunk._digest import check, digest
 from lorachunk._exceptions import UsageError
 from lorachunk._layout import auto_splits, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
-from lorachunk._pack import as_store, decode_module
-from lorachunk._repository import read_manifest, shard_key, write_manifest
+from lorachunk._pack import as_store
+from lorachunk._repository import read_manifest, read_shard, shard_key, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk.storage import Store
 
@@ -109,12 +109,15 @@ def compose(
             for module in part.modules:
                 if owner[module.name] is not part:
                     continue
-                raw = bytes(decode_module(part.store, part.manifest, module))  # verified twice
+                stored = read_shard(part.store, module)  # checked once, then decoded and copied
+                raw = bytearray(module.raw_size)
+                codec.decode(memoryview(stored), module.segments, module.frames, memoryview(raw))
+                check(module.raw, raw, what=f"module {module.name!r} of take {part.take.name!r}")
                 if factor is None or factor == 1.0:
                     if not out.exists(shard_key(module.shard)):
-                        out.set(shard_key(module.shard), part.store.get(shard_key(module.shard)))
+                        out.set(shard_key(module.shard), stored)
                 else:
-                    raw = _scaled(raw, module, factor)
+                    _scale(raw, module, factor)
                     stored, frames = codec.encode(memoryview(raw), module.segments)
                     module = Module(  # noqa: PLW2901 - the scaled module replaces the taken one
                         module.name,
@@ -127,7 +130,7 @@ def compose(
                     )
                     out.set(shard_key(module.shard), stored)
                 modules[module.name] = module
-                raws[module.name] = raw
+                raws[module.name] = bytes(raw)
             by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
             file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
         metadata = {
@@ -183,17 +186,16 @@ def _claim(parts: Sequence[_Part], prefer: Sequence[str]) -> dict[str, _Part]:
     return owner
 
 
-def _scaled(raw: bytes, module: Module, factor: float) -> bytes:
+def _scale(raw: bytearray, module: Module, factor: float) -> None:
+    """Multiply ``module``'s delta tensors in ``raw`` (its decoded bytes) by ``factor``, in place."""
     targets = set(scale_targets(t.key for t in module.tensors))
     if not targets:
-        return raw
+        return
     from lorachunk import _torch  # only composing with strengths needs torch
 
-    buffer = bytearray(raw)
     for entry in module.tensors:
         if entry.key in targets:
-            _torch.scale_bytes(buffer, entry, factor)
-    return bytes(buffer)
+            _torch.scale_bytes(raw, entry, factor)
 
 
 def _source(
