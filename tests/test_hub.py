@@ -269,3 +269,17 @@ def test_token_stays_with_the_hub_on_cdn_redirects(tmp_path: Path, monkeypatch: 
     assert len(downloads) == len(reference) // 2 + 1  # every shard and the manifest came from the CDN
     assert all(r.authorization is None for r in downloads)
     assert all(r.authorization == f"Bearer {HUB_TOKEN}" for r in cdn_hub.requests("GET", "/resolve/"))
+
+
+def test_tree_listing_follows_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub pages long listings (Link headers); push and listing must see every page."""
+    from hub_server import serve_hub
+
+    with serve_hub(token=HUB_TOKEN, page_size=5) as paged:
+        monkeypatch.setenv("HF_ENDPOINT", paged.url)
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        first = lorachunk.push(SAM, REPO)
+        assert lorachunk.push(SAM, REPO).skipped == first.uploaded  # every shard seen across pages
+        with HubStore(REPO) as store:
+            assert len(list(store.list_prefix("shards/"))) == first.uploaded
+        assert len(paged.requests("GET", "cursor=")) >= first.uploaded // 5
