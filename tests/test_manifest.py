@@ -123,3 +123,15 @@ def test_manifest_name_tricks_are_refused(falcon: Path, tmp_path: Path) -> None:
         lorachunk.unpack(store, tmp_path / "o.safetensors")
     with pytest.raises(lorachunk.UsageError):
         lorachunk.storage.LocalStore(store).get("../outside")
+
+
+@pytest.mark.parametrize(
+    "files", [{"../escape": "x"}, {"a/b.json": "x"}, {".hidden": "x"}, {"big.txt": "x" * (1024 * 1024 + 1)}]
+)
+def test_hostile_packed_files_are_refused(files: dict[str, str]) -> None:
+    manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", lorachunk.storage.MemoryStore())
+    raw = json.loads(manifest.canonical())
+    raw["files"] = files
+    stored = zstandard.ZstdCompressor().compress(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
+    with pytest.raises(lorachunk.ManifestError):
+        lorachunk.Manifest.from_bytes(stored)
