@@ -114,6 +114,7 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "manifest_bytes": manifest_bytes,
         "ratio": round(manifest.source.size / max(1, manifest.stored_size + manifest_bytes), 4),
         "metadata_keys": len(manifest.metadata or {}),
+        "files": sorted(manifest.files),
         "splits": [
             {
                 "name": split.name,
@@ -149,6 +150,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{info['ratio']:.2f}x compression"
     )
     print(f"modules   {info['modules']}")
+    if info["files"]:
+        print(f"files     {', '.join(info['files'])} (packed with the tensors, pinned by the root)")
     if info["splits"]:
         print("splits")
         labels = [f"{s['name']} ({SPLIT_KINDS.get(s['kind'], s['kind'])})" for s in info["splits"]]

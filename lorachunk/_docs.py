@@ -30,7 +30,8 @@ _JSON_FIELDS = """\
 `lorachunk info --json`: `source` (`name`, `size`, `sha256` of the original file), `root`,
 `manifest` (its id), `format`, `hash`, `codec` (`id`, `level`), `modules`, `tensors`, `raw_bytes`,
 `stored_bytes` (shards), `manifest_bytes`, `ratio` (original size / stored size),
-`metadata_keys`, `splits` (a list of `name`, `kind`, `modules`, `stored_bytes`, `raw_bytes`,
+`metadata_keys`, `files` (names of the text files packed with the tensors, e.g. a PEFT
+`adapter_config.json`), `splits` (a list of `name`, `kind`, `modules`, `stored_bytes`, `raw_bytes`,
 `root`), `store` (`manifests` in the store, `referenced_stored_bytes`, `unique_stored_bytes`).
 
 `lorachunk verify --json`: `manifests`, `shards`, `stored_bytes` (what was checked).

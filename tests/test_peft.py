@@ -47,11 +47,15 @@ def adapter(tmp_path: Path) -> tuple[Path, torch.Tensor]:
     return folder, logits(model)
 
 
-def test_folder_packs_with_its_config_and_unpacks_for_peft(adapter: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+def test_folder_packs_with_its_config_and_unpacks_for_peft(
+    adapter: tuple[Path, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, expected = adapter
     manifest = lorachunk.pack(folder, tmp_path / "s")
     assert manifest.source.name == "adapter_model.safetensors"
     assert set(manifest.files) == {"adapter_config.json", "README.md"}
+    assert cli(["info", str(tmp_path / "s"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == ["README.md", "adapter_config.json"]
     assert cli(["unpack", str(tmp_path / "s"), "--format", "peft", "-o", str(tmp_path / "out"), "-q"]) == 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
         assert (tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes()
