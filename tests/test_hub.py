@@ -214,6 +214,11 @@ def test_model_card(hub: HubServer, tmp_path: Path) -> None:
     assert f'lorachunk.open("hf://{REPO}", root="{result.root}")' in card
     manifest = _manifest(f"hf://{REPO}")
     assert all(f"| `{s.name}` |" in card for s in manifest.splits)
+    # A card already there is the owner's: left alone, unless asked.
+    assert not lorachunk.push(SAM, REPO).card_written
+    assert lorachunk.push(SAM, REPO, update_card=True).card_written
+    card = Path(hf_hub_download(REPO, "README.md", endpoint=hub.url, cache_dir=tmp_path / "hf2")).read_text()
+    assert "# sam_lora_rank16.safetensors" in card
 
 
 def test_subfolder_and_cli(hub: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
