@@ -49,7 +49,7 @@ def parse_take(text: str) -> Take:
     if not sep or not name or not rest:
         raise UsageError(f"--take wants NAME=SOURCE[:SPLIT], got {text!r}")
     source, colon, split = rest.rpartition(":")
-    if not colon or "/" in split or not source or source.endswith(("http", "https", "hf", "s3", "file")):
+    if not colon or not source or "/" in split:  # "/" after the last colon: a URL, no split
         return Take(name, rest)
     return Take(name, source, split or None)
 

@@ -172,11 +172,11 @@ class HubStore(Store):
         kind = "" if repo_type == "model" else f"{repo_type}s/"
         folder = f"/{quote(self.path)}" if self.path else ""
         resolve = f"{self.endpoint}/{kind}{repo_id}/resolve"
-        http = HTTPStore(f"{resolve}/{{commit}}{folder}", headers=headers, **http_options)
+        http = HTTPStore(f"{resolve}/{quote(self.revision, safe='')}{folder}", headers=headers, **http_options)
         try:
             # One round trip for both: refs/latest at the revision, and (in X-Repo-Commit) the
             # commit it resolved to, as hf_hub_download does. Everything else is read at that commit.
-            self._latest, answer = http.fetch(f"{resolve}/{quote(self.revision, safe='')}{folder}/{LATEST}")
+            self._latest, answer = http.fetch(f"{http.url}/{LATEST}")
             self.commit = answer.get("X-Repo-Commit")
         except ShardNotFoundError:
             pass  # no refs/latest there, or no such repo or revision: the API says which below
@@ -193,7 +193,7 @@ class HubStore(Store):
         if not self.commit or not re.fullmatch(r"[0-9a-f]{40}", self.commit):
             http.close()
             raise StoreError(f"{self!r}: the Hub did not say which commit {self.revision!r} is")
-        http.url = http.url.replace("{commit}", self.commit)
+        http.url = f"{resolve}/{self.commit}{folder}"  # the same pool, now pinned to the commit
         self._http = http
 
     @property
