@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=GLOB",
         help="add a named split of modules matching GLOB (repeatable)",
     )
-    p.add_argument("--level", type=int, default=3, help="zstd level 1-22")
+    p.add_argument(
+        "--level",
+        type=int,
+        default=3,
+        help="zstd level 1-22; below 16 (default 3) fast, 16 and up 1-2%% smaller on tiny-tensor LoRAs, far slower",
+    )
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -402,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", help="commit message")
     p.add_argument("--update-card", action="store_true", help="rewrite README.md even if the repo has one")
     p.add_argument("--split", action="append", default=[], metavar="NAME=GLOB", help="when packing: extra split")
-    p.add_argument("--level", type=int, help="when packing: zstd level 1-22 (default 3)")
+    p.add_argument("--level", type=int, help="when packing: zstd level 1-22 (default 3; see pack)")
     p.add_argument("--hash", choices=ALGORITHMS, help="when packing: digest algorithm")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 

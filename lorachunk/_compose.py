@@ -100,7 +100,7 @@ def compose(
                 )
         owner = _claim(parts, prefer)
         out = stack.enter_context(as_store(dest))
-        codec = BytePlaneZstd()
+        codec = BytePlaneZstd.for_level()
         modules: dict[str, Module] = {}
         raws: dict[str, bytes] = {}
         file_order: list[TensorEntry] = []

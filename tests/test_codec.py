@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 import lorachunk
@@ -54,3 +55,29 @@ def test_config_roundtrip_and_unknown_codec() -> None:
         codec_from_config({"id": "zipnn"})
     with pytest.raises(lorachunk.ManifestError):
         codec_from_config({"id": "bpz", "level": "3"})
+
+
+def test_config_keeps_encoder_params_and_refuses_bad_ones() -> None:
+    codec = BytePlaneZstd.for_level(3)
+    assert codec_from_config(codec.get_config()).get_config() == {
+        "id": "bpz",
+        "level": 3,
+        "params": dict(BytePlaneZstd.PLANE_PARAMS),
+    }
+    # zstd's optimal parser is used as it is.
+    assert BytePlaneZstd.for_level(19).get_config() == {"id": "bpz", "level": 19}
+    bad_params: list[object] = [{"window_log": "9"}, {"dictionary": 1}, [], {"min_match": True}]
+    for bad in bad_params:
+        with pytest.raises(lorachunk.ManifestError):
+            codec_from_config({"id": "bpz", "level": 3, "params": bad})
+
+
+def test_plane_params_beat_level_3_on_trained_weights() -> None:
+    """docs/format.md: short chance matches in near-random exponent bytes cost more than literals."""
+    rng = np.random.default_rng(0)
+    bits = rng.normal(0, 0.005, 1 << 17).astype(np.float32).view(np.uint32)
+    raw = (bits >> 16).astype(np.uint16).tobytes()  # BF16, truncated
+    segments = (Segment(0, len(raw), 2),)
+    tuned, _ = BytePlaneZstd.for_level(3).encode(memoryview(raw), segments)
+    plain, _ = BytePlaneZstd(level=3).encode(memoryview(raw), segments)
+    assert len(tuned) < 0.97 * len(plain)

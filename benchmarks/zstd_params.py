@@ -1,0 +1,67 @@
+"""Which zstd parameters suit byte planes: stored bytes and speed of each candidate encoder.
+
+    python benchmarks/zstd_params.py          # real fixtures + synthetic SDXL-shaped F16, BF16, F32
+
+Encodes every module of every file with the bpz codec under each candidate and prints stored
+bytes relative to zstd level 3's own parameters, and encode MB/s on one thread. docs/format.md
+quotes the run that chose ``BytePlaneZstd.PLANE_PARAMS``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lorachunk
+from lorachunk._codec import BytePlaneZstd
+from lorachunk._pack import decode_module
+from lorachunk._repository import read_manifest
+from lorachunk.storage import LocalStore
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import synth  # noqa: E402
+from _timing import machine  # noqa: E402
+
+CANDIDATES = {
+    "level 3": BytePlaneZstd(level=3),
+    "level 3, min_match 7": BytePlaneZstd(level=3, params={"min_match": 7}),
+    "chosen params": BytePlaneZstd.for_level(3),
+    "level 19": BytePlaneZstd(level=19),
+}
+
+
+def measure(path: Path, workdir: Path) -> dict[str, tuple[int, float]]:
+    store = LocalStore(workdir / path.stem)
+    lorachunk.pack(path, store)
+    manifest = read_manifest(store)
+    modules = [(decode_module(store, manifest, m), m.segments) for m in manifest.modules]
+    results = {}
+    for name, codec in CANDIDATES.items():
+        start = time.perf_counter()
+        stored = sum(len(codec.encode(memoryview(raw), segments)[0]) for raw, segments in modules)
+        results[name] = (stored, sum(len(raw) for raw, _ in modules) / (time.perf_counter() - start) / 1e6)
+    return results
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        files = sorted((ROOT / "tests" / "data" / "loras").glob("*.safetensors"))
+        for dtype in ("F16", "BF16", "F32"):
+            name = f"synthetic_sdxl_{dtype.lower()}.safetensors"
+            files.append(synth.sdxl(workdir / name, rank=64, dtype=dtype, text_encoders=True, scale=0.5))
+        print(f"{machine()}\n")
+        print("| file | " + " | ".join(CANDIDATES) + " |")
+        print("|---|" + "---:|" * len(CANDIDATES))
+        for path in files:
+            results = measure(path, workdir)
+            base = results["level 3"][0]
+            cells = [f"{stored / base:.3f} ({speed:.0f} MB/s)" for stored, speed in results.values()]
+            print(f"| {path.name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
