@@ -42,7 +42,7 @@ from lorachunk._exceptions import (
 )
 from lorachunk._manifest import Manifest
 from lorachunk._pack import ADAPTER_WEIGHTS
-from lorachunk._repository import LATEST, manifest_key, read_manifest, read_shard, shard_key
+from lorachunk._repository import LATEST, LATEST_MANIFEST, manifest_key, read_manifest, read_shard, shard_key
 from lorachunk.storage._base import ByteRange, Store, check_key
 from lorachunk.storage._http import HTTPStore, is_network_error
 from lorachunk.storage._local import LocalStore
@@ -162,7 +162,7 @@ class HubStore(Store):
         self.offline = _offline()
         self.commit: str | None = None
         self._http: HTTPStore | None = None
-        self._latest: bytes | None = None
+        self._first: tuple[str, bytes] | None = None  # the first object read, kept for get()
         self._api = HfApi(endpoint=self.endpoint, token=token)
         if self.offline:
             return
@@ -173,18 +173,21 @@ class HubStore(Store):
         folder = f"/{quote(self.path)}" if self.path else ""
         resolve = f"{self.endpoint}/{kind}{repo_id}/resolve"
         http = HTTPStore(f"{resolve}/{quote(self.revision, safe='')}{folder}", headers=headers, **http_options)
-        try:
-            # One round trip for both: refs/latest at the revision, and (in X-Repo-Commit) the
-            # commit it resolved to, as hf_hub_download does. Everything else is read at that commit.
-            self._latest, answer = http.fetch(f"{http.url}/{LATEST}")
-            self.commit = answer.get("X-Repo-Commit")
-        except ShardNotFoundError:
-            pass  # no refs/latest there, or no such repo or revision: the API says which below
-        except BaseException:
-            http.close()
-            raise
+        # One round trip for both: the latest manifest at the revision, and (in X-Repo-Commit)
+        # the commit it resolved to, as hf_hub_download does. Everything else is read at that
+        # commit. Repos pushed before the latest's copy existed have only refs/latest.
+        for key in (LATEST_MANIFEST, LATEST):
+            try:
+                data, answer = http.fetch(f"{http.url}/{key}")
+            except ShardNotFoundError:
+                continue  # not there, or no such repo or revision: the API says which below
+            except BaseException:
+                http.close()
+                raise
+            self._first, self.commit = (key, data), answer.get("X-Repo-Commit")
+            break
         if self.commit is None:
-            self._latest = None
+            self._first = None
             try:
                 self.commit = self._api.repo_info(repo_id, revision=self.revision, repo_type=repo_type).sha
             except Exception as exc:  # converted by _raise
@@ -210,8 +213,10 @@ class HubStore(Store):
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         http = self._online()
-        if key == LATEST and self._latest is not None and byte_range is None:
-            return self._latest
+        if self._first is not None and key == self._first[0] and byte_range is None:
+            return self._first[1]
+        if key == LATEST_MANIFEST and self._first is not None and self._first[0] == LATEST:
+            raise ShardNotFoundError(f"{self!r}: no {LATEST_MANIFEST} (a repo pushed before it existed)")
         return http.get(key, byte_range)
 
     def exists(self, key: str) -> bool:
@@ -348,15 +353,23 @@ def push(
             operations.append(CommitOperationAdd(prefix + key, data))
             uploaded_bytes += len(data)
         uploaded = len(operations)
+        first: list[CommitOperationAdd] = []
         if prefix + manifest_key(packed.id) not in present:
-            operations.append(CommitOperationAdd(prefix + manifest_key(packed.id), packed.to_bytes()))
+            first.append(CommitOperationAdd(prefix + manifest_key(packed.id), packed.to_bytes()))
+            operations += first
             uploaded_bytes += len(packed.to_bytes())
+        # The latest's copy is the manifest's bytes again. huggingface_hub would upload an object
+        # twice when two files of one commit hold it, so the manifest goes up first (below); the
+        # copy then finds its LFS object on the Hub and sends nothing.
+        operations.append(CommitOperationAdd(prefix + LATEST_MANIFEST, packed.to_bytes()))
         operations.append(CommitOperationAdd(prefix + LATEST, f"{packed.id}\n".encode()))
         card = CARD not in present or update_card
         if card:
             operations.append(CommitOperationAdd(CARD, model_card(packed, repo_id, path=prefix.rstrip("/")).encode()))
         summary = message or f"lorachunk: push {packed.source.name} ({uploaded} new shards)"
         try:
+            if first:
+                api.preupload_lfs_files(repo_id, first, revision=revision, create_pr=create_pr, repo_type=repo_type)
             info = api.create_commit(
                 repo_id, operations, commit_message=summary, revision=revision, create_pr=create_pr, repo_type=repo_type
             )

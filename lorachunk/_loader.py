@@ -25,7 +25,7 @@ from lorachunk._exceptions import IntegrityError, StoreError, StoreUnavailableEr
 from lorachunk._layout import scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, select_modules
-from lorachunk._repository import LATEST, manifest_key, parse_manifest, read_manifest, shard_key
+from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
 
@@ -551,7 +551,6 @@ def pull(
         chosen, _ = lora._select(splits, modules, None)
         missing = [m for m in chosen if not target.exists(shard_key(m.shard))]
         report = lora._copy(missing, lambda m, data: target.set(shard_key(m.shard), data), progress)
-        manifest_bytes = lora.manifest.to_bytes()
-        target.set(manifest_key(lora.manifest.id), manifest_bytes)
-        target.set(LATEST, f"{lora.manifest.id}\n".encode())
+        target.set(manifest_key(lora.manifest.id), lora.manifest.to_bytes())
+        point_latest(target, lora.manifest)
     return PullReport(len({m.shard for m in chosen}), report.fetched, report.fetched_bytes, report.cached)

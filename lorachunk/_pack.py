@@ -16,11 +16,29 @@ from pathlib import Path
 from typing import BinaryIO, Final, Literal, TypeVar
 
 from lorachunk._codec import BytePlaneZstd, Codec, Segment, codec_from_config
-from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher
-from lorachunk._exceptions import FormatError, IntegrityError, LorachunkError, ManifestError, StoreError, UsageError
+from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher, split_digest
+from lorachunk._exceptions import (
+    FormatError,
+    IntegrityError,
+    LorachunkError,
+    ManifestError,
+    ShardNotFoundError,
+    StoreError,
+    UsageError,
+)
 from lorachunk._layout import auto_splits, module_of, user_splits
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, check_files, order_runs
-from lorachunk._repository import list_manifest_ids, read_manifest, read_shard, resolve, shard_key, write_manifest
+from lorachunk._repository import (
+    LATEST,
+    LATEST_MANIFEST,
+    latest_id,
+    list_manifest_ids,
+    read_manifest,
+    read_shard,
+    resolve,
+    shard_key,
+    write_manifest,
+)
 from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
 from lorachunk.storage import Store, open_store
 from lorachunk.storage._local import write_atomic
@@ -454,6 +472,20 @@ def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
         return _verify(store)
 
 
+def _check_latest_copy(store: Store) -> list[str]:
+    """The latest's copy must be the very manifest ``refs/latest`` names."""
+    try:
+        copy = store.get(LATEST_MANIFEST)
+        latest = latest_id(store)
+    except ShardNotFoundError:
+        return []  # a store written before the copy existed
+    except LorachunkError as exc:
+        return [str(exc)]
+    if digest(split_digest(latest)[0], copy) != latest:
+        return [f"{LATEST_MANIFEST} is not the manifest {LATEST} names ({latest})"]
+    return []
+
+
 def _verify(store: Store) -> VerifyReport:
     problems: list[str] = []
     manifests: list[Manifest] = []
@@ -465,6 +497,7 @@ def _verify(store: Store) -> VerifyReport:
             manifests.append(read_manifest(store, manifest_id))
         except LorachunkError as exc:
             problems.append(str(exc))
+    problems.extend(_check_latest_copy(store))
     unique = {m.shard: (manifest, m) for manifest in manifests for m in manifest.modules}
 
     def check_one(item: tuple[Manifest, Module]) -> str | None:

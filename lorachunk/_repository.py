@@ -3,6 +3,7 @@
 ::
 
     refs/latest                       text: the manifest id last packed into this store
+    refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
     manifests/<hex>.json.zst          a manifest, named by the digest of its canonical JSON
     shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
 """
@@ -13,16 +14,18 @@ import threading
 from collections import OrderedDict
 from typing import Final
 
-from lorachunk._digest import check, from_hex, hex_of, split_digest
+from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import Manifest, Module
 from lorachunk.storage import Store
 
 __all__ = [
     "LATEST",
+    "LATEST_MANIFEST",
     "list_manifest_ids",
     "manifest_key",
     "parse_manifest",
+    "point_latest",
     "read_manifest",
     "read_shard",
     "shard_key",
@@ -30,6 +33,7 @@ __all__ = [
 ]
 
 LATEST: Final = "refs/latest"
+LATEST_MANIFEST: Final = "refs/latest.json.zst"
 _MANIFESTS: Final = "manifests/"
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
@@ -51,8 +55,14 @@ def write_manifest(store: Store, manifest: Manifest) -> str:
     key = manifest_key(manifest_id)
     if not store.exists(key):
         store.set(key, manifest.to_bytes())
-    store.set(LATEST, f"{manifest_id}\n".encode())
+    point_latest(store, manifest)
     return manifest_id
+
+
+def point_latest(store: Store, manifest: Manifest) -> None:
+    """Make ``manifest`` (already stored) the store's latest: its copy, then the ref."""
+    store.set(LATEST_MANIFEST, manifest.to_bytes())
+    store.set(LATEST, f"{manifest.id}\n".encode())
 
 
 def list_manifest_ids(store: Store) -> list[str]:
@@ -92,34 +102,54 @@ def resolve(store: Store, selector: str | None) -> str:
 
 
 def read_manifest(store: Store, selector: str | None = None) -> Manifest:
-    """Read and fully validate a manifest (the latest unless ``selector`` names one)."""
+    """Read and fully validate a manifest (the latest unless ``selector`` names one).
+
+    The latest is read from its copy in ``refs/latest.json.zst``: one request instead of two
+    (the ref, then the manifest), which on a link with long round trips is a good part of a
+    small load. Stores written before the copy existed fall back to the ref.
+    """
+    if selector is None:
+        try:
+            stored = store.get(LATEST_MANIFEST)
+        except ShardNotFoundError:
+            pass
+        else:
+            _check_size(LATEST_MANIFEST, stored)
+            return parse_manifest(None, stored, what=LATEST_MANIFEST)
     manifest_id = resolve(store, selector)
     key = manifest_key(manifest_id)
     stored = store.get(key)
-    if len(stored) > MAX_STORED_MANIFEST_BYTES:
-        raise ManifestError(f"{key}: {len(stored)} bytes is over the {MAX_STORED_MANIFEST_BYTES}-byte limit")
+    _check_size(key, stored)
     check(manifest_id, stored, what=key)
     return parse_manifest(manifest_id, stored, what=key)
 
 
-def parse_manifest(manifest_id: str, stored: bytes, *, what: str) -> Manifest:
+def _check_size(key: str, stored: bytes) -> None:
+    if len(stored) > MAX_STORED_MANIFEST_BYTES:
+        raise ManifestError(f"{key}: {len(stored)} bytes is over the {MAX_STORED_MANIFEST_BYTES}-byte limit")
+
+
+def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str) -> Manifest:
     """``Manifest.from_bytes`` of bytes already checked against ``manifest_id``, remembered.
 
     Manifests are immutable and named by the digest of their bytes, so one parsed before is the
     same manifest: opening a LoRA again (a program that loads one split after another) skips the
-    parse, which costs ~100 ms for a LoRA of ~900 modules.
+    parse, which costs ~100 ms for a LoRA of ~900 modules. Without ``manifest_id`` (bytes that
+    come with no name, as the latest's copy) the id is the digest under either algorithm.
     """
+    candidates = [manifest_id] if manifest_id is not None else [digest(a, stored) for a in ALGORITHMS]
     with _PARSED_LOCK:
-        cached = _PARSED.get(manifest_id)
-        if cached is not None:
-            _PARSED.move_to_end(manifest_id)
-            return cached
+        for candidate in candidates:
+            cached = _PARSED.get(candidate)
+            if cached is not None:
+                _PARSED.move_to_end(candidate)
+                return cached
     try:
         manifest = Manifest.from_bytes(stored)
     except (ManifestError, IntegrityError) as exc:
         raise type(exc)(f"{what}: {exc}") from exc
     with _PARSED_LOCK:
-        _PARSED[manifest_id] = manifest
+        _PARSED[manifest_id or manifest.id] = manifest
         while len(_PARSED) > _PARSED_MAX:
             _PARSED.popitem(last=False)
     return manifest

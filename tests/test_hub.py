@@ -15,7 +15,7 @@ from store_contract import Put, StoreTests
 
 import lorachunk
 from lorachunk._cli import main as cli
-from lorachunk._repository import manifest_key, shard_key
+from lorachunk._repository import LATEST_MANIFEST, manifest_key, shard_key
 from lorachunk.storage import HubStore, Store
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
@@ -62,10 +62,11 @@ def test_push_then_pull_whole_and_one_split(hub: HubServer, tmp_path: Path) -> N
     wanted = {shard_key(manifest.module(n).shard) for n in split.modules}
     fetched = [p for p in hub.resolved() if p.startswith("shards/")]
     assert sorted(fetched) == sorted(wanted)
-    # The revision is resolved once (refs/latest at main names its commit); the rest is read at that commit.
+    # One request brings the manifest and resolves the revision (X-Repo-Commit); the shards are
+    # read at that commit.
     first, *rest = hub.requests("GET", "/resolve/")
-    assert first.path == f"/{REPO}/resolve/main/refs/latest"
-    assert rest and all(r.path.startswith(f"/{REPO}/resolve/{result.commit}/") for r in rest)
+    assert first.path == f"/{REPO}/resolve/main/refs/latest.json.zst"
+    assert sorted(r.path for r in rest) == sorted(f"/{REPO}/resolve/{result.commit}/{key}" for key in wanted)
     part = lorachunk.load(tmp_path / "part", splits=[split.name])
     reference = load_numpy(ATTN)
     assert {k: v.numpy().tobytes() for k, v in part.items()} == {k: reference[k].tobytes() for k in part}
@@ -178,6 +179,17 @@ def test_missing_repo_revision_and_shard(hub: HubServer) -> None:
         pytest.raises(lorachunk.ShardNotFoundError, match=module.name),
     ):
         lora.load(modules=[module.name])
+
+
+def test_repo_pushed_before_the_latest_copy_is_read_through_the_ref(hub: HubServer) -> None:
+    manifest = lorachunk.push(SAM, REPO)
+    hub.remove(REPO, LATEST_MANIFEST)
+    hub.log.clear()
+    with lorachunk.open(f"hf://{REPO}", cache=False) as lora:
+        assert lora.manifest.id == manifest.manifest_id
+    paths = [r.path.rpartition("/resolve/")[2] for r in hub.requests("GET", "/resolve/")]
+    manifest_path = f"{manifest.commit}/{manifest_key(lora.manifest.id)}"
+    assert paths == ["main/refs/latest.json.zst", "main/refs/latest", manifest_path]
 
 
 def test_corrupted_shard_on_the_hub_is_refused_and_not_cached(hub: HubServer, tmp_path: Path) -> None:

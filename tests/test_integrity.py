@@ -12,6 +12,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk._repository import LATEST_MANIFEST
 
 
 @pytest.fixture
@@ -143,10 +144,26 @@ def test_a_manifest_is_parsed_once_but_always_checked(tmp_path: Path) -> None:
 
     store = lorachunk.storage.LocalStore(tmp_path / "s")
     manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
+    assert store.get(LATEST_MANIFEST) == manifest.to_bytes()
     first, second = lorachunk.read_manifest(store), lorachunk.read_manifest(store)
     assert first is second and first.id == manifest.id
     stored = bytearray(store.get(manifest_key(manifest.id)))
     stored[-1] ^= 1
     store.set(manifest_key(manifest.id), bytes(stored))
     with pytest.raises(lorachunk.IntegrityError):
+        lorachunk.read_manifest(store, manifest.id)
+    # The latest's copy has no name to check against; its bytes are parsed afresh, never taken
+    # for the remembered manifest.
+    store.set(LATEST_MANIFEST, bytes(stored))
+    with pytest.raises((lorachunk.IntegrityError, lorachunk.ManifestError)):
         lorachunk.read_manifest(store)
+
+
+def test_verify_names_a_latest_copy_that_is_not_the_latest(tmp_path: Path) -> None:
+    store = lorachunk.storage.LocalStore(tmp_path / "s")
+    first = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
+    lorachunk.pack(DATA / "loras" / "peft_sd15_text_encoder.safetensors", store)
+    assert lorachunk.verify(store).manifests == 2
+    store.set(LATEST_MANIFEST, first.to_bytes())  # a valid manifest, but not the one refs/latest names
+    with pytest.raises(lorachunk.IntegrityError, match=r"refs/latest\.json\.zst is not the manifest refs/latest names"):
+        lorachunk.verify(store)

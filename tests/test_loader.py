@@ -18,7 +18,7 @@ from http_server import FolderServer
 from safetensors.torch import load_file
 
 import lorachunk
-from lorachunk._repository import shard_key
+from lorachunk._repository import LATEST, LATEST_MANIFEST, manifest_key, shard_key
 
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
 DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
@@ -63,8 +63,10 @@ def test_split_over_http_fetches_only_its_shards(
     server, manifest = published
     split = next(s for s in manifest.splits if s.kind == "block" and 0 < len(s.modules) < len(manifest.modules) / 4)
     expected_shards = {shard_key(manifest.module(n).shard) for n in split.modules}
+    server.log.clear()
     with open_http(server, tmp_path) as lora:
-        assert shard_gets(server) == []  # opening reads only the ref and the manifest
+        # Opening is one request: the latest manifest's copy (no ref, then manifest).
+        assert [r.path for r in server.log] == [f"/{LATEST_MANIFEST}"]
         got = lora.load(splits=[split.name])
     assert {p.lstrip("/") for p in shard_gets(server)} == expected_shards
     assert len(shard_gets(server)) == len(expected_shards)
@@ -74,6 +76,17 @@ def test_split_over_http_fetches_only_its_shards(
     for key in wanted:
         assert torch.equal(got[key], reference[key])
     assert_cache_clean(tmp_path / "cache")
+
+
+def test_store_written_before_the_latest_copy_opens_through_the_ref(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    (server.root / LATEST_MANIFEST).unlink()
+    server.log.clear()
+    with open_http(server, tmp_path) as lora:
+        assert lora.manifest.id == manifest.id
+    assert [r.path for r in server.log] == [f"/{LATEST_MANIFEST}", f"/{LATEST}", f"/{manifest_key(manifest.id)}"]
 
 
 def test_warm_cache_skips_the_network(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
@@ -515,7 +528,6 @@ def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_pat
     import zstandard
 
     from lorachunk._digest import digest
-    from lorachunk._repository import LATEST, manifest_key
 
     original = lorachunk.pack(SAM, served.root)
     (served.root / manifest_key(original.id)).unlink()
@@ -524,6 +536,7 @@ def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_pat
     assert other_id != original.id
     (served.root / manifest_key(other_id)).write_bytes(other)
     (served.root / LATEST).write_text(f"{other_id}\n")
+    (served.root / LATEST_MANIFEST).write_bytes(other)
     with open_http(served, tmp_path) as lora:
         assert lora.manifest.id == other_id and lora.manifest.to_bytes() == other
     assert (tmp_path / "cache" / manifest_key(other_id)).read_bytes() == other

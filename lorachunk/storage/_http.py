@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import importlib.util
+import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -111,14 +114,16 @@ class HTTPStore(Store):
             http2=http2,
             follow_redirects=True,
             transport=transport,
+            verify=_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
         )
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         return self.fetch(f"{self.url}/{check_key(key)}", byte_range)[0]
 
     def fetch(self, url: str, byte_range: ByteRange | None = None) -> tuple[bytes, Mapping[str, str]]:
-        """:meth:`get` for any URL on this store's client, with the final response's headers
-        (e.g. the Hub's ``X-Repo-Commit``). Same retries, resume and errors."""
+        """:meth:`get` for any URL on this store's client, with the headers of the responses on
+        the way, redirects first and the final response last (the Hub sends ``X-Repo-Commit``
+        on the redirect to its CDN). Same retries, resume and errors."""
         start = 0 if byte_range is None else byte_range.start
         end = None if byte_range is None else byte_range.end
         if end is not None and end == start:
@@ -157,7 +162,9 @@ class HTTPStore(Store):
                         break  # we already hold everything up to the end of the object
                     else:
                         raise StoreError(f"{url}: unexpected HTTP {status}")
-                    headers_seen = response.headers
+                    headers_seen = httpx.Headers()
+                    for hop in (*response.history, response):
+                        headers_seen.update(hop.headers)
                     self._read_body(response, received, skip=skip, want=None if end is None else end - start)
                     break
             except httpx.TransportError as exc:
@@ -256,3 +263,12 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """One verifying context per CA setting, shared by every store: loading the CA bundle takes
+    ~50 ms, which opening a LoRA over a fast link would otherwise pay every time. ``cert_file``
+    and ``cert_dir`` are the environment variables httpx reads; they key the cache."""
+    del cert_file, cert_dir  # read again by httpx; here only the cache key
+    return httpx.create_ssl_context()
