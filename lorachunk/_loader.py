@@ -89,13 +89,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self._manifest = manifest
         self._owns_store = owns_store
         self._codec = codec_from_config(manifest.codec)
-        by_key = {t.key: m for m in manifest.modules for t in m.tensors}
-        self._offsets: dict[str, int] = {}  # each module's place in a cache bundle (manifest order)
-        position = 0
-        for module in manifest.modules:
-            self._offsets[module.name] = position
-            position += module.raw_size
-        self._by_key = {t.key: by_key[t.key] for t in manifest.file_order()}
+        self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
+        self._by_key = manifest.owners
         self._lock = threading.Lock()
         self.fetched = 0
         self.fetched_bytes = 0

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final
 
 import zstandard
@@ -161,6 +162,9 @@ class Manifest:
     files: Mapping[str, str] = field(default_factory=dict)
     _by_name: dict[str, Module] = field(default_factory=dict, init=False, repr=False, compare=False)
     _stored: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
+    # Derived tables, built on first use: a manifest is immutable, and a program that opens one
+    # LoRA again and again (one split per call) should not rebuild them every time.
+    _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_name.update((m.name, m) for m in self.modules)
@@ -212,13 +216,37 @@ class Manifest:
 
     def file_order(self) -> list[TensorInfo]:
         """Every tensor in the source file's data order, with its offset in the data area."""
-        flat = [t for m in self.modules for t in m.tensors]
-        tensors, position = [], 0
-        for first, count in self.source.order:
-            for entry in flat[first : first + count]:
-                tensors.append(TensorInfo(entry.key, entry.dtype, entry.shape, position, entry.length))
-                position += entry.length
-        return tensors
+        if "file_order" not in self._derived:
+            flat = [t for m in self.modules for t in m.tensors]
+            tensors, position = [], 0
+            for first, count in self.source.order:
+                for entry in flat[first : first + count]:
+                    tensors.append(TensorInfo(entry.key, entry.dtype, entry.shape, position, entry.length))
+                    position += entry.length
+            self._derived["file_order"] = tuple(tensors)
+        return list(self._derived["file_order"])
+
+    @property
+    def owners(self) -> Mapping[str, Module]:
+        """Tensor key → the module holding it, in the source file's order."""
+        if "owners" not in self._derived:
+            by_key = {t.key: m for m in self.modules for t in m.tensors}
+            self._derived["owners"] = MappingProxyType({t.key: by_key[t.key] for t in self.file_order()})
+        owners: Mapping[str, Module] = self._derived["owners"]
+        return owners
+
+    @property
+    def raw_offsets(self) -> Mapping[str, int]:
+        """Module name → where its raw bytes start when all modules' are laid back to back in
+        manifest order (the layout of a cache bundle)."""
+        if "raw_offsets" not in self._derived:
+            offsets, position = {}, 0
+            for module in self.modules:
+                offsets[module.name] = position
+                position += module.raw_size
+            self._derived["raw_offsets"] = MappingProxyType(offsets)
+        raw_offsets: Mapping[str, int] = self._derived["raw_offsets"]
+        return raw_offsets
 
     def header_bytes(self) -> bytes:
         """The source file's length prefix and header, exactly."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,4 +113,31 @@ def test_failed_pack_leaves_existing_store_untouched(falcon: Path, tmp_path: Pat
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     with pytest.raises(lorachunk.StoreError, match="No space left"):
         lorachunk.pack(falcon, _FailingManifestStore(dest))
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+
+
+class _FillingStore(LocalStore):
+    """A disk that fills up after some shards, while others are still being written."""
+
+    def __init__(self, root: Path, room: int) -> None:
+        super().__init__(root)
+        self.room = room
+        self.lock = threading.Lock()
+
+    def set(self, key: str, value: bytes) -> None:
+        with self.lock:
+            self.room -= 1
+            full = self.room < 0
+        if full:
+            raise lorachunk.StoreError(f"cannot write {key}: No space left on device")
+        super().set(key, value)
+
+
+def test_disk_full_while_shards_are_written_leaves_nothing(falcon: Path, tmp_path: Path) -> None:
+    """Shards are written on their own threads; a failure among them still undoes the whole pack."""
+    dest = tmp_path / "store"
+    lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    with pytest.raises(lorachunk.StoreError, match="No space left"):
+        lorachunk.pack(falcon, _FillingStore(dest, room=100))
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
