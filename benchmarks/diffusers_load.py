@@ -1,12 +1,15 @@
 """Time from call to "LoRA applied to the UNet", diffusers' way and lorachunk's.
 
-    python benchmarks/diffusers_load.py        # about 3 minutes, ~7 GB of memory
+    python benchmarks/diffusers_load.py        # about 6 minutes, ~7 GB of memory
 
 An SDXL-shaped UNet (the real SDXL config: 2.6 B parameters, F16) is built on the meta device and
 given uninitialised CPU memory (its values do not matter for timing), inside a Stable Diffusion
 pipeline whose other parts are tiny. The LoRA is the synthetic SDXL-shaped one (every attention
 projection of every transformer block, 630 modules, rank 16, F16; synthetic). Best of five, taken
-round robin, each ending with the adapter deleted again:
+round robin, in two states of the UNet: **fresh** (each run ends with ``pipe.unload_lora_weights()``,
+so every load starts from the UNet as built) and **reused** (each run ends with
+``pipe.delete_adapters()``, which leaves PEFT's LoRA layers in place; the next load then pays for
+walking them):
 
 (a) ``pipe.load_lora_weights("lora.safetensors")`` (the file in the page cache);
 (b) ``lorachunk.integrations.diffusers.load_lora(pipe, "lora.lcs")`` from a packed local folder,
@@ -64,11 +67,14 @@ def pipeline(work: Path) -> Any:
     return tiny_pipe(work, unet.to(torch.float16).to_empty(device="cpu"))
 
 
-def timed(pipe: Any, load: Callable[[], object]) -> float:
+def timed(pipe: Any, load: Callable[[], object], *, unload: bool) -> float:
     start = time.perf_counter()
     load()
     seconds = time.perf_counter() - start
-    pipe.delete_adapters(pipe.get_active_adapters())
+    if unload:
+        pipe.unload_lora_weights()  # PEFT's LoRA layers removed: the UNet is as built
+    else:
+        pipe.delete_adapters(pipe.get_active_adapters())  # the adapter goes, PEFT's LoRA layers stay
     return seconds
 
 
@@ -86,7 +92,7 @@ def main() -> None:
         pipe = pipeline(work)
         path.read_bytes()  # page cache, as for a file used before
         load_lora(pipe, work / "lora.lcs", adapter_name="warmup", cache=cache)  # fills the cache
-        pipe.delete_adapters("warmup")
+        pipe.unload_lora_weights()
 
         methods: dict[tuple[str, str], Callable[[], object]] = {
             ("(a) pipe.load_lora_weights(file)", "all"): functools.partial(
@@ -99,17 +105,26 @@ def main() -> None:
                     load_lora, pipe, work / "lora.lcs", splits=chosen, adapter_name="b", cache=option
                 )
         # Round robin, best of five: the machine's drift hits every method alike.
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in methods}
-        for _ in range(5):
-            for key, run in methods.items():
-                times[key].append(timed(pipe, run))
-        rows = [(name, which, min(seconds)) for (name, which), seconds in times.items()]
-        baseline = rows[0][2]
+        results = {}
+        for state, unload in (("fresh", True), ("reused", False)):
+            times: dict[tuple[str, str], list[float]] = {key: [] for key in methods}
+            for _ in range(5):
+                for key, run in methods.items():
+                    times[key].append(timed(pipe, run, unload=unload))
+            results[state] = [(name, which, min(seconds)) for (name, which), seconds in times.items()]
     print(f"synthetic SDXL LoRA: {size / 1e6:.1f} MB, {len(manifest.modules)} modules\n")
-    print("| method | modules | seconds | x (a) |")
-    print("|---|---|---:|---:|")
-    for name, which, seconds in rows:
-        print(f"| {name} | {which} | {seconds:.2f} | {seconds / baseline:.2f} |")
+    for state, title in (
+        ("fresh", "UNet as built (pipe.unload_lora_weights() after each run)"),
+        ("reused", "UNet that held a LoRA before (pipe.delete_adapters() after each run; PEFT's layers stay)"),
+    ):
+        rows = results[state]
+        baseline = rows[0][2]
+        print(f"{title}\n")
+        print("| method | modules | seconds | x (a) |")
+        print("|---|---|---:|---:|")
+        for name, which, seconds in rows:
+            print(f"| {name} | {which} | {seconds:.2f} | {seconds / baseline:.2f} |")
+        print()
 
 
 if __name__ == "__main__":

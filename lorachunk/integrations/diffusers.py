@@ -69,7 +69,9 @@ def load_lora(
         name = adapter_name or _adapter_name(lora.manifest.source.name)
     if not state_dict:
         raise UsageError("nothing to load: the selected splits hold no tensors")
-    pipe.load_lora_weights(state_dict, adapter_name=name)
+    # low_cpu_mem_usage: PEFT makes the LoRA layers without first filling them with random
+    # values that the state dict replaces straight away.
+    pipe.load_lora_weights(state_dict, adapter_name=name, low_cpu_mem_usage=True)
     if by_component:
         pipe.set_adapters([name], adapter_weights=[scales])
     return name
