@@ -349,9 +349,10 @@ def push(
             if prefix + key in present:
                 skipped += 1
                 continue
-            data = read_shard(store, module)  # checked against the manifest before it leaves
-            operations.append(CommitOperationAdd(prefix + key, data))
-            uploaded_bytes += len(data)
+            read_shard(store, module)  # checked against the manifest before it leaves
+            # Uploaded from the file, not from memory: a LoRA of any size pushes in ~1 shard of RAM.
+            operations.append(CommitOperationAdd(prefix + key, store.path(key)))
+            uploaded_bytes += module.stored_size
         uploaded = len(operations)
         first: list[CommitOperationAdd] = []
         if prefix + manifest_key(packed.id) not in present:

@@ -48,11 +48,12 @@ class LocalStore(Store):
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} exists and is not a folder")
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
+        """The file that holds (or would hold) ``key``."""
         return self.root / check_key(key)
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        path = self._path(key)
+        path = self.path(key)
         try:
             with path.open("rb") as handle:
                 if byte_range is None:
@@ -65,17 +66,17 @@ class LocalStore(Store):
             raise StoreError(f"{path}: {exc.strerror or exc}") from exc
 
     def set(self, key: str, value: bytes) -> None:
-        path = self._path(key)
+        path = self.path(key)
         try:
             write_atomic(path, value, fsync=self.fsync)
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        path = self.path(key)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
