@@ -492,7 +492,8 @@ def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
     stores that cannot list, such as plain HTTP).
 
     Each manifest is checked against its id and its Merkle roots are recomputed; each shard is
-    hashed as stored, decoded, and hashed again as raw bytes.
+    hashed as stored, decoded, and hashed again as raw bytes; the latest manifest's copy
+    (``refs/latest.json.zst``) must be the manifest ``refs/latest`` names.
 
     Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
     """
