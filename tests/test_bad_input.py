@@ -97,11 +97,21 @@ def test_dest_that_is_a_file(falcon: Path, tmp_path: Path) -> None:
     assert main(["pack", str(falcon), str(dest), "-q"]) == 3
 
 
-class _FailingManifestStore(LocalStore):
-    """A disk that fills up just as the manifest is written (a fault no real folder gives on cue)."""
+class _FullDisk(LocalStore):
+    """A disk that fills up: after ``room`` more writes, or at the first manifest (faults no
+    real folder gives on cue)."""
+
+    def __init__(self, root: Path, *, room: int | None = None) -> None:
+        super().__init__(root)
+        self.room = room
+        self.lock = threading.Lock()  # shards are written from several threads
 
     def set(self, key: str, value: bytes) -> None:
-        if key.startswith("manifests/"):
+        with self.lock:
+            if self.room is not None:
+                self.room -= 1
+            full = key.startswith("manifests/") if self.room is None else self.room < 0
+        if full:
             raise lorachunk.StoreError(f"cannot write {key}: No space left on device")
         super().set(key, value)
 
@@ -112,25 +122,8 @@ def test_failed_pack_leaves_existing_store_untouched(falcon: Path, tmp_path: Pat
     lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     with pytest.raises(lorachunk.StoreError, match="No space left"):
-        lorachunk.pack(falcon, _FailingManifestStore(dest))
+        lorachunk.pack(falcon, _FullDisk(dest))
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
-
-
-class _FillingStore(LocalStore):
-    """A disk that fills up after some shards, while others are still being written."""
-
-    def __init__(self, root: Path, room: int) -> None:
-        super().__init__(root)
-        self.room = room
-        self.lock = threading.Lock()
-
-    def set(self, key: str, value: bytes) -> None:
-        with self.lock:
-            self.room -= 1
-            full = self.room < 0
-        if full:
-            raise lorachunk.StoreError(f"cannot write {key}: No space left on device")
-        super().set(key, value)
 
 
 def test_disk_full_while_shards_are_written_leaves_nothing(falcon: Path, tmp_path: Path) -> None:
@@ -139,5 +132,5 @@ def test_disk_full_while_shards_are_written_leaves_nothing(falcon: Path, tmp_pat
     lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     with pytest.raises(lorachunk.StoreError, match="No space left"):
-        lorachunk.pack(falcon, _FillingStore(dest, room=100))
+        lorachunk.pack(falcon, _FullDisk(dest, room=100))
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
