@@ -4,7 +4,7 @@
 
     refs/latest                       text: the manifest id last packed into this store
     refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
-    manifests/<hex>.json.zst          a manifest, named by the digest of its canonical JSON
+    manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
     shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
 """
 
