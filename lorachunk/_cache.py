@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Final
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
-from lorachunk._exceptions import IntegrityError, StoreError, UsageError
+from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, UsageError
+from lorachunk._manifest import Manifest
 from lorachunk.storage._local import write_atomic
 
 __all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]
@@ -272,17 +273,46 @@ class Cache:
         return CacheInfo(self.root, counts["shards"], counts["manifests"], counts["raw"], total, counts["bundles"])
 
     def verify(self) -> list[Path]:
-        """Re-hash every entry; remove and return those that do not match their names."""
+        """Re-hash every entry; remove and return those that do not match their names.
+
+        A bundle is checked module by module against a manifest with its root held in the cache
+        (every full load puts it there); a bundle without one is left alone: readers check each
+        module they take from it anyway.
+        """
         bad = []
+        bundles = []
         for kind, path, _ in self._entries():
-            if path.name.startswith(".") or kind == "bundles":  # named by a root: checked per module on use
+            if path.name.startswith("."):
+                continue
+            if kind == "bundles":
+                bundles.append(path)
                 continue
             try:
                 check(from_hex(path.name.removesuffix(".json.zst")), path.read_bytes(), what=str(path))
             except (IntegrityError, ValueError, OSError):
                 path.unlink(missing_ok=True)
                 bad.append(path)
+        if bundles:
+            manifests = self._manifests_by_root()
+            for path in bundles:
+                manifest = manifests.get(path.name)
+                if manifest is not None and not _bundle_matches(path, manifest):
+                    path.unlink(missing_ok=True)
+                    bad.append(path)
         return bad
+
+    def _manifests_by_root(self) -> dict[str, Manifest]:
+        """Every readable manifest in the cache, by the hex of its root."""
+        found = {}
+        for kind, path, _ in self._entries():
+            if kind != "manifests" or path.name.startswith("."):
+                continue
+            try:
+                manifest = Manifest.from_bytes(path.read_bytes())
+            except (LorachunkError, OSError):
+                continue  # a damaged one was removed above, or is being written
+            found[hex_of(manifest.root)] = manifest
+        return found
 
     def prune(self, max_size: int) -> int:
         """Evict least recently used objects until at most ``max_size`` bytes remain; return bytes freed.
@@ -324,3 +354,15 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
+
+
+def _bundle_matches(path: Path, manifest: Manifest) -> bool:
+    try:
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size != manifest.raw_size:
+                return False
+            for module in manifest.modules:
+                check(module.raw, handle.read(module.raw_size), what=str(path))
+    except (IntegrityError, OSError):
+        return False
+    return True

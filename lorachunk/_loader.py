@@ -283,7 +283,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         if len(chosen) < len(self._manifest.modules) or (decoded.max_size is not None and size > decoded.max_size):
             yield from self._decoded(placer, chosen, wanted, decoded, None)
             return
-        # A full load writes all decoded modules into one file, so later loads map it once.
+        # A full load writes all decoded modules into one file, so later loads map it once. The
+        # manifest goes into the cache too: it is what `cache verify` checks the bundle against.
+        decoded.put(self._manifest.id, self._manifest.to_bytes(), kind="manifests")
         with decoded.bundle_writer(root, size) as write:
             yield from self._decoded(placer, chosen, wanted, decoded, write)
 

@@ -441,6 +441,23 @@ def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
     assert not bundle.exists()
 
 
+def test_cache_verify_checks_bundles_against_their_manifest(tmp_path: Path) -> None:
+    lorachunk.pack(ATTN, tmp_path / "s")
+    cache = lorachunk.Cache(tmp_path / "cache")
+    lorachunk.load(tmp_path / "s", cache=cache)
+    assert cache.info().manifests == 1  # kept with the bundle, to check it by
+    assert cache.verify() == []
+    bundle = next((tmp_path / "cache" / "bundles").iterdir())
+    data = bytearray(bundle.read_bytes())
+    data[-1] ^= 1  # the last module's last byte: a partial load would never look there
+    bundle.write_bytes(bytes(data))
+    assert cache.verify() == [bundle]
+    assert not bundle.exists()
+    reference = load_file(ATTN)
+    again = lorachunk.load(tmp_path / "s", cache=cache)  # decoded from the shards, bundle rebuilt
+    assert all(torch.equal(again[k], reference[k]) for k in reference) and bundle.exists()
+
+
 def test_interrupted_full_load_leaves_no_bundle(tmp_path: Path) -> None:
     lorachunk.pack(SAM, tmp_path / "s")
     cache = lorachunk.Cache(tmp_path / "cache")
