@@ -13,14 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Final
+from typing import BinaryIO, Final
 
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._digest import check, digest
-from lorachunk._exceptions import UsageError
+from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._layout import auto_splits, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
 from lorachunk._pack import as_store
@@ -102,7 +103,10 @@ def compose(
         out = stack.enter_context(as_store(dest))
         codec = BytePlaneZstd.for_level()
         modules: dict[str, Module] = {}
-        raws: dict[str, bytes] = {}
+        # Decoded modules wait on disk, not in memory, until the composed file's sha256 is taken
+        # in its own tensor order: composing a LoRA of any size holds about one module in RAM.
+        raws = _Spool()
+        stack.callback(raws.close)
         file_order: list[TensorEntry] = []
         for part in parts:
             factor = scales.get(part.take.name)
@@ -130,7 +134,7 @@ def compose(
                     )
                     out.set(shard_key(module.shard), stored)
                 modules[module.name] = module
-                raws[module.name] = bytes(raw)
+                raws.add(module.name, raw)
             by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
             file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
         metadata = {
@@ -201,7 +205,7 @@ def _scale(raw: bytearray, module: Module, factor: float) -> None:
 def _source(
     name: str,
     modules: Mapping[str, Module],
-    raws: Mapping[str, bytes],
+    raws: _Spool,
     file_order: Sequence[TensorEntry],
     metadata: Mapping[str, str],
 ) -> Source:
@@ -222,9 +226,47 @@ def _source(
     return Source(name, len(header) + position, f"sha256:{hasher.hexdigest()}", dict(metadata), order, 8, None)
 
 
-def _tensor_bytes(
-    file_order: Sequence[TensorEntry], owner: Mapping[str, Module], raws: Mapping[str, bytes]
-) -> Iterator[memoryview]:
+def _tensor_bytes(file_order: Sequence[TensorEntry], owner: Mapping[str, Module], raws: _Spool) -> Iterator[bytes]:
     for entry in file_order:
-        raw = memoryview(raws[owner[entry.key].name])
-        yield raw[entry.offset : entry.offset + entry.length]
+        yield raws.read(owner[entry.key].name, entry.offset, entry.length)
+
+
+class _Spool:
+    """Modules' raw bytes in an anonymous temporary file, read back by slice."""
+
+    def __init__(self) -> None:
+        try:
+            self._handle: BinaryIO = tempfile.TemporaryFile(prefix="lorachunk-compose-")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise StoreError(f"cannot make a temporary file for decoded modules: {exc.strerror or exc}") from exc
+        self._starts: dict[str, int] = {}
+        self._end = 0
+        self._dirty = False
+
+    def add(self, name: str, raw: bytes | bytearray) -> None:
+        try:
+            self._handle.write(raw)
+        except OSError as exc:
+            raise StoreError(f"cannot hold decoded modules in a temporary file: {exc.strerror or exc}") from exc
+        self._starts[name] = self._end
+        self._end += len(raw)
+        self._dirty = True
+
+    def read(self, name: str, offset: int, length: int) -> bytes:
+        start, parts = self._starts[name] + offset, []
+        try:
+            if self._dirty:
+                self._handle.flush()
+                self._dirty = False
+            while length:  # pread may return less than asked for (e.g. over 2 GB at once)
+                part = os.pread(self._handle.fileno(), length, start)
+                if not part:
+                    raise OSError(f"it ended {length} bytes early")
+                parts.append(part)
+                start, length = start + len(part), length - len(part)
+        except OSError as exc:
+            raise StoreError(f"cannot read back decoded modules: {exc.strerror or exc}") from exc
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._handle.close()
