@@ -497,9 +497,7 @@ def open(
         raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
     remote = is_remote(source)
     threads = concurrency or (REMOTE_CONCURRENCY if remote else DEFAULT_CONCURRENCY)
-    if not isinstance(source, Store) and os.fspath(source).startswith(("http://", "https://", "hf://")):
-        store_options.setdefault("concurrency", threads)
-    store = open_store(source, **store_options)
+    store = open_store(source, pool=threads, **store_options)
     owns = not isinstance(source, Store)
     try:
         cache_obj = _cache_for(cache)

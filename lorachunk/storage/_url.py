@@ -25,25 +25,27 @@ def is_remote(source: str | os.PathLike[str] | Store) -> bool:
     return match is not None and match[1].lower() not in {"file", "memory"}
 
 
-def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
+def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = None, **options: Any) -> Store:
     """The store ``source`` names: a :class:`Store` as is, ``http(s)://`` → :class:`HTTPStore`,
     ``hf://namespace/name[@revision][/path]`` → :class:`HubStore`,
     ``file://`` or a path → :class:`LocalStore`, any other ``scheme://`` → :class:`FsspecStore`.
 
     ``options`` go to the store's constructor (e.g. ``headers=`` or ``max_bytes_per_s=`` for
-    HTTP, ``storage_options=`` for fsspec).
+    HTTP, ``storage_options=`` for fsspec). ``pool`` sizes the connection pool of the stores
+    that keep one (HTTP and the Hub); the others ignore it.
     """
     if isinstance(source, Store):
         if options:
             raise UsageError("store options apply only when the source is a path or URL")
         return source
+    pooled: dict[str, Any] = {} if pool is None else {"concurrency": pool}
     text = os.fspath(source)
     match = _SCHEME.match(text)
     scheme = match[1].lower() if match else None
     if scheme in {"http", "https"}:
         from lorachunk.storage._http import HTTPStore
 
-        return HTTPStore(text, **options)
+        return HTTPStore(text, **pooled, **options)
     if scheme == "hf":
         from lorachunk._hub import HubStore, parse_hf_url
 
@@ -53,6 +55,7 @@ def open_store(source: str | os.PathLike[str] | Store, **options: Any) -> Store:
             revision=parsed["revision"],
             repo_type=str(parsed["repo_type"]),
             path=parsed["path"],
+            **pooled,
             **options,
         )
     if scheme is None or scheme == "file":
