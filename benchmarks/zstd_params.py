@@ -3,8 +3,9 @@
     python benchmarks/zstd_params.py          # real fixtures + synthetic SDXL-shaped F16, BF16, F32
 
 Encodes every module of every file with the bpz codec under each candidate and prints stored
-bytes relative to zstd level 3's own parameters, and encode MB/s on one thread. docs/format.md
-quotes the run that chose ``BytePlaneZstd.PLANE_PARAMS``.
+bytes relative to zstd level 3's own parameters, and encode MB/s on one thread. Then the
+manifests' compression: bytes and seconds at the levels the packer could use. docs/format.md
+quotes the run that chose ``BytePlaneZstd.PLANE_PARAMS`` and the manifest level.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import zstandard
 
 import lorachunk
 from lorachunk._codec import BytePlaneZstd
@@ -31,11 +34,11 @@ CANDIDATES = {
     "chosen params": BytePlaneZstd.for_level(3),
     "level 19": BytePlaneZstd(level=19),
 }
+MANIFEST_LEVELS = (15, 17, 19)
 
 
 def measure(path: Path, workdir: Path) -> dict[str, tuple[int, float]]:
     store = LocalStore(workdir / path.stem)
-    lorachunk.pack(path, store)
     manifest = read_manifest(store)
     modules = [(decode_module(store, manifest, m), m.segments) for m in manifest.modules]
     results = {}
@@ -57,10 +60,23 @@ def main() -> None:
         print("| file | " + " | ".join(CANDIDATES) + " |")
         print("|---|" + "---:|" * len(CANDIDATES))
         for path in files:
+            lorachunk.pack(path, workdir / path.stem)
             results = measure(path, workdir)
             base = results["level 3"][0]
             cells = [f"{stored / base:.3f} ({speed:.0f} MB/s)" for stored, speed in results.values()]
             print(f"| {path.name} | " + " | ".join(cells) + " |", flush=True)
+        levels = " | ".join(f"level {n}" for n in MANIFEST_LEVELS)
+        print(f"\n| manifest of | modules | canonical JSON | {levels} |")
+        print("|---|---:|---:|" + "---:|" * len(MANIFEST_LEVELS))
+        for path in files:
+            manifest = read_manifest(LocalStore(workdir / path.stem))
+            text = manifest.canonical()
+            cells = []
+            for level in MANIFEST_LEVELS:
+                start = time.perf_counter()
+                size = len(zstandard.ZstdCompressor(level=level, write_content_size=True).compress(text))
+                cells.append(f"{size / 1e3:.1f} kB in {time.perf_counter() - start:.2f} s")
+            print(f"| {path.name} | {len(manifest.modules)} | {len(text) / 1e3:.0f} kB | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
