@@ -146,12 +146,35 @@ class BytePlaneZstd(Codec):
         return b"".join(frames), tuple(len(f) for f in frames)
 
     def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
+        itemsize = _tiled_itemsize(segments, len(out))
+        if itemsize:
+            self._decode_tiled(stored, itemsize, frames, out)
+            return
         target = np.frombuffer(out, dtype=np.uint8)
         views: list[np.ndarray] = []
         for itemsize, group, plane_index, plane in self._planes(stored, segments, frames):
             if plane_index == 0:
                 views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
             _scatter(plane, views, plane_index)
+
+    def _decode_tiled(self, stored: memoryview, itemsize: int, frames: Sequence[int], out: memoryview) -> None:
+        """The usual module (one element size, tensors back to back): each plane goes straight
+        into its column of the output, with none of the general path's per-tensor bookkeeping."""
+        count = len(out) // itemsize
+        if len(frames) != itemsize or sum(frames) != len(stored):
+            raise IntegrityError("shard frame table does not match its bytes")
+        columns = np.frombuffer(out, dtype=np.uint8).reshape(count, itemsize)
+        dctx = _decompressor()
+        position = 0
+        try:
+            for plane_index, length in enumerate(frames):
+                plane = dctx.decompress(stored[position : position + length], max_output_size=count)
+                if len(plane) != count:
+                    raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
+                columns[:, plane_index] = np.frombuffer(plane, dtype=np.uint8)
+                position += length
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
 
     def decode_planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview
@@ -204,6 +227,19 @@ def _scatter(plane: np.ndarray, views: Sequence[np.ndarray], plane_index: int) -
         end = start + view.shape[0]
         view[:, plane_index] = plane[start:end]
         start = end
+
+
+def _tiled_itemsize(segments: Sequence[Segment], size: int) -> int:
+    """The element size when ``segments`` share one and cover ``[0, size)`` back to back, else 0."""
+    if not segments or not size:
+        return 0
+    itemsize = segments[0].itemsize
+    position = 0
+    for segment in segments:
+        if segment.offset != position or segment.itemsize != itemsize:
+            return 0
+        position += segment.length
+    return itemsize if position == size and size % itemsize == 0 else 0
 
 
 def _groups(segments: Sequence[Segment]) -> list[tuple[int, list[Segment]]]:

@@ -37,16 +37,46 @@ def test_incompressible_data_grows_by_a_few_bytes_per_plane() -> None:
     assert len(stored) <= len(raw) + 8 * len(frames)
 
 
-def test_corrupt_frames_are_integrity_errors() -> None:
-    raw = bytes(range(256)) * 40
+# Both decoder paths: one element size with tensors back to back (the usual module, decoded
+# column by column) and mixed element sizes (decoded group by group, tensor by tensor).
+LAYOUTS = {
+    "one itemsize": (Segment(0, 4000, 4), Segment(4000, 6240, 4)),
+    "mixed itemsizes": SEGMENTS,
+}
+
+
+@pytest.mark.parametrize("segments", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_roundtrip_each_decoder_path(segments: tuple[Segment, ...]) -> None:
+    raw = np.random.default_rng(0).normal(size=5000).astype(np.float16).tobytes()
+    raw = raw[: segments[-1].offset + segments[-1].length].ljust(segments[-1].offset + segments[-1].length, b"x")
     codec = BytePlaneZstd()
-    segments = (Segment(0, len(raw), 4),)
+    stored, frames = codec.encode(memoryview(raw), segments)
+    out = bytearray(len(raw))
+    codec.decode(memoryview(stored), segments, frames, memoryview(out))
+    assert bytes(out) == raw
+
+
+@pytest.mark.parametrize("segments", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_corrupt_frames_are_integrity_errors(segments: tuple[Segment, ...]) -> None:
+    size = segments[-1].offset + segments[-1].length
+    raw = (bytes(range(256)) * 41)[:size]
+    codec = BytePlaneZstd()
     stored, frames = codec.encode(memoryview(raw), segments)
     out = memoryview(bytearray(len(raw)))
     with pytest.raises(lorachunk.IntegrityError):
         codec.decode(memoryview(stored[:-3]), segments, frames, out)
     with pytest.raises(lorachunk.IntegrityError):
         codec.decode(memoryview(stored), segments, frames[:-1], out)
+    with pytest.raises(lorachunk.IntegrityError):  # lengths that add up, boundaries that don't
+        codec.decode(memoryview(stored), segments, (frames[0] + 1, frames[1] - 1, *frames[2:]), out)
+    first, *rest = segments
+    shrunk = (
+        Segment(0, first.length - 16, first.itemsize),
+        *(Segment(s.offset - 16, s.length, s.itemsize) for s in rest),
+    )
+    shorter, short_frames = codec.encode(memoryview(raw[16:]), shrunk)
+    with pytest.raises(lorachunk.IntegrityError):  # the first group's planes a few elements short
+        codec.decode(memoryview(shorter), segments, short_frames, out)
 
 
 def test_config_roundtrip_and_unknown_codec() -> None:
