@@ -34,7 +34,7 @@ CANDIDATES = {
     "chosen params": BytePlaneZstd.for_level(3),
     "level 19": BytePlaneZstd(level=19),
 }
-MANIFEST_LEVELS = (15, 17, 19)
+MANIFEST_LEVELS = (9, 12, 15, 17, 19)
 
 
 def measure(path: Path, workdir: Path) -> dict[str, tuple[int, float]]:

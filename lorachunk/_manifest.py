@@ -46,7 +46,7 @@ MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
 MAX_FILES: Final = 64
 MAX_FILES_BYTES: Final = 1024 * 1024
 _FILE_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_MANIFEST_LEVEL: Final = 17
+_MANIFEST_LEVEL: Final = 12
 
 
 def canonical_json(value: object) -> bytes:
@@ -286,7 +286,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         """The stored form: one zstd frame (with its content size) of the canonical JSON."""
-        if not self._stored:  # level 17: ~0.08 s for 894 modules (benchmarks/zstd_params.py); compress once
+        if not self._stored:  # compressed once: pack, write and id all want it
             self._stored.append(zstandard.ZstdCompressor(level=_MANIFEST_LEVEL).compress(self.canonical()))
         return self._stored[0]
 

@@ -120,18 +120,19 @@ def pack(
             # The source's sha256 (one core at ~1 GB/s) runs beside the encoding, not after it.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorachunk-sha256") as hashing:
                 sha256 = hashing.submit(_sha256, data)
-                modules = list(
-                    _encode_all(
-                        data,
-                        layout,
-                        grouped,
-                        codec=codec,
-                        algorithm=hash,
-                        store=store,
-                        written=written,
-                        progress=progress,
+                with store.batch():  # every shard durable and in place before the manifest names it
+                    modules = list(
+                        _encode_all(
+                            data,
+                            layout,
+                            grouped,
+                            codec=codec,
+                            algorithm=hash,
+                            store=store,
+                            written=written,
+                            progress=progress,
+                        )
                     )
-                )
                 source = _source(path, size, sha256.result(), layout, modules)
             manifest = Manifest.build(
                 hash=hash, codec=codec.get_config(), source=source, modules=modules, splits=all_splits, files=files

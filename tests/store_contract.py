@@ -60,6 +60,15 @@ class StoreTests:
         store.delete("shards/aa/aa11")
         assert not store.exists("shards/aa/aa11")
 
+    def test_batch_writes_are_there_after_it(self, store: Store) -> None:
+        if not store.supports_writes:
+            return
+        with store.batch():
+            store.set("shards/aa/aa1", b"one")
+            store.set("shards/bb/bb2", b"two")
+        assert store.get("shards/aa/aa1") == b"one"
+        assert store.get("shards/bb/bb2") == b"two"
+
     def test_list_prefix(self, store: Store, put: Put) -> None:
         for key in ("shards/aa/aa1", "shards/bb/bb2", "manifests/m.json.zst"):
             put(key, b"1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import threading
@@ -14,6 +15,7 @@ from conftest import DATA
 import lorachunk
 from lorachunk._cli import main
 from lorachunk.storage import LocalStore
+from lorachunk.storage import _local as local_module
 
 
 def _file(header: object, data: bytes = b"", *, raw_header: bytes | None = None) -> bytes:
@@ -123,6 +125,24 @@ def test_failed_pack_leaves_existing_store_untouched(falcon: Path, tmp_path: Pat
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     with pytest.raises(lorachunk.StoreError, match="No space left"):
         lorachunk.pack(falcon, _FullDisk(dest))
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+
+
+def test_failed_flush_of_the_shards_leaves_nothing(
+    falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards are flushed together before the manifest is written; an I/O error there (a fault
+    no real disk gives on cue) undoes the pack and no manifest names a shard not on disk."""
+    dest = tmp_path / "store"
+    lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(local_module, "_syncfs", lambda: failing)
+    with pytest.raises(lorachunk.StoreError, match="Input/output error"):
+        lorachunk.pack(falcon, dest)
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,11 @@ from store_contract import Put, StoreTests
 
 import lorachunk
 from lorachunk.storage import ByteRange, FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
+from lorachunk.storage import _local as local_module
+
+NEEDS_SYNCFS = pytest.mark.skipif(
+    local_module._syncfs() is None, reason="LocalStore batches writes only where syncfs exists (Linux)"
+)
 
 
 class TestMemoryStore(StoreTests):
@@ -27,6 +33,37 @@ class TestLocalStore(StoreTests):
     def test_no_temp_files_left(self, store: Store, tmp_path: Path) -> None:
         store.set("shards/aa/x", b"1" * 100_000)
         assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == ["x"]
+
+    @NEEDS_SYNCFS
+    def test_batch_shows_its_writes_only_at_its_end(self, store: Store, tmp_path: Path) -> None:
+        with store.batch():
+            store.set("shards/aa/x", b"1" * 10)
+            store.set("shards/bb/y", b"2" * 100_000)  # large: flushed at once, still hidden
+            assert not store.exists("shards/aa/x") and not store.exists("shards/bb/y")
+            assert list(store.list_prefix("shards/")) == []
+        assert store.get("shards/aa/x") == b"1" * 10 and store.get("shards/bb/y") == b"2" * 100_000
+        assert sorted(p.name for p in (tmp_path / "store").rglob("*") if p.is_file()) == ["x", "y"]
+
+    @NEEDS_SYNCFS
+    def test_failed_batch_leaves_nothing(self, store: Store, tmp_path: Path) -> None:
+        store.set("shards/aa/old", b"kept")
+        with pytest.raises(RuntimeError), store.batch():
+            store.set("shards/aa/x", b"1")
+            raise RuntimeError("the caller fails half-way")
+        assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == ["old"]
+
+    def test_failed_flush_is_a_store_error_and_leaves_nothing(
+        self, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An I/O error when the batch is flushed (a fault no real disk gives on cue)."""
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(local_module, "_syncfs", lambda: failing)
+        with pytest.raises(lorachunk.StoreError, match="Input/output error"), store.batch():
+            store.set("shards/aa/x", b"1")
+        assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
     def test_delete_prunes_empty_fanout(self, store: Store, tmp_path: Path) -> None:
         store.set("shards/aa/x", b"1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -70,6 +71,15 @@ class Store(ABC):
     @abstractmethod
     def list_prefix(self, prefix: str) -> Iterator[str]:
         """Yield every key that starts with ``prefix``, in no particular order."""
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Many writes follow: the store may make them visible together when the block ends.
+
+        By default each write is visible at once. A store that defers them (:class:`LocalStore`)
+        shows none of them if the block raises.
+        """
+        yield
 
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
         """Release connections or handles; the default has none."""

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import suppress
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Final
 
 from lorachunk._exceptions import ShardNotFoundError, StoreError
 from lorachunk.storage._base import ByteRange, Store, check_key
 
 __all__ = ["LocalStore", "write_atomic"]
 
+_BATCH_FSYNC_BYTES: Final = 64 * 1024
+
 
 def write_atomic(path: Path, value: bytes | memoryview, *, fsync: bool = True) -> None:
     """Write ``path`` by temp file + fsync + rename, so no reader ever sees part of it."""
+    tmp = _write_temp(path, value, fsync=fsync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_temp(path: Path, value: bytes | memoryview, *, fsync: bool) -> Path:
+    """A hidden temp file beside ``path`` holding ``value`` (list_prefix skips hidden names)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -24,10 +40,30 @@ def write_atomic(path: Path, value: bytes | memoryview, *, fsync: bool = True) -
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+@functools.cache
+def _syncfs() -> Callable[[int], None] | None:
+    """Linux's syncfs(2), which flushes one whole file system; None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+    def syncfs(fd: int) -> None:
+        if function(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+
+    return syncfs
 
 
 class LocalStore(Store):
@@ -38,8 +74,9 @@ class LocalStore(Store):
     root:
         The folder. It is created on the first write if missing.
     fsync:
-        Flush each object to disk before it becomes visible (the default). Turning it off makes
-        packing many tiny shards faster at the price of durability after a power cut.
+        Flush each object to disk before it becomes visible (the default). Turning it off saves
+        the flushes at the price of durability after a power cut; :meth:`batch` keeps the
+        durability and saves most of them.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -47,6 +84,48 @@ class LocalStore(Store):
         self.fsync = fsync
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} exists and is not a folder")
+        self._pending: list[tuple[Path, Path]] | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes in the block go to temp files; at its end one ``syncfs`` makes them all durable,
+        and only then are they renamed into place.
+
+        One flush of the file system instead of an fsync per object: packing a LoRA of 350 small
+        shards spends most of its time in those fsyncs otherwise (docs/benchmarks.md). A crash
+        leaves at worst hidden temp files, never a partial object under its name; if the block
+        raises, none of its writes appear. Where syncfs is missing (not Linux) or ``fsync`` is
+        off, writes are immediate as outside a batch. Writes from several threads are fine.
+        """
+        if self._pending is not None or not self.fsync or _syncfs() is None:
+            yield
+            return
+        pending: list[tuple[Path, Path]] = []
+        self._pending = pending
+        try:
+            yield
+            self._pending = None
+            if pending:
+                self._commit(pending)
+        finally:
+            self._pending = None
+            for tmp, _ in pending:
+                tmp.unlink(missing_ok=True)  # only those never renamed are still there
+
+    def _commit(self, pending: list[tuple[Path, Path]]) -> None:
+        syncfs = _syncfs()
+        assert syncfs is not None
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+            for tmp, path in pending:
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.root}: {exc.strerror or exc}") from exc
 
     def path(self, key: str) -> Path:
         """The file that holds (or would hold) ``key``."""
@@ -68,7 +147,15 @@ class LocalStore(Store):
     def set(self, key: str, value: bytes) -> None:
         path = self.path(key)
         try:
-            write_atomic(path, value, fsync=self.fsync)
+            pending = self._pending
+            if pending is None:
+                write_atomic(path, value, fsync=self.fsync)
+                return
+            # A large object is flushed now, on the writer's thread, so the flush at the end of
+            # the batch does not wait for it; fsync's fixed cost only dominates for small ones.
+            tmp = _write_temp(path, value, fsync=len(value) >= _BATCH_FSYNC_BYTES)
+            with self._lock:
+                pending.append((tmp, path))
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
