@@ -140,6 +140,12 @@ def _frames(shards: list[tuple[Module, bytes]]) -> Iterator[tuple[memoryview, in
             position += length
 
 
+def _speed(mb_per_s: object) -> str:
+    """MB/s to three significant figures at most, so the small files' few MB/s still compare."""
+    value = float(mb_per_s)  # type: ignore[arg-type]
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def _latest(store: LocalStore) -> str:
     return store.get("refs/latest").decode().strip()
 
@@ -177,9 +183,9 @@ def main() -> None:
         print(
             f"| {r['file']} | {r['MB']:.2f} | {r['modules']} | {r['lorachunk'] / r['zstd19']:.3f} | "  # type: ignore[operator]
             f"{r['lorachunk'] / r['zstd3']:.3f} | {zipnn} | {zipnn_m} | "  # type: ignore[operator]
-            f"{r['pack_MBs']:.0f} ({r['pack_MBs'] / r['zstd3_MBs']:.2f}x) | {r['write_MBs']:.0f} | "  # type: ignore[operator]
-            f"{r['decode_MBs']:.0f} ({r['decode_MBs'] / r['zstd3_dec_MBs']:.2f}x) | "  # type: ignore[operator]
-            f"{r['frames_MBs']:.0f} |"
+            f"{_speed(r['pack_MBs'])} ({r['pack_MBs'] / r['zstd3_MBs']:.3f}x) | {_speed(r['write_MBs'])} | "  # type: ignore[operator]
+            f"{_speed(r['decode_MBs'])} ({r['decode_MBs'] / r['zstd3_dec_MBs']:.2f}x) | "  # type: ignore[operator]
+            f"{_speed(r['frames_MBs'])} |"
         )
     print(
         f"\nAll files: lorachunk stores {totals['lorachunk'] / totals['zstd19']:.3f}x the bytes of whole-file zstd -19."

@@ -97,6 +97,9 @@ class LocalStore(Store):
         leaves at worst hidden temp files, never a partial object under its name; if the block
         raises, none of its writes appear. Where syncfs is missing (not Linux) or ``fsync`` is
         off, writes are immediate as outside a batch. Writes from several threads are fine.
+
+        syncfs flushes everything unwritten on that file system, other programs' files too: next
+        to a program writing gigabytes to the same disk, the flush waits for those as well.
         """
         if self._pending is not None or not self.fsync or _syncfs() is None:
             yield
