@@ -108,35 +108,36 @@ def compose(
         raws = _Spool()
         stack.callback(raws.close)
         file_order: list[TensorEntry] = []
-        for part in parts:
-            factor = scales.get(part.take.name)
-            for module in part.modules:
-                if owner[module.name] is not part:
-                    continue
-                stored = read_shard(part.store, module)  # checked once, then decoded and copied
-                raw = bytearray(module.raw_size)
-                codec.decode(memoryview(stored), module.segments, module.frames, memoryview(raw))
-                check(module.raw, raw, what=f"module {module.name!r} of take {part.take.name!r}")
-                if factor is None or factor == 1.0:
-                    if not out.exists(shard_key(module.shard)):
+        with out.batch():  # one flush for all new shards, before the manifest names them
+            for part in parts:
+                factor = scales.get(part.take.name)
+                for module in part.modules:
+                    if owner[module.name] is not part:
+                        continue
+                    stored = read_shard(part.store, module)  # checked once, then decoded and copied
+                    raw = bytearray(module.raw_size)
+                    codec.decode(memoryview(stored), module.segments, module.frames, memoryview(raw))
+                    check(module.raw, raw, what=f"module {module.name!r} of take {part.take.name!r}")
+                    if factor is None or factor == 1.0:
+                        if not out.exists(shard_key(module.shard)):
+                            out.set(shard_key(module.shard), stored)
+                    else:
+                        _scale(raw, module, factor)
+                        stored, frames = codec.encode(memoryview(raw), module.segments)
+                        module = Module(  # noqa: PLW2901 - the scaled module replaces the taken one
+                            module.name,
+                            digest(algorithm, stored),
+                            digest(algorithm, raw),
+                            len(stored),
+                            len(raw),
+                            frames,
+                            module.tensors,
+                        )
                         out.set(shard_key(module.shard), stored)
-                else:
-                    _scale(raw, module, factor)
-                    stored, frames = codec.encode(memoryview(raw), module.segments)
-                    module = Module(  # noqa: PLW2901 - the scaled module replaces the taken one
-                        module.name,
-                        digest(algorithm, stored),
-                        digest(algorithm, raw),
-                        len(stored),
-                        len(raw),
-                        frames,
-                        module.tensors,
-                    )
-                    out.set(shard_key(module.shard), stored)
-                modules[module.name] = module
-                raws.add(module.name, raw)
-            by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
-            file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
+                    modules[module.name] = module
+                    raws.add(module.name, raw)
+                by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
+                file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
         metadata = {
             METADATA_KEY: json.dumps(
                 [
