@@ -18,7 +18,7 @@ import zstandard
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
-__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups"]
+__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups", "tiled_itemsize"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +146,7 @@ class BytePlaneZstd(Codec):
         return b"".join(frames), tuple(len(f) for f in frames)
 
     def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
-        itemsize = _tiled_itemsize(segments, len(out))
+        itemsize = tiled_itemsize(segments, len(out))
         if itemsize:
             self._decode_tiled(stored, itemsize, frames, out)
             return
@@ -229,7 +229,7 @@ def _scatter(plane: np.ndarray, views: Sequence[np.ndarray], plane_index: int) -
         start = end
 
 
-def _tiled_itemsize(segments: Sequence[Segment], size: int) -> int:
+def tiled_itemsize(segments: Sequence[Segment], size: int) -> int:
     """The element size when ``segments`` share one and cover ``[0, size)`` back to back, else 0."""
     if not segments or not size:
         return 0

@@ -22,7 +22,7 @@ from typing import Final
 
 import torch
 
-from lorachunk._codec import BytePlaneZstd, Codec, Segment, plane_groups
+from lorachunk._codec import BytePlaneZstd, Codec, plane_groups, tiled_itemsize
 from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
@@ -221,16 +221,15 @@ class CUDAPlacer(Placer):
 
 def _ungroup(planes: torch.Tensor, module: Module) -> torch.Tensor:
     """Byte planes (as :meth:`BytePlaneZstd.decode_planes` lays them out) back to tensor bytes, on the device."""
-    groups = plane_groups(module.segments)
-    if len(groups) == 1 and _tiles(groups[0][1], planes.numel()):
+    itemsize = tiled_itemsize(module.segments, planes.numel())
+    if itemsize:
         # The usual module (one dtype, tensors back to back): un-grouping is one transpose, and
         # the result is already in tensor order. Per-module kernel launches are what the GPU path
         # pays for, so this saves most of them.
-        itemsize, _, count = groups[0]
-        return planes.view(itemsize, count).t().contiguous().view(-1)
+        return planes.view(itemsize, -1).t().contiguous().view(-1)
     raw = torch.empty_like(planes)
     position = 0
-    for itemsize, segments, count in groups:
+    for itemsize, segments, count in plane_groups(module.segments):
         size = itemsize * count
         elements = planes[position : position + size].view(itemsize, count).t().contiguous().view(-1)
         position += size
@@ -239,16 +238,6 @@ def _ungroup(planes: torch.Tensor, module: Module) -> torch.Tensor:
             raw[segment.offset : segment.offset + segment.length] = elements[start : start + segment.length]
             start += segment.length
     return raw
-
-
-def _tiles(segments: list[Segment], size: int) -> bool:
-    """Whether ``segments``, in order, cover bytes ``[0, size)`` back to back."""
-    position = 0
-    for segment in segments:
-        if segment.offset != position:
-            return False
-        position += segment.length
-    return position == size
 
 
 def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None) -> Placer:
