@@ -51,7 +51,8 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-#: Threads that write shards. Writing is mostly waiting for fsync, so a few help on any disk.
+#: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
+#: fsync of each large shard), so a few help on any disk.
 _IO_THREADS: Final = 4
 
 
@@ -280,9 +281,9 @@ def _encode_all(
             store.set(key, stored)
             written.append(key)
 
-    # Shards are written (temp file, fsync, rename) on their own threads: waiting for the disk
-    # then overlaps with encoding the next modules instead of adding to it. A key goes to them
-    # once, so identical modules are still stored once.
+    # Shards are written on their own threads (into the caller's store batch: temp files now,
+    # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
+    # modules instead of adding to it. A key goes to them once, so identical modules are stored once.
     with ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lorachunk-io") as io:
         writes: deque[Future[None]] = deque()
         submitted: set[str] = set()

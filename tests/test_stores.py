@@ -136,3 +136,11 @@ def test_open_store_dispatch(tmp_path: Path) -> None:
         lorachunk.open(DATA / "loras" / "sam_lora_rank16.safetensors")
     with pytest.raises(lorachunk.UsageError, match="fsspec"):
         open_store("nosuchscheme://x")
+
+
+def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
+    with pytest.raises(lorachunk.UsageError, match="concurrency"):
+        open_store("https://example.org/lora", pool=0)  # pool reaches the store
+    with pytest.raises(lorachunk.UsageError, match="concurrency"):
+        open_store("https://example.org/lora", pool=4, concurrency=0)  # and concurrency= overrides it
+    open_store("https://example.org/lora", pool=4, concurrency=2).close()

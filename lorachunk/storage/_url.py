@@ -45,7 +45,7 @@ def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = Non
     if scheme in {"http", "https"}:
         from lorachunk.storage._http import HTTPStore
 
-        return HTTPStore(text, **pooled, **options)
+        return HTTPStore(text, **(pooled | options))  # the caller's concurrency= wins
     if scheme == "hf":
         from lorachunk._hub import HubStore, parse_hf_url
 
@@ -55,8 +55,7 @@ def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = Non
             revision=parsed["revision"],
             repo_type=str(parsed["repo_type"]),
             path=parsed["path"],
-            **pooled,
-            **options,
+            **(pooled | options),
         )
     if scheme is None or scheme == "file":
         return LocalStore(Path(text[len("file://") :] if scheme else text), **options)
