@@ -18,7 +18,7 @@ from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 from lorachunk._pack import Progress, as_store
-from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest, resolve
+from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest, read_stored_manifest, resolve
 from lorachunk.storage import Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
@@ -92,7 +92,7 @@ def info_dict(dest: str, selector: str | None) -> dict[str, Any]:
 def _info(store: Store, selector: str | None) -> dict[str, Any]:
     manifest_id = resolve(store, selector)
     manifest = read_manifest(store, manifest_id)
-    manifest_bytes = len(store.get(manifest_key(manifest_id)))
+    manifest_bytes = len(read_stored_manifest(store, manifest_key(manifest_id)))
     all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
     shards: dict[str, int] = {}
     referenced = 0

@@ -42,7 +42,15 @@ from lorachunk._exceptions import (
 )
 from lorachunk._manifest import Manifest
 from lorachunk._pack import ADAPTER_WEIGHTS
-from lorachunk._repository import LATEST, LATEST_MANIFEST, manifest_key, read_manifest, read_shard, shard_key
+from lorachunk._repository import (
+    LATEST,
+    LATEST_MANIFEST,
+    MAX_STORED_MANIFEST_BYTES,
+    manifest_key,
+    read_manifest,
+    read_shard,
+    shard_key,
+)
 from lorachunk.storage._base import ByteRange, Store, check_key
 from lorachunk.storage._http import HTTPStore, is_network_error
 from lorachunk.storage._local import LocalStore
@@ -51,6 +59,9 @@ __all__ = ["HubStore", "PushResult", "parse_hf_url", "push"]
 
 _REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REPO_TYPES: Final = ("model", "dataset")
+#: The first object read (the latest manifest's copy, else the ref) is read up to one byte past
+#: the manifest limit: enough for the reader to refuse an oversized one, and no more.
+_FIRST_LIMIT: Final = MAX_STORED_MANIFEST_BYTES + 1
 CARD: Final = "README.md"
 
 
@@ -178,7 +189,7 @@ class HubStore(Store):
         # commit. Repos pushed before the latest's copy existed have only refs/latest.
         for key in (LATEST_MANIFEST, LATEST):
             try:
-                data, answer = http.fetch(f"{http.url}/{key}")
+                data, answer = http.fetch(f"{http.url}/{key}", ByteRange(0, _FIRST_LIMIT))
             except ShardNotFoundError:
                 continue  # not there, or no such repo or revision: the API says which below
             except BaseException:
@@ -213,8 +224,12 @@ class HubStore(Store):
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         http = self._online()
-        if self._first is not None and key == self._first[0] and byte_range is None:
-            return self._first[1]
+        first = self._first
+        if first is not None and key == first[0]:
+            data = first[1]
+            start, end = (0, None) if byte_range is None else (byte_range.start, byte_range.end)
+            if len(data) < _FIRST_LIMIT or (end is not None and end <= len(data)):
+                return data[start:end]
         if key == LATEST_MANIFEST and self._first is not None and self._first[0] == LATEST:
             raise ShardNotFoundError(f"{self!r}: no {LATEST_MANIFEST} (a repo pushed before it existed)")
         return http.get(key, byte_range)

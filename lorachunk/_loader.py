@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check
-from lorachunk._exceptions import IntegrityError, StoreError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import IntegrityError, StoreUnavailableError, UsageError
 from lorachunk._layout import scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, select_modules
-from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, shard_key
+from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
 
@@ -346,13 +346,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             cached = self.cache.get(module.shard)
             if cached is not None:
                 return cached
-        key = shard_key(module.shard)
-        what = f"shard {key} (module {module.name!r}) from {self.store!r}"
-        try:
-            data = self.store.get(key)
-        except StoreError as exc:
-            raise type(exc)(f"{what}: {exc}") from exc
-        check(module.shard, data, what=what)
+        data = read_shard(self.store, module, where=f" from {self.store!r}")
         with self._lock:
             self.fetched += 1
             self.fetched_bytes += len(data)

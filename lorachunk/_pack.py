@@ -35,6 +35,7 @@ from lorachunk._repository import (
     list_manifest_ids,
     read_manifest,
     read_shard,
+    read_stored_manifest,
     resolve,
     shard_key,
     write_manifest,
@@ -506,7 +507,7 @@ def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
 def _check_latest_copy(store: Store) -> list[str]:
     """The latest's copy must be the very manifest ``refs/latest`` names."""
     try:
-        copy = store.get(LATEST_MANIFEST)
+        copy = read_stored_manifest(store, LATEST_MANIFEST)
         latest = latest_id(store)
     except ShardNotFoundError:
         return []  # a store written before the copy existed

@@ -17,7 +17,7 @@ from typing import Final
 from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import Manifest, Module
-from lorachunk.storage import Store
+from lorachunk.storage import ByteRange, Store
 
 __all__ = [
     "LATEST",
@@ -28,6 +28,7 @@ __all__ = [
     "point_latest",
     "read_manifest",
     "read_shard",
+    "read_stored_manifest",
     "shard_key",
     "write_manifest",
 ]
@@ -38,6 +39,8 @@ _MANIFESTS: Final = "manifests/"
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
 MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
+#: ``refs/latest`` holds one manifest id: anything longer is not one.
+_MAX_REF_BYTES: Final = 1024
 
 
 def shard_key(digest: str) -> str:
@@ -75,9 +78,11 @@ def list_manifest_ids(store: Store) -> list[str]:
 
 def latest_id(store: Store) -> str:
     try:
-        text = store.get(LATEST)
+        text = store.get(LATEST, ByteRange(0, _MAX_REF_BYTES + 1))
     except ShardNotFoundError:
         raise StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`") from None
+    if len(text) > _MAX_REF_BYTES:
+        raise ManifestError(f"{LATEST} is over {_MAX_REF_BYTES} bytes, so it is not a manifest id")
     value = text.decode("ascii", errors="replace").strip()
     split_digest(value)
     return value
@@ -110,23 +115,25 @@ def read_manifest(store: Store, selector: str | None = None) -> Manifest:
     """
     if selector is None:
         try:
-            stored = store.get(LATEST_MANIFEST)
+            stored = read_stored_manifest(store, LATEST_MANIFEST)
         except ShardNotFoundError:
             pass
         else:
-            _check_size(LATEST_MANIFEST, stored)
             return parse_manifest(None, stored, what=LATEST_MANIFEST)
     manifest_id = resolve(store, selector)
     key = manifest_key(manifest_id)
-    stored = store.get(key)
-    _check_size(key, stored)
+    stored = read_stored_manifest(store, key)
     check(manifest_id, stored, what=key)
     return parse_manifest(manifest_id, stored, what=key)
 
 
-def _check_size(key: str, stored: bytes) -> None:
+def read_stored_manifest(store: Store, key: str) -> bytes:
+    """A manifest's stored bytes, unchecked; never more than the limit is read, however much a
+    server would send."""
+    stored = store.get(key, ByteRange(0, MAX_STORED_MANIFEST_BYTES + 1))
     if len(stored) > MAX_STORED_MANIFEST_BYTES:
-        raise ManifestError(f"{key}: {len(stored)} bytes is over the {MAX_STORED_MANIFEST_BYTES}-byte limit")
+        raise ManifestError(f"{key}: over the {MAX_STORED_MANIFEST_BYTES}-byte limit for a stored manifest")
+    return stored
 
 
 def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str) -> Manifest:
@@ -160,9 +167,20 @@ _PARSED_LOCK = threading.Lock()
 _PARSED_MAX: Final = 32
 
 
-def read_shard(store: Store, module: Module) -> bytes:
-    """The stored bytes of ``module``'s shard, checked against its digest before any decoding."""
+def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
+    """The stored bytes of ``module``'s shard, checked against its digest before any decoding.
+
+    At most one byte more than the manifest declares is read, so an object that keeps coming
+    (a hostile or broken server) costs no more memory than the right one.
+    """
     key = shard_key(module.shard)
-    data = store.get(key)
-    check(module.shard, data, what=f"shard {key} (module {module.name!r})")
+    what = f"shard {key} (module {module.name!r}){where}"
+    try:
+        data = store.get(key, ByteRange(0, module.stored_size + 1))
+    except StoreError as exc:
+        raise type(exc)(f"{what}: {exc}") from exc
+    if len(data) != module.stored_size:
+        size = f"over {module.stored_size}" if len(data) > module.stored_size else str(len(data))
+        raise IntegrityError(f"{what}: {size} bytes where the manifest declares {module.stored_size}")
+    check(module.shard, data, what=what)
     return data

@@ -28,7 +28,8 @@ class Fault:
     kind: ``drop`` (send half the body, then close), ``reset`` (close before answering),
     ``status`` (answer ``status`` with optional ``retry_after``), ``ignore_range`` (answer 200
     with the whole object), ``bad_range`` (answer 206 with the wrong start), ``corrupt`` (flip
-    one byte), ``stall`` (wait ``seconds`` first).
+    one byte), ``stall`` (wait ``seconds`` first), ``endless`` (answer 200 declaring a terabyte
+    and send zeros until the client hangs up, or ``limit`` bytes).
     """
 
     pattern: str
@@ -37,6 +38,7 @@ class Fault:
     status: int = 503
     retry_after: str | None = None
     seconds: float = 0.0
+    limit: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -150,6 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
             extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             self._status(fault.status, extra)
             return
+        if fault is not None and fault.kind == "endless":
+            self._endless(request, fault.limit)
+            return
         path = (self.server.root / self.path.lstrip("/")).resolve()
         if self.server.root.resolve() not in path.parents or not path.is_file():
             self._status(404)
@@ -165,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
                 start, end = int(first), min(len(data), int(last) + 1) if last else len(data)
             else:
                 start, end = max(0, len(data) - int(last)), len(data)
-            if start >= len(data) and len(data):
+            if start >= len(data):  # as RFC 9110 says, even for an empty object
                 self._status(416, {"Content-Range": f"bytes */{len(data)}"})
                 return
             status = 206
@@ -196,6 +201,19 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.close_connection = True
             self.connection.shutdown(2)
+
+    def _endless(self, request: Request, limit: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(2**40))
+        self.end_headers()
+        self.close_connection = True
+        chunk = bytes(64 * 1024)
+        try:
+            while request.sent < limit:
+                self.wfile.write(chunk)
+                request.sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _status(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)

@@ -377,7 +377,7 @@ class _Handler(BaseHTTPRequestHandler):
         if match:
             start = int(match[1])
             end = min(len(data), int(match[2]) + 1) if match[2] else len(data)
-            if start >= len(data) and len(data):
+            if start >= len(data):  # as RFC 9110 says, even for an empty object
                 self._send(request, 416, b"", {"Content-Range": f"bytes */{len(data)}"})
                 return
             headers["Content-Range"] = f"bytes {start}-{max(start, end - 1)}/{len(data)}"

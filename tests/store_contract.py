@@ -40,6 +40,12 @@ class StoreTests:
         assert store.get("obj", ByteRange(95)) == bytes(range(95, 100))
         assert store.get("obj", ByteRange(0, 0)) == b""
         assert store.get("obj", ByteRange(0)) == bytes(range(100))
+        # Past the end, as a file read: what there is. Readers rely on it to bound what they take.
+        assert store.get("obj", ByteRange(95, 200)) == bytes(range(95, 100))
+        assert store.get("obj", ByteRange(100, 120)) == b""
+        assert store.get("obj", ByteRange(150, 160)) == b""
+        put("empty", b"")
+        assert store.get("empty", ByteRange(0, 10)) == b""
         with pytest.raises(ValueError):
             ByteRange(5, 2)
 

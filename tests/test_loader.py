@@ -18,7 +18,7 @@ from http_server import FolderServer
 from safetensors.torch import load_file
 
 import lorachunk
-from lorachunk._repository import LATEST, LATEST_MANIFEST, manifest_key, shard_key
+from lorachunk._repository import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
 
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
 DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
@@ -161,9 +161,12 @@ def test_recoverable_faults(kind: str, published: tuple[FolderServer, lorachunk.
     assert all(torch.equal(t, reference[k]) for k, t in got.items())
     requests = [r for r in server.gets() if r.path == f"/{shard_key(victim.shard)}"]
     assert len(requests) >= 2
+    # never more than one byte past the declared size is asked for (the last byte is inclusive)
+    assert requests[0].range == f"bytes=0-{victim.stored_size}"
     if kind in ("drop", "ignore_range"):
-        # the second attempt asked to resume where the first broke off instead of starting over
-        assert requests[1].range == f"bytes={requests[0].sent}-"
+        # the second attempt asked to resume where the first broke off instead of starting over,
+        # up to the end of the object as the first answer gave its size
+        assert requests[1].range == f"bytes={requests[0].sent}-{victim.stored_size - 1}"
     assert_cache_clean(tmp_path / "cache")
 
 
@@ -216,6 +219,44 @@ def test_unrecoverable_faults(
     assert shard_key(victim.shard) in str(caught.value) and victim.name in str(caught.value)
     assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
     assert_cache_clean(tmp_path / "cache")
+
+
+# What the client reads is bounded; what the server managed to write also fills socket buffers.
+_SLACK = 32 * 1024 * 1024
+
+
+def test_endless_shard_is_refused_after_its_declared_size(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    victim = manifest.modules[0]
+    server.inject(f"/{shard_key(victim.shard)}", "endless", times=None)
+    with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.IntegrityError) as caught:
+        lora.load(modules=[victim.name])
+    message = str(caught.value)
+    assert f"over {victim.stored_size} bytes where the manifest declares" in message and victim.name in message
+    assert all(r.sent < _SLACK for r in server.gets("/shards/"))  # it stopped reading; the server gave up
+    assert_cache_clean(tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("endless", "missing", "match"),
+    [
+        (LATEST_MANIFEST, None, "byte limit for a stored manifest"),
+        (LATEST, LATEST_MANIFEST, "not a manifest id"),
+    ],
+)
+def test_endless_manifest_or_ref_is_refused_at_its_limit(
+    endless: str, missing: str | None, match: str, published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, _ = published
+    if missing is not None:
+        (server.root / missing).unlink()
+    server.inject(f"/{endless}", "endless", times=None)
+    with pytest.raises(lorachunk.ManifestError, match=match):
+        open_http(server, tmp_path)
+    (request,) = [r for r in server.gets() if r.path == f"/{endless}"]
+    assert request.sent < MAX_STORED_MANIFEST_BYTES + _SLACK
 
 
 def test_missing_shard(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ class Store(ABC):
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         """Return the object (or the part ``byte_range`` names).
 
+        A range reaching past the end gives the bytes there are, as a file read does: readers
+        ask for one byte more than they expect, to bound what a hostile server can send.
         Raises :class:`~lorachunk.ShardNotFoundError` if there is no such object.
         """
 

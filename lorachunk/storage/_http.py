@@ -29,6 +29,7 @@ __all__ = ["HTTPStore", "RateLimiter", "is_network_error"]
 
 _RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED: Final = re.compile(r"^bytes \*/(\d+)$")
 
 
 class RateLimiter:
@@ -154,14 +155,17 @@ class HTTPStore(Store):
                     if status == 200:
                         # The server sent the whole object (no range support, or it ignored ours).
                         received.clear()
-                        skip = start
+                        skip, size = start, _int(response.headers.get("Content-Length"))
                     elif status == 206:
-                        _check_content_range(response.headers.get("Content-Range"), offset, url)
+                        size = _check_content_range(response.headers.get("Content-Range"), offset, url)
                         skip = 0
-                    elif status == 416 and offset > start and end is None:
-                        break  # we already hold everything up to the end of the object
+                    elif status == 416 and _unsatisfiable(response.headers.get("Content-Range"), offset, start, end):
+                        end = offset if end is not None else None
+                        break  # the range starts at or past the end of the object: nothing more to read
                     else:
                         raise StoreError(f"{url}: unexpected HTTP {status}")
+                    if end is not None and size is not None and size < end:
+                        end = max(size, start)  # like a file, a range past the end yields what there is
                     headers_seen = httpx.Headers()
                     for hop in (*response.history, response):
                         headers_seen.update(hop.headers)
@@ -246,10 +250,25 @@ def is_network_error(exc: BaseException) -> bool:
     return isinstance(exc, httpx.HTTPError)
 
 
-def _check_content_range(value: str | None, offset: int, url: str) -> None:
+def _check_content_range(value: str | None, offset: int, url: str) -> int | None:
+    """The object's size from a 206's ``Content-Range`` (None when the server does not say)."""
     match = _CONTENT_RANGE.match(value or "")
     if match is None or int(match[1]) != offset:
         raise StoreError(f"{url}: asked for bytes from {offset}, server answered 206 with Content-Range {value!r}")
+    return _int(match[3])
+
+
+def _unsatisfiable(value: str | None, offset: int, start: int, end: int | None) -> bool:
+    """Whether a 416 means the object ends at or before ``offset``: its ``Content-Range: bytes */N``
+    says so, or (servers that leave the header out) a resume of an open range asked past the end."""
+    match = _UNSATISFIED.match(value or "")
+    if match is not None:
+        return int(match[1]) <= offset
+    return offset > start and end is None
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _retry_after(value: str | None) -> float | None:
