@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", help="manifest id (default: the source's latest)")
     p.add_argument("--root", help="fail unless the manifest's Merkle root is this one")
-    p.add_argument("--concurrency", type=int, help="shards fetched at once (default 16 remote, 8 local)")
+    p.add_argument("--concurrency", type=int, help="shards fetched at once (default: 16 remote, CPU count local)")
     p.add_argument("--no-cache", action="store_true", help="do not read or fill the shared cache")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="HTTP header (repeatable)")
     p.add_argument("--max-rate", metavar="SIZE", help="cap the download rate, bytes per second (e.g. 2MB)")

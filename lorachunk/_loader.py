@@ -24,7 +24,7 @@ from lorachunk._digest import check
 from lorachunk._exceptions import IntegrityError, StoreUnavailableError, UsageError
 from lorachunk._layout import scale_targets
 from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._pack import Progress, select_modules
+from lorachunk._pack import Progress, cpu_threads, select_modules
 from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
@@ -40,7 +40,6 @@ CacheOption = Cache | str | os.PathLike[str] | bool | Literal["auto"] | None
 Scales = Mapping[str, float]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-DEFAULT_CONCURRENCY = 8
 #: Remote fetches are mostly waiting: at 100 ms per request and ~25 kB shards, 8 in flight leave a
 #: 10 Mbit/s link idle between rounds (benchmarks/hub.py).
 REMOTE_CONCURRENCY = 16
@@ -475,7 +474,8 @@ def open(
         are kept, which makes warm loads a memory map plus a hash. ``False`` or ``None``: no
         cache. A folder, or a :class:`~lorachunk.Cache`.
     concurrency:
-        Shards fetched and decoded at once: default 8 for local folders, 16 for remote sources
+        Shards fetched and decoded at once: default the CPU count (at most 8, or
+        ``LORACHUNK_THREADS``) for local folders, 16 for remote sources
         (so that on a slow link with long round trips the link never waits for a request). For
         ``http(s)://`` and ``hf://`` sources it also sizes the connection pool.
     store_options:
@@ -490,7 +490,9 @@ def open(
     if not isinstance(source, Store) and Path(source).is_file():
         raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
     remote = is_remote(source)
-    threads = concurrency or (REMOTE_CONCURRENCY if remote else DEFAULT_CONCURRENCY)
+    # A local load is decoding, which wants no more threads than cores: on 2 cores, decoding a
+    # 239 MB LoRA took 10-13x load_file on 8 threads and 7-9x on 2 (docs/benchmarks.md).
+    threads = concurrency or (REMOTE_CONCURRENCY if remote else cpu_threads())
     store = open_store(source, pool=threads, **store_options)
     owns = not isinstance(source, Store)
     try:

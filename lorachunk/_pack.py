@@ -57,7 +57,7 @@ _R = TypeVar("_R")
 _IO_THREADS: Final = 4
 
 
-def _workers() -> int:
+def cpu_threads() -> int:
     """Threads for encoding and decoding: ``LORACHUNK_THREADS`` or the CPU count, at most 8."""
     configured = os.environ.get("LORACHUNK_THREADS", "")
     return max(1, int(configured)) if configured.isdigit() else min(8, os.cpu_count() or 1)
@@ -317,7 +317,7 @@ def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, window: int | N
     zstd and the hashes release the GIL, so threads give real parallelism; the window bounds
     memory to a few modules rather than the whole LoRA.
     """
-    workers = _workers()
+    workers = cpu_threads()
     window = window or 2 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorachunk") as pool:
         pending: deque[Future[_R]] = deque()

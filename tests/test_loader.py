@@ -3,6 +3,7 @@ on cue, fsspec (memory and moto's S3 server), and the shared cache."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -625,10 +626,15 @@ def test_cache_size_cap_holds_after_a_load(published: tuple[FolderServer, lorach
     assert 0 < cache.info().bytes <= cap
 
 
-def test_remote_sources_default_to_more_requests_in_flight(served: FolderServer, tmp_path: Path) -> None:
+def test_remote_sources_default_to_more_requests_in_flight(
+    served: FolderServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lorachunk.pack(SAM, served.root)
     with lorachunk.open(served.url) as remote, lorachunk.open(served.root) as local:
-        assert remote.concurrency == 16 and local.concurrency == 8
+        assert remote.concurrency == 16 and local.concurrency == min(8, os.cpu_count() or 1)
+    monkeypatch.setenv("LORACHUNK_THREADS", "3")
+    with lorachunk.open(served.root) as local:
+        assert local.concurrency == 3  # a local load is decoding: one thread per core, or as told
         assert remote.store._client._transport._pool._max_connections == 16  # type: ignore[attr-defined]
     with lorachunk.open(served.url, concurrency=3) as chosen:
         assert chosen.concurrency == 3
