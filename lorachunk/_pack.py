@@ -55,6 +55,9 @@ _R = TypeVar("_R")
 #: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
 #: fsync of each large shard), so a few help on any disk.
 _IO_THREADS: Final = 4
+#: Raw bytes of the modules one encoding task takes, and shards one writing task takes.
+_CHUNK_BYTES: Final = 1024 * 1024
+_WRITE_GROUP: Final = 16
 
 
 def cpu_threads() -> int:
@@ -277,30 +280,57 @@ def _encode_all(
         )
         return module, stored
 
-    def write(key: str, stored: bytes) -> None:
-        if not store.exists(key):
-            store.set(key, stored)
-            written.append(key)
+    def encode_chunk(chunk: list[tuple[str, list[TensorInfo]]]) -> list[tuple[Module, bytes]]:
+        return [encode(item) for item in chunk]
+
+    def write(shards: list[tuple[str, bytes]]) -> None:
+        for key, stored in shards:
+            if not store.exists(key):
+                store.set(key, stored)
+                written.append(key)
 
     # Shards are written on their own threads (into the caller's store batch: temp files now,
     # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
     # modules instead of adding to it. A key goes to them once, so identical modules are stored once.
+    # Modules travel to the threads in chunks, shards in small groups: a hand-off costs more than
+    # encoding or writing a LyCORIS module of a few hundred bytes.
     with ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lorachunk-io") as io:
         writes: deque[Future[None]] = deque()
         submitted: set[str] = set()
-        for module, stored in _ordered_map(encode, grouped.items()):
-            key = shard_key(module.shard)
-            if key not in submitted:
-                submitted.add(key)
-                writes.append(io.submit(write, key, stored))
+        for results in _ordered_map(encode_chunk, _chunks(grouped.items(), _CHUNK_BYTES)):
+            new = []
+            for module, stored in results:
+                key = shard_key(module.shard)
+                if key not in submitted:
+                    submitted.add(key)
+                    new.append((key, stored))
+            for start in range(0, len(new), _WRITE_GROUP):
+                writes.append(io.submit(write, new[start : start + _WRITE_GROUP]))
             while len(writes) > 4 * _IO_THREADS or (writes and writes[0].done()):
                 writes.popleft().result()  # bounds memory; raises a write's error here
-            done += module.raw_size
-            if progress is not None:
-                progress(done, total)
-            yield module
+            for module, _ in results:
+                done += module.raw_size
+                if progress is not None:
+                    progress(done, total)
+                yield module
         while writes:
             writes.popleft().result()
+
+
+def _chunks(
+    items: Iterable[tuple[str, list[TensorInfo]]], min_bytes: int
+) -> Iterator[list[tuple[str, list[TensorInfo]]]]:
+    """Consecutive modules in groups of at least ``min_bytes`` (the last may be smaller)."""
+    chunk: list[tuple[str, list[TensorInfo]]] = []
+    size = 0
+    for item in items:
+        chunk.append(item)
+        size += sum(t.length for t in item[1])
+        if size >= min_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
 def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) -> memoryview:

@@ -167,3 +167,37 @@ def test_verify_names_a_latest_copy_that_is_not_the_latest(tmp_path: Path) -> No
     store.set(LATEST_MANIFEST, first.to_bytes())  # a valid manifest, but not the one refs/latest names
     with pytest.raises(lorachunk.IntegrityError, match=r"refs/latest\.json\.zst is not the manifest refs/latest names"):
         lorachunk.verify(store)
+
+
+def test_chunked_encoding_stores_each_shard_once_and_reports_every_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pack hands modules to its threads in chunks and shards to its writers in groups; with both
+    made tiny, duplicates that straddle chunks are still written once and progress sees every module."""
+    from lorachunk import _pack
+    from lorachunk.storage import MemoryStore
+
+    monkeypatch.setattr(_pack, "_CHUNK_BYTES", 40)
+    monkeypatch.setattr(_pack, "_WRITE_GROUP", 2)
+    same = ("F16", (2, 4), bytes(range(16)))
+    tensors = {f"m{i}.lora_down.weight": same if i % 3 == 0 else ("F16", (2, 4), bytes([i]) * 16) for i in range(12)}
+    src = synth.write(tmp_path / "dups.safetensors", tensors, None)
+
+    class Counting(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sets: list[str] = []
+
+        def set(self, key: str, value: bytes) -> None:
+            self.sets.append(key)
+            super().set(key, value)
+
+    store = Counting()
+    seen: list[tuple[int, int]] = []
+    manifest = lorachunk.pack(src, store, progress=lambda done, total: seen.append((done, total)))
+    shards = [key for key in store.sets if key.startswith("shards/")]
+    assert len(shards) == len(set(shards)) == len({m.shard for m in manifest.modules}) == 12 - 3
+    assert len(seen) == 12 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1][0] == seen[-1][1] == sum(m.raw_size for m in manifest.modules)
+    lorachunk.unpack(store, tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
