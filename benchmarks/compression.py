@@ -108,13 +108,14 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
         for (module, blob), out in zip(shards, buffers, strict=True):
             codec.decode(memoryview(blob), module.segments, module.frames, memoryview(out))
 
-    decode_s, z3d_s, frames_s = best_of_each(
+    decode_s, z3d_s, frames_s, unpack_s = best_of_each(
         [
             decode_all,
             lambda: dctx.decompress(z3_frame),
             # Every zstd frame of every shard decompressed, and nothing else: the least this
             # format's one frame per plane costs, before any un-grouping.
             lambda: [frame_dctx.decompress(frame, max_output_size=count) for frame, count in frames],
+            lambda: lorachunk.unpack(store, workdir / f"{path.stem}-unpacked.safetensors"),
         ],
         repeat=3,
     )
@@ -135,6 +136,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
         "write_MBs": mb / write_s,
         "encode_MBs": mb / encode_s,
         "decode_MBs": raw_mb / decode_s,
+        "unpack_MBs": mb / unpack_s,
         "zstd3_dec_MBs": mb / z3d_s,
         "frames_MBs": raw_mb / frames_s,
     }
@@ -188,9 +190,9 @@ def main() -> None:
     print(
         "| file | MB | modules | lorachunk / zstd -19 | / zstd -3 | / ZipNN | / ZipNN per module | "
         "pack MB/s (x zstd -3) | shard files alone MB/s | encode alone MB/s (x zstd -3) | "
-        "decode MB/s (x zstd -3 dec) | shard frames alone MB/s |"
+        "decode MB/s (x zstd -3 dec) | shard frames alone MB/s | unpack MB/s (x zstd -3 dec) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     totals = {"lorachunk": 0, "zstd19": 0}
     for r in rows:
         totals["lorachunk"] += int(r["lorachunk"])  # type: ignore[call-overload]
@@ -203,7 +205,7 @@ def main() -> None:
             f"{_speed(r['pack_MBs'])} ({r['pack_MBs'] / r['zstd3_MBs']:.3f}x) | {_speed(r['write_MBs'])} | "  # type: ignore[operator]
             f"{_speed(r['encode_MBs'])} ({r['encode_MBs'] / r['zstd3_MBs']:.2f}x) | "  # type: ignore[operator]
             f"{_speed(r['decode_MBs'])} ({r['decode_MBs'] / r['zstd3_dec_MBs']:.2f}x) | "  # type: ignore[operator]
-            f"{_speed(r['frames_MBs'])} |"
+            f"{_speed(r['frames_MBs'])} | {_speed(r['unpack_MBs'])} ({r['unpack_MBs'] / r['zstd3_dec_MBs']:.2f}x) |"  # type: ignore[operator]
         )
     print(
         f"\nAll files: lorachunk stores {totals['lorachunk'] / totals['zstd19']:.3f}x the bytes of whole-file zstd -19."

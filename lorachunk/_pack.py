@@ -55,7 +55,7 @@ _R = TypeVar("_R")
 #: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
 #: fsync of each large shard), so a few help on any disk.
 _IO_THREADS: Final = 4
-#: Raw bytes of the modules one encoding task takes, and shards one writing task takes.
+#: Bytes of modules one task on a thread takes at least, and most shards one writing task takes.
 _CHUNK_BYTES: Final = 1024 * 1024
 _WRITE_GROUP: Final = 16
 
@@ -280,9 +280,6 @@ def _encode_all(
         )
         return module, stored
 
-    def encode_chunk(chunk: list[tuple[str, list[TensorInfo]]]) -> list[tuple[Module, bytes]]:
-        return [encode(item) for item in chunk]
-
     def write(shards: list[tuple[str, bytes]]) -> None:
         for key, stored in shards:
             if not store.exists(key):
@@ -291,46 +288,32 @@ def _encode_all(
 
     # Shards are written on their own threads (into the caller's store batch: temp files now,
     # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
-    # modules instead of adding to it. A key goes to them once, so identical modules are stored once.
-    # Modules travel to the threads in chunks, shards in small groups: a hand-off costs more than
-    # encoding or writing a LyCORIS module of a few hundred bytes.
+    # modules instead of adding to it. A key goes to them once, so identical modules are stored
+    # once. Small shards go in groups, as modules go to the encoding threads (_ordered_map).
     with ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lorachunk-io") as io:
         writes: deque[Future[None]] = deque()
         submitted: set[str] = set()
-        for results in _ordered_map(encode_chunk, _chunks(grouped.items(), _CHUNK_BYTES)):
-            new = []
-            for module, stored in results:
-                key = shard_key(module.shard)
-                if key not in submitted:
-                    submitted.add(key)
-                    new.append((key, stored))
-            for start in range(0, len(new), _WRITE_GROUP):
-                writes.append(io.submit(write, new[start : start + _WRITE_GROUP]))
+        group: list[tuple[str, bytes]] = []
+        group_bytes = 0
+        for module, stored in _ordered_map(encode, grouped.items(), size=lambda item: sum(t.length for t in item[1])):
+            key = shard_key(module.shard)
+            if key not in submitted:
+                submitted.add(key)
+                group.append((key, stored))
+                group_bytes += len(stored)
+            if len(group) >= _WRITE_GROUP or group_bytes >= _CHUNK_BYTES:
+                writes.append(io.submit(write, group))
+                group, group_bytes = [], 0
             while len(writes) > 4 * _IO_THREADS or (writes and writes[0].done()):
                 writes.popleft().result()  # bounds memory; raises a write's error here
-            for module, _ in results:
-                done += module.raw_size
-                if progress is not None:
-                    progress(done, total)
-                yield module
+            done += module.raw_size
+            if progress is not None:
+                progress(done, total)
+            yield module
+        if group:
+            writes.append(io.submit(write, group))
         while writes:
             writes.popleft().result()
-
-
-def _chunks(
-    items: Iterable[tuple[str, list[TensorInfo]]], min_bytes: int
-) -> Iterator[list[tuple[str, list[TensorInfo]]]]:
-    """Consecutive modules in groups of at least ``min_bytes`` (the last may be smaller)."""
-    chunk: list[tuple[str, list[TensorInfo]]] = []
-    size = 0
-    for item in items:
-        chunk.append(item)
-        size += sum(t.length for t in item[1])
-        if size >= min_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
 
 
 def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) -> memoryview:
@@ -341,22 +324,41 @@ def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) ->
     return memoryview(b"".join(data[base + t.offset : base + t.offset + t.length] for t in tensors))
 
 
-def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, window: int | None = None) -> Iterator[_R]:
-    """``map`` on a thread pool, in order, with at most ``window`` results in flight.
+def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, size: Callable[[_T], int]) -> Iterator[_R]:
+    """``map`` on a thread pool, in order.
 
-    zstd and the hashes release the GIL, so threads give real parallelism; the window bounds
-    memory to a few modules rather than the whole LoRA.
+    zstd and the hashes release the GIL, so threads give real parallelism. Items travel to the
+    threads in chunks of at least ``_CHUNK_BYTES`` by ``size``: handing one over costs more than
+    the work on a LyCORIS module of a few hundred bytes. At most two chunks per thread are in
+    flight, which bounds memory to a few modules rather than the whole LoRA.
     """
     workers = cpu_threads()
-    window = window or 2 * workers
+
+    def run(chunk: list[_T]) -> list[_R]:
+        return [fn(item) for item in chunk]
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorachunk") as pool:
-        pending: deque[Future[_R]] = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
+        pending: deque[Future[list[_R]]] = deque()
+        for chunk in _chunks(items, size):
+            pending.append(pool.submit(run, chunk))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
+
+
+def _chunks(items: Iterable[_T], size: Callable[[_T], int]) -> Iterator[list[_T]]:
+    """Consecutive items in groups of at least ``_CHUNK_BYTES`` by ``size`` (the last may be smaller)."""
+    chunk: list[_T] = []
+    total = 0
+    for item in items:
+        chunk.append(item)
+        total += size(item)
+        if total >= _CHUNK_BYTES:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
 
 
 def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:
@@ -487,7 +489,7 @@ def _write_tensors(
     hasher = hashlib.sha256(header)
     sequential = True
     done = len(header)
-    for module, raw in zip(modules, _ordered_map(decode, modules), strict=False):
+    for module, raw in zip(modules, _ordered_map(decode, modules, size=lambda m: m.raw_size), strict=False):
         view = memoryview(raw)
         for tensor in module.tensors:
             position = positions[tensor.key]
@@ -570,7 +572,8 @@ def _verify(store: Store) -> VerifyReport:
             return str(exc)
         return None
 
-    problems.extend(p for p in _ordered_map(check_one, unique.values()) if p is not None)
+    checked = _ordered_map(check_one, unique.values(), size=lambda item: item[1].raw_size)
+    problems.extend(p for p in checked if p is not None)
     if problems:
         raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
     return VerifyReport(len(manifests), len(unique), sum(m.stored_size for _, m in unique.values()))
