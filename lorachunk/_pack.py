@@ -33,6 +33,7 @@ from lorachunk._repository import (
     LATEST_MANIFEST,
     latest_id,
     list_manifest_ids,
+    no_lora_error,
     read_manifest,
     read_shard,
     read_stored_manifest,
@@ -106,13 +107,17 @@ def pack(
     Returns the :class:`Manifest`; ``refs/latest`` of the store points at it.
 
     Raises :class:`FormatError` for a file that is not valid safetensors, :class:`UsageError` for
-    a split glob that matches nothing and :class:`StoreError` when ``dest`` cannot be written. On
-    any error nothing new is left in ``dest``.
+    a split glob that matches nothing, a level outside 1..22 or an unknown hash, and
+    :class:`StoreError` when ``dest`` cannot be written. On any error nothing new is left in
+    ``dest``.
 
     Example: ``pack("lora.safetensors", "lora.lcs", splits={"attn": ["*attn*"]}).root``
     """
-    codec = BytePlaneZstd.for_level(level)
-    new_hasher(hash)  # fail on an unknown algorithm before reading anything
+    try:  # options are checked before anything is read
+        codec = BytePlaneZstd.for_level(level)
+        new_hasher(hash)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(layout.tensors)
@@ -555,7 +560,7 @@ def _verify(store: Store) -> VerifyReport:
     manifests: list[Manifest] = []
     ids = list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
     if not ids:
-        raise StoreError(f"{store!r} holds no packed LoRA")
+        raise no_lora_error(store)
     for manifest_id in ids:
         try:
             manifests.append(read_manifest(store, manifest_id))

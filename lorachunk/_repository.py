@@ -17,7 +17,7 @@ from typing import Final
 from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import Manifest, Module
-from lorachunk.storage import ByteRange, Store
+from lorachunk.storage import ByteRange, LocalStore, Store
 
 __all__ = [
     "LATEST",
@@ -76,11 +76,19 @@ def list_manifest_ids(store: Store) -> list[str]:
     return sorted(ids)
 
 
+def no_lora_error(store: Store) -> StoreError:
+    """The error for a store with nothing packed in it; a local folder that is not there is named
+    as such, as a mistyped path is the usual cause."""
+    if isinstance(store, LocalStore) and not store.root.exists():
+        return StoreError(f"{store.root} does not exist, so it holds no packed LoRA")
+    return StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`")
+
+
 def latest_id(store: Store) -> str:
     try:
         text = store.get(LATEST, ByteRange(0, _MAX_REF_BYTES + 1))
     except ShardNotFoundError:
-        raise StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`") from None
+        raise no_lora_error(store) from None
     if len(text) > _MAX_REF_BYTES:
         raise ManifestError(f"{LATEST} is over {_MAX_REF_BYTES} bytes, so it is not a manifest id")
     value = text.decode("ascii", errors="replace").strip()

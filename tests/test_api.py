@@ -58,8 +58,16 @@ def test_cli_info_json(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", "--split", "bad"]) == 2
     assert "NAME=GLOB" in capsys.readouterr().err
-    assert main(["info", str(tmp_path / "empty")]) == 3
-    assert "no packed LoRA" in capsys.readouterr().err
+    for option, message in (("--level=0", "level must be 1..22"), ("--level=23", "got 23")):
+        assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", option]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    for command in ("info", "verify"):
+        assert main([command, str(tmp_path / "typo")]) == 3
+        assert "typo does not exist" in capsys.readouterr().err
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        assert main([command, str(tmp_path / "empty")]) == 3
+        assert "holds no packed LoRA" in capsys.readouterr().err
     main(["pack", str(falcon), str(tmp_path / "s"), "-q"])
     assert main(["unpack", str(tmp_path / "s"), "-o", str(tmp_path / "x"), "--split", "nope", "-q"]) == 2
     assert "no split 'nope'" in capsys.readouterr().err

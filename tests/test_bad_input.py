@@ -8,6 +8,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DATA
@@ -97,6 +98,17 @@ def test_dest_that_is_a_file(falcon: Path, tmp_path: Path) -> None:
         lorachunk.pack(falcon, dest)
     assert dest.read_text() == "occupied"
     assert main(["pack", str(falcon), str(dest), "-q"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"level": 0}, "level must be 1..22"), ({"level": 40}, "got 40"), ({"hash": "md5"}, "unknown hash algorithm")],
+)
+def test_bad_pack_options_are_usage_errors(options: dict[str, Any], message: str, falcon: Path, tmp_path: Path) -> None:
+    with pytest.raises(lorachunk.UsageError, match=message) as caught:
+        lorachunk.pack(falcon, tmp_path / "dest", **options)
+    assert isinstance(caught.value, ValueError)
+    assert not (tmp_path / "dest").exists()
 
 
 class _FullDisk(LocalStore):
