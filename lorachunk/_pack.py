@@ -27,7 +27,17 @@ from lorachunk._exceptions import (
     UsageError,
 )
 from lorachunk._layout import auto_splits, module_of, user_splits
-from lorachunk._manifest import Manifest, Module, Source, TensorEntry, check_files, order_runs
+from lorachunk._manifest import (
+    FORMAT_ID,
+    MAX_SHARD_RAW_BYTES,
+    MAX_TENSORS,
+    Manifest,
+    Module,
+    Source,
+    TensorEntry,
+    check_files,
+    order_runs,
+)
 from lorachunk._repository import (
     LATEST,
     LATEST_MANIFEST,
@@ -106,10 +116,10 @@ def pack(
 
     Returns the :class:`Manifest`; ``refs/latest`` of the store points at it.
 
-    Raises :class:`FormatError` for a file that is not valid safetensors, :class:`UsageError` for
-    a split glob that matches nothing, a level outside 1..22 or an unknown hash, and
-    :class:`StoreError` when ``dest`` cannot be written. On any error nothing new is left in
-    ``dest``.
+    Raises :class:`FormatError` for a file that is not valid safetensors or is past the limits
+    of the format (docs/format.md), :class:`UsageError` for a split glob that matches nothing, a
+    level outside 1..22 or an unknown hash, and :class:`StoreError` when ``dest`` cannot be
+    written. On any error nothing new is left in ``dest``.
 
     Example: ``pack("lora.safetensors", "lora.lcs", splits={"attn": ["*attn*"]}).root``
     """
@@ -120,7 +130,7 @@ def pack(
         raise UsageError(str(exc)) from exc
     path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
-        grouped = _group(layout.tensors)
+        grouped = _group(path, layout.tensors)
         names = list(grouped)
         all_splits = auto_splits(names) | user_splits(splits or {}, names)
         store = stack.enter_context(as_store(dest))
@@ -249,10 +259,19 @@ def _sha256(data: memoryview) -> str:
     return hasher.hexdigest()
 
 
-def _group(tensors: Sequence[TensorInfo]) -> dict[str, list[TensorInfo]]:
+def _group(path: Path, tensors: Sequence[TensorInfo]) -> dict[str, list[TensorInfo]]:
+    """Tensors by module, within the limits every reader enforces (docs/format.md), so that a
+    pack never writes what no reader would read."""
+    if len(tensors) > MAX_TENSORS:
+        raise FormatError(f"{path}: {len(tensors)} tensors; a {FORMAT_ID} manifest holds at most {MAX_TENSORS}")
     grouped: dict[str, list[TensorInfo]] = {}
     for tensor in tensors:
         grouped.setdefault(module_of(tensor.key), []).append(tensor)
+    for name, group in grouped.items():
+        if (size := sum(t.length for t in group)) > MAX_SHARD_RAW_BYTES:
+            raise FormatError(
+                f"{path}: module {name!r} holds {size} bytes; a {FORMAT_ID} shard holds at most {MAX_SHARD_RAW_BYTES}"
+            )
     return grouped
 
 

@@ -14,9 +14,11 @@ import threading
 from collections import OrderedDict
 from typing import Final
 
+import zstandard
+
 from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
-from lorachunk._manifest import Manifest, Module
+from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
 from lorachunk.storage import ByteRange, LocalStore, Store
 
 __all__ = [
@@ -54,10 +56,16 @@ def manifest_key(manifest_id: str) -> str:
 
 def write_manifest(store: Store, manifest: Manifest) -> str:
     """Store ``manifest`` and point ``refs/latest`` at it; return its id."""
+    stored = manifest.to_bytes()
+    if len(stored) > MAX_STORED_MANIFEST_BYTES or zstandard.frame_content_size(stored) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"the manifest is over what a reader accepts ({MAX_STORED_MANIFEST_BYTES} bytes stored, "
+            f"{MAX_MANIFEST_BYTES} decompressed)"
+        )
     manifest_id = manifest.id
     key = manifest_key(manifest_id)
     if not store.exists(key):
-        store.set(key, manifest.to_bytes())
+        store.set(key, stored)
     point_latest(store, manifest)
     return manifest_id
 

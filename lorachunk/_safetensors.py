@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -99,7 +100,7 @@ def read_header_length(prefix: bytes, *, file_size: int) -> int:
 def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:
     """Parse and validate a header whose data area holds ``data_length`` bytes."""
     try:
-        raw = json.loads(header)
+        raw = json.loads(header, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"not a safetensors file: header is not JSON ({exc})") from exc
     if not isinstance(raw, dict):
@@ -122,6 +123,16 @@ def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:
             + ("(truncated file?)" if position > data_length else "(trailing bytes)")
         )
     return SafetensorsLayout(header=header, metadata=metadata, tensors=tuple(tensors))
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # JSON leaves a repeated key to the reader: Python and serde keep the last, others the first.
+    # A file whose bytes get pinned must not mean two things, so a repeat is refused.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        repeated = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+        raise FormatError(f"header names {repeated!r} twice")
+    return result
 
 
 def _tensor(key: str, entry: object) -> TensorInfo:

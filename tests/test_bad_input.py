@@ -25,6 +25,7 @@ def _file(header: object, data: bytes = b"", *, raw_header: bytes | None = None)
 
 
 GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+_U8 = b'{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
 
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty file": (lambda d: _write(d, b""), "too short"),
@@ -66,6 +67,11 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad metadata": (lambda d: _write(d, _file({"__metadata__": {"a": 1}})), "__metadata__"),
     "header over cap": (lambda d: _write(d, struct.pack("<Q", 100_000_001) + b" " * 16), "cap"),
     "not utf-8": (lambda d: _write(d, _file(None, raw_header=b'{"\xff": 1}')), "UTF-8"),
+    # Python keeps the last of two equal keys and some parsers the first; the file is refused.
+    "repeated key": (
+        lambda d: _write(d, _file(None, b"\x00", raw_header=b'{"a":%s,"a":%s}' % (_U8, _U8))),
+        "'a' twice",
+    ),
     "a folder": (lambda d: d, "folder"),
     "missing": (lambda d: d / "nope.safetensors", "cannot read"),
 }
@@ -109,6 +115,23 @@ def test_bad_pack_options_are_usage_errors(options: dict[str, Any], message: str
         lorachunk.pack(falcon, tmp_path / "dest", **options)
     assert isinstance(caught.value, ValueError)
     assert not (tmp_path / "dest").exists()
+
+
+def test_pack_refuses_what_a_reader_would(falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file past the format's limits fails at pack, not at every later read; the limits are
+    lowered here, as a file of a million tensors takes a minute to build."""
+    monkeypatch.setattr("lorachunk._pack.MAX_TENSORS", 1749)
+    with pytest.raises(lorachunk.FormatError, match="1750 tensors; a lorachunk/1 manifest holds at most 1749"):
+        lorachunk.pack(falcon, tmp_path / "many")
+    monkeypatch.undo()
+    monkeypatch.setattr("lorachunk._pack.MAX_SHARD_RAW_BYTES", 1000)
+    with pytest.raises(lorachunk.FormatError, match="fc1' holds 1346 bytes; a lorachunk/1 shard holds at most 1000"):
+        lorachunk.pack(falcon, tmp_path / "large")
+    monkeypatch.undo()
+    monkeypatch.setattr("lorachunk._repository.MAX_STORED_MANIFEST_BYTES", 10_000)
+    with pytest.raises(lorachunk.ManifestError, match="over what a reader accepts"):
+        lorachunk.pack(falcon, tmp_path / "big")
+    assert not any(tmp_path.iterdir())
 
 
 class _FullDisk(LocalStore):

@@ -70,6 +70,11 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]
         lorachunk.ManifestError,
         "header",
     ),
+    "header naming a key twice": (
+        _set("source/header", '{"__metadata__":{},"__metadata__":{}}'),
+        lorachunk.ManifestError,
+        "twice",
+    ),
     "not an object": (lambda raw: raw.clear(), lorachunk.ManifestError, "malformed"),
     "metadata not str": (_set("source/metadata/ss_seed", 5), lorachunk.ManifestError, "metadata"),
     "unsorted modules": (lambda raw: raw["modules"].reverse(), lorachunk.ManifestError, "sorted"),
