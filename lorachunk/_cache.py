@@ -18,6 +18,7 @@ file's modification time, which is what least-recently-used pruning orders by.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import sys
@@ -62,9 +63,12 @@ def parse_size(text: str) -> int:
     number = value.rstrip("kmgti")
     unit = value[len(number) :]
     try:
-        return int(float(number) * units[unit])
+        size = float(number) * units[unit]
     except (KeyError, ValueError):
-        raise UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB") from None
+        size = math.nan
+    if not 0 <= size < math.inf:
+        raise UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB (0 or more)")
+    return int(size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from typing import BinaryIO, Final
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._digest import check, digest
 from lorachunk._exceptions import StoreError, UsageError
-from lorachunk._layout import auto_splits, scale_targets
+from lorachunk._layout import auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
 from lorachunk._pack import as_store
 from lorachunk._repository import read_manifest, read_shard, shard_key, write_manifest
@@ -85,7 +85,7 @@ def compose(
     names = [t.name for t in takes]
     if len(set(names)) != len(names):
         raise UsageError(f"take names must be unique, got {names}")
-    scales = dict(scales or {})
+    scales = finite_scales(scales or {})
     unknown = sorted(set(scales) - set(names)) + sorted(set(prefer) - set(names))
     if unknown:
         raise UsageError(f"--scale/--prefer name no take: {unknown}")

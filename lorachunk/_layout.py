@@ -6,9 +6,11 @@ into the manifest and readers use what the manifest says. docs/splits.md lists e
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
+from numbers import Real
 from typing import Final
 
 from lorachunk._exceptions import UsageError
@@ -187,6 +189,17 @@ _SCALE_RULES: Final = tuple(
         r"\.diff(?:_b)?$",  # LyCORIS full: the delta itself (weight and bias)
     )
 )
+
+
+def finite_scales(scales: Mapping[str, float]) -> dict[str, float]:
+    """``scales`` with every factor a float; :class:`UsageError` for one that is not a finite number
+    (an infinite or NaN strength would turn the weights it touches into inf or NaN)."""
+    result: dict[str, float] = {}
+    for name, factor in scales.items():
+        if isinstance(factor, bool) or not isinstance(factor, Real) or not math.isfinite(factor):
+            raise UsageError(f"scale {name!r} must be a finite number, got {factor!r}")
+        result[name] = float(factor)
+    return result
 
 
 def scale_targets(keys: Iterable[str]) -> list[str]:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
-from lorachunk._digest import check
-from lorachunk._exceptions import IntegrityError, StoreUnavailableError, UsageError
-from lorachunk._layout import scale_targets
+from lorachunk._digest import check, split_digest
+from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
+from lorachunk._layout import finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, cpu_threads, select_modules
 from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
@@ -408,7 +408,7 @@ def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales)
     pattern whose modules carry no delta at all is an error, as is one that matches nothing."""
     split_names = {s.name for s in manifest.splits}
     factors: dict[str, float] = {}
-    for pattern, factor in scales.items():
+    for pattern, factor in finite_scales(scales).items():
         if pattern in split_names:
             matched = set(manifest.split(pattern).modules)
         else:
@@ -419,7 +419,7 @@ def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales)
         if not any(targets.values()):
             raise UsageError(f"scale {pattern!r}: none of its modules has a tensor of a known layout to scale")
         for module in chosen:
-            factors.update(dict.fromkeys(targets.get(module.name, ()), float(factor)))
+            factors.update(dict.fromkeys(targets.get(module.name, ()), factor))
     return factors
 
 
@@ -489,10 +489,15 @@ def open(
     """
     if not isinstance(source, Store) and Path(source).is_file():
         raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
+    if root is not None:
+        try:
+            split_digest(root)
+        except ManifestError:
+            raise UsageError(f"root {root!r} is not a digest (as `lorachunk info` prints it: xxh3-128:…)") from None
     remote = is_remote(source)
     # A local load is decoding, which wants no more threads than cores: on 2 cores, decoding a
     # 239 MB LoRA took 10-13x load_file on 8 threads and 7-9x on 2 (docs/benchmarks.md).
-    threads = concurrency or (REMOTE_CONCURRENCY if remote else cpu_threads())
+    threads = concurrency if concurrency is not None else (REMOTE_CONCURRENCY if remote else cpu_threads())
     store = open_store(source, pool=threads, **store_options)
     owns = not isinstance(source, Store)
     try:

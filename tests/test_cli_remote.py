@@ -90,6 +90,10 @@ def test_cache_commands(
     assert main(["cache", "verify", "--cache-dir", str(cache)]) == 1
     assert not victim.exists()
     assert main(["cache", "prune", "--cache-dir", str(cache)]) == 2
+    for bad in ("-1MB", "inf", "1e400", "nan", "10 parsecs"):
+        assert main(["cache", "prune", f"--max-size={bad}", "--cache-dir", str(cache)]) == 2
+        assert "cannot read size" in capsys.readouterr().err
+    assert lorachunk.Cache(cache).info().shards == len(manifest.modules) - 1
     assert main(["cache", "prune", "--max-size", "10kB", "--cache-dir", str(cache)]) == 0
     assert lorachunk.Cache(cache).info().bytes <= 10_000
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0

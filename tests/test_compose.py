@@ -121,6 +121,8 @@ def test_bad_compositions(two: tuple[Path, Path], tmp_path: Path) -> None:
         lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style"), Take("s", b, "content")])
     with pytest.raises(lorachunk.UsageError, match="name no take"):
         lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style")], scales={"t": 2.0})
+    with pytest.raises(lorachunk.UsageError, match="'s' must be a finite number, got inf"):
+        lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style")], scales={"s": float("inf")})
     other = tmp_path / "sha.lcs"
     lorachunk.pack(tmp_path / "b.safetensors", other, hash="sha256")
     with pytest.raises(lorachunk.UsageError, match="one hash"):

@@ -126,6 +126,8 @@ def test_root_mismatch_fails_before_any_shard(
     wrong = manifest.root[:-4] + ("0000" if not manifest.root.endswith("0000") else "1111")
     with pytest.raises(lorachunk.IntegrityError, match="root"):
         open_http(server, tmp_path, root=wrong)
+    with pytest.raises(lorachunk.UsageError, match="'garbage' is not a digest"):
+        open_http(server, tmp_path, root="garbage")
     assert shard_gets(server) == []
     with open_http(server, tmp_path, root=manifest.root) as lora:
         assert lora.root == manifest.root
@@ -388,8 +390,12 @@ def test_scales_multiply_the_delta(tmp_path: Path) -> None:
             factor = 2.0 if key.startswith("lora_unet_up_blocks_0_") else 0.5
         expected = (tensor.float() * factor).to(tensor.dtype)
         assert torch.equal(scaled[key], expected), key
-    with lorachunk.open(tmp_path / "s") as lora, pytest.raises(lorachunk.UsageError, match="matches no"):
-        lora.load(scales={"nothing*": 2.0})
+    with lorachunk.open(tmp_path / "s") as lora:
+        with pytest.raises(lorachunk.UsageError, match="matches no"):
+            lora.load(scales={"nothing*": 2.0})
+        for bad in (float("inf"), float("nan"), "2", True):
+            with pytest.raises(lorachunk.UsageError, match="finite number"):
+                lora.load(scales={"unet": bad})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(

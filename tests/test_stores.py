@@ -144,3 +144,12 @@ def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
     with pytest.raises(lorachunk.UsageError, match="concurrency"):
         open_store("https://example.org/lora", pool=4, concurrency=0)  # and concurrency= overrides it
     open_store("https://example.org/lora", pool=4, concurrency=2).close()
+    for bad in ({"timeout": 0}, {"timeout": float("nan")}, {"retries": -1}):
+        with pytest.raises(lorachunk.UsageError, match="timeout > 0"):
+            open_store("https://example.org/lora", **bad)
+
+
+def test_open_refuses_zero_concurrency_instead_of_taking_the_default(tmp_path: Path) -> None:
+    lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", tmp_path / "s")
+    with pytest.raises(lorachunk.UsageError, match="at least 1, got 0"):
+        lorachunk.open(tmp_path / "s", concurrency=0)

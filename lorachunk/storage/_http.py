@@ -98,7 +98,7 @@ class HTTPStore(Store):
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"HTTPStore wants an http(s):// URL, got {url!r}")
-        if concurrency < 1 or retries < 0 or timeout <= 0:
+        if concurrency < 1 or retries < 0 or not timeout > 0:  # "not >": NaN is refused too
             raise UsageError("concurrency must be ≥ 1, retries ≥ 0 and timeout > 0")
         self.url = url.rstrip("/")
         self.retries = retries
