@@ -194,6 +194,8 @@ _SCALE_RULES: Final = tuple(
 def finite_scales(scales: Mapping[str, float]) -> dict[str, float]:
     """``scales`` with every factor a float; :class:`UsageError` for one that is not a finite number
     (an infinite or NaN strength would turn the weights it touches into inf or NaN)."""
+    if not isinstance(scales, Mapping):
+        raise UsageError(f"scales must map split names or module patterns to factors, got {type(scales).__name__}")
     result: dict[str, float] = {}
     for name, factor in scales.items():
         if isinstance(factor, bool) or not isinstance(factor, Real) or not math.isfinite(factor):

@@ -24,7 +24,7 @@ from lorachunk._digest import check, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._pack import Progress, cpu_threads, select_modules
+from lorachunk._pack import Progress, as_names, cpu_threads, select_modules
 from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
@@ -136,7 +136,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     def _select(
         self, splits: Iterable[str] | None, modules: Iterable[str] | None, keys: Iterable[str] | None
     ) -> tuple[list[Module], frozenset[str] | None]:
-        wanted_keys = None if keys is None else frozenset(keys)
+        wanted_keys = None if keys is None else frozenset(as_names(keys))
         chosen = select_modules(self._manifest, splits=splits or (), modules=modules or ())
         if wanted_keys is None:
             return chosen, None
@@ -163,8 +163,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
 
         Selection: ``splits`` (names), ``modules`` (globs over module names) and ``keys`` (tensor
-        keys) narrow what is loaded; with none of them, everything. ``keys`` intersects the
-        other two when given with them.
+        keys), each a list or one string, narrow what is loaded; with none of them, everything.
+        ``keys`` intersects the other two when given with them.
 
         ``dtype`` casts floating-point tensors. ``scales`` maps split names or module globs to
         strength factors: each matching module's delta is multiplied by its factor (the last

@@ -396,9 +396,14 @@ def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec
     return out
 
 
+def as_names(names: Iterable[str]) -> list[str]:
+    """A list of names; a single string is one name (``splits="unet"``), not its characters."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: Iterable[str] = ()) -> list[Module]:
     """Modules named by splits and module globs; all modules when both are empty."""
-    split_names, globs = list(splits), list(modules)
+    split_names, globs = as_names(splits), as_names(modules)
     if not split_names and not globs:
         return list(manifest.modules)
     wanted = {name for s in split_names for name in manifest.split(s).modules}

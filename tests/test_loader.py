@@ -374,6 +374,19 @@ def test_keys_dtype_and_iter(tmp_path: Path) -> None:
             lora.load(splits=["missing"])
         with pytest.raises(lorachunk.UsageError):
             lora.load(device="tpu")
+        # A single name may be a bare string: one name, not its characters.
+        assert list(lora.load(keys=keys[0])) == keys[:1]
+
+
+def test_a_bare_string_is_one_split_or_pattern(falcon: Path, tmp_path: Path) -> None:
+    lorachunk.pack(falcon, tmp_path / "s")
+    with lorachunk.open(tmp_path / "s") as lora:
+        assert lora.load(splits="text_encoder").keys() == lora.load(splits=["text_encoder"]).keys()
+        assert lora.load(modules="lora_te_*").keys() == lora.load(splits=["text_encoder"]).keys()
+        with pytest.raises(lorachunk.UsageError, match="scales must map"):
+            lora.load(scales=[("unet", 0.5)])  # type: ignore[arg-type]
+    lorachunk.unpack(tmp_path / "s", tmp_path / "te.safetensors", splits="text_encoder")
+    assert all(k.startswith("lora_te_") for k in load_file(tmp_path / "te.safetensors"))
 
 
 def test_scales_multiply_the_delta(tmp_path: Path) -> None:
