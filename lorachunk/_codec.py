@@ -87,8 +87,8 @@ class BytePlaneZstd(Codec):
     OPTIMAL_LEVEL: ClassVar[int] = 16
 
     def __init__(self, *, level: int = DEFAULT_LEVEL, params: Mapping[str, int] | None = None) -> None:
-        if not 1 <= level <= 22:
-            raise ValueError(f"zstd level must be 1..22, got {level}")
+        if not _is_int(level) or not 1 <= level <= 22:
+            raise ValueError(f"zstd level must be an int in 1..22, got {level!r}")
         unknown = set(params or {}) - _PARAM_NAMES
         if unknown:
             raise ValueError(f"unknown zstd parameters {sorted(unknown)}; known: {sorted(_PARAM_NAMES)}")
@@ -99,7 +99,8 @@ class BytePlaneZstd(Codec):
     @classmethod
     def for_level(cls, level: int = DEFAULT_LEVEL) -> BytePlaneZstd:
         """The codec :func:`lorachunk.pack` uses at ``level``."""
-        return cls(level=level, params=cls.PLANE_PARAMS if level < cls.OPTIMAL_LEVEL else None)
+        fast = _is_int(level) and level < cls.OPTIMAL_LEVEL  # the constructor refuses a bad level
+        return cls(level=level, params=cls.PLANE_PARAMS if fast else None)
 
     def get_config(self) -> dict[str, object]:
         config: dict[str, object] = {"id": self.codec_id, "level": self.level}

@@ -155,14 +155,22 @@ def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
     return splits
 
 
+def as_names(names: Iterable[str]) -> list[str]:
+    """A list of names; a single string is one name (``splits="unet"``), not its characters."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
-    """Splits from ``{name: [glob, …]}``, matched against module names (fnmatch, case-sensitive)."""
+    """Splits from ``{name: [glob, …]}`` (or ``{name: glob}``), matched against module names
+    (fnmatch, case-sensitive)."""
+    if not isinstance(patterns, Mapping):
+        raise UsageError(f"splits must map split names to globs, got {type(patterns).__name__}")
     names = list(modules)
     splits: dict[str, tuple[str, list[str]]] = {}
     for name, globs in patterns.items():
-        if not name or name != name.strip():
-            raise UsageError(f"split name {name!r} is empty or has surrounding spaces")
-        patterns_of_split = list(globs)
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise UsageError(f"split name {name!r} must be a non-empty string without surrounding spaces")
+        patterns_of_split = as_names(globs)
         members = [m for m in names if any(fnmatchcase(m, g) for g in patterns_of_split)]
         if not members:
             raise UsageError(f"split {name!r}: {', '.join(patterns_of_split)} matches no module")

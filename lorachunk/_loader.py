@@ -22,9 +22,9 @@ from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
-from lorachunk._layout import finite_scales, scale_targets
+from lorachunk._layout import as_names, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._pack import Progress, as_names, cpu_threads, select_modules
+from lorachunk._pack import Progress, cpu_threads, select_modules
 from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote

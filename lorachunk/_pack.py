@@ -26,7 +26,7 @@ from lorachunk._exceptions import (
     StoreError,
     UsageError,
 )
-from lorachunk._layout import auto_splits, module_of, user_splits
+from lorachunk._layout import as_names, auto_splits, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
     MAX_SHARD_RAW_BYTES,
@@ -105,8 +105,8 @@ def pack(
     Parameters
     ----------
     splits:
-        Extra named splits, ``{name: [glob, …]}`` over module names; they add to (and on a name
-        clash replace) the automatic ones.
+        Extra named splits, ``{name: [glob, …]}`` (or ``{name: glob}``) over module names; they
+        add to (and on a name clash replace) the automatic ones.
     level:
         zstd level for the shards (1 to 22). Levels below 16 share one fast match finder tuned
         for byte planes, so they give nearly the same bytes; 16 and up use zstd's optimal parser,
@@ -394,11 +394,6 @@ def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec
     )
     check(module.raw, out, what=f"module {module.name!r} after decoding")
     return out
-
-
-def as_names(names: Iterable[str]) -> list[str]:
-    """A list of names; a single string is one name (``splits="unet"``), not its characters."""
-    return [names] if isinstance(names, str) else list(names)
 
 
 def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: Iterable[str] = ()) -> list[Module]:

@@ -58,7 +58,7 @@ def test_cli_info_json(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", "--split", "bad"]) == 2
     assert "NAME=GLOB" in capsys.readouterr().err
-    for option, message in (("--level=0", "level must be 1..22"), ("--level=23", "got 23")):
+    for option, message in (("--level=0", "level must be an int in 1..22"), ("--level=23", "got 23")):
         assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", option]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

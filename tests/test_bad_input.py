@@ -108,7 +108,12 @@ def test_dest_that_is_a_file(falcon: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"level": 0}, "level must be 1..22"), ({"level": 40}, "got 40"), ({"hash": "md5"}, "unknown hash algorithm")],
+    [
+        ({"level": 0}, "level must be an int in 1..22"),
+        ({"level": 40}, "got 40"),
+        ({"level": "3"}, "got '3'"),
+        ({"hash": "md5"}, "unknown hash algorithm"),
+    ],
 )
 def test_bad_pack_options_are_usage_errors(options: dict[str, Any], message: str, falcon: Path, tmp_path: Path) -> None:
     with pytest.raises(lorachunk.UsageError, match=message) as caught:

@@ -137,7 +137,13 @@ def test_user_splits(falcon: Path, tmp_path: Path) -> None:
     assert manifest.split("te").root == manifest.split("text_encoder").root
     with pytest.raises(lorachunk.UsageError, match="matches no module"):
         lorachunk.pack(falcon, tmp_path / "t", splits={"typo": ["lora_nothing*"]})
+    for bad, message in ((["attn=*attn*"], "must map split names"), ({" attn": "*"}, "non-empty string")):
+        with pytest.raises(lorachunk.UsageError, match=message):
+            lorachunk.pack(falcon, tmp_path / "t", splits=bad)  # type: ignore[arg-type]
     assert not (tmp_path / "t").exists()
+    # One glob may be a bare string, which is that glob and not its characters.
+    single = lorachunk.pack(falcon, tmp_path / "u", splits={"attn": "*attn*"})
+    assert single.split("attn").modules == manifest.split("attn").modules
 
 
 def test_interleaved_modules_roundtrip(tmp_path: Path) -> None:
