@@ -103,6 +103,8 @@ class Cache:
     def __init__(
         self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None, decoded: bool | None = None
     ) -> None:
+        if max_size is not None and max_size < 0:
+            raise UsageError(f"max_size must be 0 or more bytes, got {max_size}")
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size = max_size
         self.decoded = decoded if decoded is not None else os.environ.get("LORACHUNK_CACHE_DECODED", "1") != "0"

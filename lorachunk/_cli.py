@@ -17,8 +17,15 @@ import lorachunk
 from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
-from lorachunk._pack import Progress, as_store
-from lorachunk._repository import list_manifest_ids, manifest_key, read_manifest, read_stored_manifest, resolve
+from lorachunk._pack import Progress
+from lorachunk._repository import (
+    as_store,
+    list_manifest_ids,
+    manifest_key,
+    read_manifest,
+    read_stored_manifest,
+    resolve,
+)
 from lorachunk.storage import Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3

@@ -22,10 +22,9 @@ from typing import BinaryIO, Final
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._digest import check, digest
 from lorachunk._exceptions import StoreError, UsageError
-from lorachunk._layout import auto_splits, finite_scales, scale_targets
+from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
-from lorachunk._pack import as_store
-from lorachunk._repository import read_manifest, read_shard, shard_key, write_manifest
+from lorachunk._repository import as_store, read_manifest, read_shard, shard_key, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk.storage import Store
 
@@ -76,12 +75,15 @@ def compose(
     ``scales`` maps take names to strengths baked into the new LoRA. Two takes claiming the same
     module is a :class:`UsageError` unless one of them is in ``prefer`` (earlier wins). Every take
     becomes a split of the result (``kind: part``) next to the automatic ones. ``name`` is the
-    file name ``unpack`` gives the result.
+    result's source file name, as ``info`` shows it.
 
     Example: ``compose("mix.lcs", [Take("style", "a.lcs", "style"), Take("content", "b.lcs", "content")])``
     """
     if not takes:
         raise UsageError("compose needs at least one --take")
+    if not all(isinstance(t, Take) for t in takes):
+        raise UsageError("compose takes a list of Take(name, source, split)")
+    prefer = as_names(prefer)
     names = [t.name for t in takes]
     if len(set(names)) != len(names):
         raise UsageError(f"take names must be unique, got {names}")

@@ -41,6 +41,7 @@ from lorachunk._manifest import (
 from lorachunk._repository import (
     LATEST,
     LATEST_MANIFEST,
+    as_store,
     latest_id,
     list_manifest_ids,
     no_lora_error,
@@ -52,7 +53,7 @@ from lorachunk._repository import (
     write_manifest,
 )
 from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
-from lorachunk.storage import Store, open_store
+from lorachunk.storage import Store
 from lorachunk.storage._local import write_atomic
 
 __all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
@@ -75,17 +76,6 @@ def cpu_threads() -> int:
     """Threads for encoding and decoding: ``LORACHUNK_THREADS`` or the CPU count, at most 8."""
     configured = os.environ.get("LORACHUNK_THREADS", "")
     return max(1, int(configured)) if configured.isdigit() else min(8, os.cpu_count() or 1)
-
-
-@contextmanager
-def as_store(dest: str | os.PathLike[str] | Store) -> Iterator[Store]:
-    """A store from a folder, a URL (``http(s)://``, fsspec) or a :class:`Store`; closed after
-    use only if this opened it."""
-    if isinstance(dest, Store):
-        yield dest
-        return
-    with open_store(dest) as store:
-        yield store
 
 
 def pack(

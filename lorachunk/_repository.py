@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Final
 
 import zstandard
@@ -19,7 +22,7 @@ import zstandard
 from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
-from lorachunk.storage import ByteRange, LocalStore, Store
+from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 
 __all__ = [
     "LATEST",
@@ -122,13 +125,30 @@ def resolve(store: Store, selector: str | None) -> str:
     return matches[0]
 
 
-def read_manifest(store: Store, selector: str | None = None) -> Manifest:
-    """Read and fully validate a manifest (the latest unless ``selector`` names one).
+@contextmanager
+def as_store(dest: str | os.PathLike[str] | Store) -> Iterator[Store]:
+    """A store from a folder, a URL (``http(s)://``, fsspec) or a :class:`Store`; closed after
+    use only if this opened it."""
+    if isinstance(dest, Store):
+        yield dest
+        return
+    with open_store(dest) as store:
+        yield store
+
+
+def read_manifest(source: str | os.PathLike[str] | Store, selector: str | None = None) -> Manifest:
+    """Read and fully validate a manifest (the latest unless ``selector`` names one) of
+    ``source``, a folder, a URL or a :class:`Store`.
 
     The latest is read from its copy in ``refs/latest.json.zst``: one request instead of two
     (the ref, then the manifest), which on a link with long round trips is a good part of a
     small load. Stores written before the copy existed fall back to the ref.
     """
+    with as_store(source) as store:
+        return _read_manifest(store, selector)
+
+
+def _read_manifest(store: Store, selector: str | None) -> Manifest:
     if selector is None:
         try:
             stored = read_stored_manifest(store, LATEST_MANIFEST)

@@ -73,6 +73,9 @@ def test_two_takes_of_one_module_need_prefer(two: tuple[Path, Path], tmp_path: P
     rest_a = {k: v for k, v in lorachunk.load(a).items() if k not in style_b}
     assert all(torch.equal(got[k], v) for k, v in (rest_a | style_b).items())
     assert got.keys() == rest_a.keys() | style_b.keys()
+    # prefer as one bare name means that name
+    by_string = lorachunk.compose(tmp_path / "y.lcs", takes, prefer="style")
+    assert by_string.root == lorachunk.read_manifest(tmp_path / "x.lcs").root
 
 
 def test_scale_is_baked_in_like_a_load_time_scale(two: tuple[Path, Path], tmp_path: Path) -> None:
@@ -121,6 +124,8 @@ def test_bad_compositions(two: tuple[Path, Path], tmp_path: Path) -> None:
         lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style"), Take("s", b, "content")])
     with pytest.raises(lorachunk.UsageError, match="name no take"):
         lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style")], scales={"t": 2.0})
+    with pytest.raises(lorachunk.UsageError, match="list of Take"):
+        lorachunk.compose(tmp_path / "x.lcs", [a])  # type: ignore[list-item]
     with pytest.raises(lorachunk.UsageError, match="'s' must be a finite number, got inf"):
         lorachunk.compose(tmp_path / "x.lcs", [Take("s", a, "style")], scales={"s": float("inf")})
     other = tmp_path / "sha.lcs"

@@ -638,6 +638,8 @@ def test_retry_after_forms() -> None:
 def test_cache_size_cap_holds_after_a_load(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
     server, manifest = published
     cap = manifest.stored_size // 3
+    with pytest.raises(lorachunk.UsageError, match="0 or more"):
+        lorachunk.Cache(tmp_path / "capped", max_size=-1)
     cache = lorachunk.Cache(tmp_path / "capped", max_size=cap)
     with lorachunk.open(server.url, cache=cache, retries=1) as lora:
         got = lora.load()
