@@ -87,6 +87,8 @@ class FolderServer(ThreadingHTTPServer):
         self.faults: list[Fault] = []
         self.log: list[Request] = []
         self.required_header: tuple[str, str] | None = None
+        #: A query every request must carry (a signed-URL token); 403 without it.
+        self.required_query: str | None = None
         self.lock = threading.Lock()
 
     @property
@@ -141,7 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
         if required is not None and self.headers.get(required[0]) != required[1]:
             self._status(401)
             return
-        fault = self.server.take_fault(self.path)
+        target, _, query = self.path.partition("?")
+        if self.server.required_query is not None and query != self.server.required_query:
+            self._status(403)
+            return
+        fault = self.server.take_fault(target)
         if fault is not None and fault.kind == "stall":
             time.sleep(fault.seconds)
         if fault is not None and fault.kind == "reset":
@@ -155,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "endless":
             self._endless(request, fault.limit)
             return
-        path = (self.server.root / self.path.lstrip("/")).resolve()
+        path = (self.server.root / target.lstrip("/")).resolve()
         if self.server.root.resolve() not in path.parents or not path.is_file():
             self._status(404)
             return

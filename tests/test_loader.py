@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk._repository import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
+from lorachunk.storage import open_store
 
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
 DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
@@ -295,6 +296,29 @@ def test_auth_headers_are_sent_and_never_shown(
     assert "401" in str(caught.value) and "s3cret" not in str(caught.value)
     with open_http(server, tmp_path, headers={"Authorization": "Bearer s3cret-token"}) as lora:
         assert len(lora.load()) == len(lora)
+
+
+def test_a_signed_url_query_goes_on_every_object_and_is_never_shown(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    server, manifest = published
+    server.required_query = "sig=s3cret&exp=9"
+    with pytest.raises(lorachunk.AuthenticationError) as caught:
+        lorachunk.open(server.url + "/?sig=wrong", cache=False, retries=0)
+    assert "403" in str(caught.value) and "wrong" not in str(caught.value)
+    with lorachunk.open(server.url + "/?sig=s3cret&exp=9", cache=False) as lora:
+        assert len(lora.load()) == len(lora)
+        assert "s3cret" not in repr(lora.store) and "…" in repr(lora.store)
+    assert {r.path.partition("?")[2] for r in server.gets()} == {"sig=wrong", "sig=s3cret&exp=9"}
+    assert len(server.gets("/shards/")) == len(manifest.modules)
+
+
+def test_user_info_in_a_url_is_never_shown(tmp_path: Path) -> None:
+    store = open_store("http://me:pa55word@127.0.0.1:9/lora", retries=0, timeout=1)
+    assert "pa55word" not in repr(store) and "me:" not in repr(store)
+    with pytest.raises(lorachunk.StoreUnavailableError) as caught:
+        store.get("refs/latest")
+    assert "pa55word" not in str(caught.value) and "***@127.0.0.1:9/lora/refs/latest" in str(caught.value)
 
 
 def test_rate_cap(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:

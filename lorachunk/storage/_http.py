@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Final
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -58,7 +59,9 @@ class HTTPStore(Store):
     Parameters
     ----------
     url:
-        The address of the packed folder, e.g. ``https://cdn.example.org/loras/my_lora``.
+        The address of the packed folder, e.g. ``https://cdn.example.org/loras/my_lora``. A
+        query (``?sig=…``, a signed URL's token) is sent with every object's URL; it and any
+        ``user:password@`` are never shown in messages.
     headers:
         Sent with every request (e.g. ``{"Authorization": "Bearer …"}``); never logged or put
         in an error message.
@@ -100,7 +103,10 @@ class HTTPStore(Store):
             raise UsageError(f"HTTPStore wants an http(s):// URL, got {url!r}")
         if concurrency < 1 or retries < 0 or not timeout > 0:  # "not >": NaN is refused too
             raise UsageError("concurrency must be ≥ 1, retries ≥ 0 and timeout > 0")
-        self.url = url.rstrip("/")
+        # A query (a signed-URL token) goes on every object's URL, after the object's path.
+        parts = urlsplit(url)
+        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        self._query = f"?{parts.query}" if parts.query else ""
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -119,12 +125,16 @@ class HTTPStore(Store):
         )
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        return self.fetch(f"{self.url}/{check_key(key)}", byte_range)[0]
+        return self.fetch(self._object_url(key), byte_range)[0]
+
+    def _object_url(self, key: str) -> str:
+        return f"{self.url}/{check_key(key)}{self._query}"
 
     def fetch(self, url: str, byte_range: ByteRange | None = None) -> tuple[bytes, Mapping[str, str]]:
         """:meth:`get` for any URL on this store's client, with the headers of the responses on
         the way, redirects first and the final response last (the Hub sends ``X-Repo-Commit``
         on the redirect to its CDN). Same retries, resume and errors."""
+        shown = shown_url(url)
         start = 0 if byte_range is None else byte_range.start
         end = None if byte_range is None else byte_range.end
         if end is not None and end == start:
@@ -145,9 +155,9 @@ class HTTPStore(Store):
                 with self._client.stream("GET", url, headers=headers) as response:
                     status = response.status_code
                     if status == 404:
-                        raise ShardNotFoundError(f"{url}: not found (404)")
+                        raise ShardNotFoundError(f"{shown}: not found (404)")
                     if status in (401, 403):
-                        raise AuthenticationError(f"{url}: credentials refused (HTTP {status})")
+                        raise AuthenticationError(f"{shown}: credentials refused (HTTP {status})")
                     if status in _RETRY_STATUS:
                         last_error = f"HTTP {status}"
                         hint = _retry_after(response.headers.get("Retry-After"))
@@ -157,13 +167,13 @@ class HTTPStore(Store):
                         received.clear()
                         skip, size = start, _int(response.headers.get("Content-Length"))
                     elif status == 206:
-                        size = _check_content_range(response.headers.get("Content-Range"), offset, url)
+                        size = _check_content_range(response.headers.get("Content-Range"), offset, shown)
                         skip = 0
                     elif status == 416 and _unsatisfiable(response.headers.get("Content-Range"), offset, start, end):
                         end = offset if end is not None else None
                         break  # the range starts at or past the end of the object: nothing more to read
                     else:
-                        raise StoreError(f"{url}: unexpected HTTP {status}")
+                        raise StoreError(f"{shown}: unexpected HTTP {status}")
                     if end is not None and size is not None and size < end:
                         end = max(size, start)  # like a file, a range past the end yields what there is
                     headers_seen = httpx.Headers()
@@ -175,12 +185,12 @@ class HTTPStore(Store):
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
             except httpx.HTTPError as exc:
-                raise StoreError(f"{url}: {exc}") from exc
+                raise StoreError(f"{shown}: {exc}") from exc
         else:
-            raise StoreUnavailableError(f"{url}: gave up after {self.retries + 1} attempts (last: {last_error})")
+            raise StoreUnavailableError(f"{shown}: gave up after {self.retries + 1} attempts (last: {last_error})")
         data = b"".join(received)
         if end is not None and len(data) != end - start:
-            raise StoreError(f"{url}: expected {end - start} bytes, got {len(data)}")
+            raise StoreError(f"{shown}: expected {end - start} bytes, got {len(data)}")
         return data, headers_seen
 
     def _read_body(self, response: httpx.Response, received: list[bytes], *, skip: int, want: int | None) -> None:
@@ -211,7 +221,8 @@ class HTTPStore(Store):
         raise UsageError(f"{self!r} is read-only")
 
     def exists(self, key: str) -> bool:
-        url = f"{self.url}/{check_key(key)}"
+        url = self._object_url(key)
+        shown = shown_url(url)
         hint = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -228,11 +239,11 @@ class HTTPStore(Store):
             if status in (404, 410):
                 return False
             if status in (401, 403):
-                raise AuthenticationError(f"{url}: credentials refused (HTTP {status})")
+                raise AuthenticationError(f"{shown}: credentials refused (HTTP {status})")
             if status >= 300:
-                raise StoreError(f"{url}: unexpected HTTP {status}")
+                raise StoreError(f"{shown}: unexpected HTTP {status}")
             return True
-        raise StoreUnavailableError(f"{url}: gave up after {self.retries + 1} attempts")
+        raise StoreUnavailableError(f"{shown}: gave up after {self.retries + 1} attempts")
 
     def list_prefix(self, prefix: str) -> Iterator[str]:
         raise UsageError(f"{self!r} cannot list objects; name the manifest by its full id")
@@ -241,13 +252,21 @@ class HTTPStore(Store):
         self._client.close()
 
     def __repr__(self) -> str:
-        return f"HTTPStore({self.url!r})"
+        return f"HTTPStore({shown_url(self.url + self._query)!r})"
 
 
 def is_network_error(exc: BaseException) -> bool:
     """Whether ``exc`` is httpx's word for a failed connection or exchange (for callers of
     libraries built on httpx, such as huggingface_hub, which must not import httpx themselves)."""
     return isinstance(exc, httpx.HTTPError)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages show it: without user info or query, either of which may hold a secret."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
 def _check_content_range(value: str | None, offset: int, url: str) -> int | None:
