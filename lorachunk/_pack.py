@@ -52,7 +52,15 @@ from lorachunk._repository import (
     shard_key,
     write_manifest,
 )
-from lorachunk._safetensors import SafetensorsLayout, TensorInfo, encode_header, parse_header, read_header_length
+from lorachunk._safetensors import (
+    SafetensorsLayout,
+    TensorInfo,
+    encode_header,
+    header_json,
+    padded,
+    parse_header,
+    read_header_length,
+)
 from lorachunk.storage import Store
 from lorachunk.storage._local import write_atomic
 
@@ -187,8 +195,9 @@ def _source(path: Path, size: int, sha256: str, layout: SafetensorsLayout, modul
     order = order_runs(flat, [t.key for t in layout.tensors])
     by_key = {t.key: t for t in layout.tensors}
     file_order = [by_key[flat[i]] for first, count in order for i in range(first, first + count)]
+    text = header_json(file_order, layout.metadata)
     for align in (8, 1):
-        if encode_header(file_order, layout.metadata, align=align)[8:] == layout.header:
+        if padded(text, align) == layout.header:
             return Source(path.name, size, f"sha256:{sha256}", layout.metadata, order, align, None)
     # Written by something other than the safetensors library: keep the header text verbatim.
     return Source(path.name, size, f"sha256:{sha256}", layout.metadata, order, 8, layout.header.decode())

@@ -164,6 +164,17 @@ def encode_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | N
     safetensors 0.3; older writers did not pad, ``align=1``); the result includes the 8-byte
     length prefix.
     """
+    text = padded(header_json(tensors, metadata), align)
+    return struct.pack("<Q", len(text)) + text
+
+
+def padded(text: bytes, align: int) -> bytes:
+    """Header text padded with spaces to a multiple of ``align`` bytes, as safetensors pads it."""
+    return text + b" " * (-len(text) % align)
+
+
+def header_json(tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | None) -> bytes:
+    """The JSON text of :func:`encode_header`, before padding and the length prefix."""
     entries: dict[str, object] = {}
     if metadata is not None:
         entries["__metadata__"] = dict(sorted(metadata.items()))
@@ -175,6 +186,4 @@ def encode_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str] | N
             "data_offsets": [position, position + tensor.length],
         }
         position += tensor.length
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % align)
-    return struct.pack("<Q", len(text)) + text
+    return json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
