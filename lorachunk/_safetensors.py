@@ -90,11 +90,28 @@ def read_header_length(prefix: bytes, *, file_size: int) -> int:
     if len(prefix) < _LENGTH_PREFIX:
         raise FormatError(f"not a safetensors file: {file_size} bytes is too short for the 8-byte header length")
     (length,) = struct.unpack("<Q", prefix[:_LENGTH_PREFIX])
+    kind = next((name for magic, name in _OTHER_FORMATS if prefix.startswith(magic)), None)
+    if kind is not None and (length > MAX_HEADER_BYTES or _LENGTH_PREFIX + length > file_size):
+        raise FormatError(f"not a safetensors file: it looks like {kind}")
     if length > MAX_HEADER_BYTES:
         raise FormatError(f"header of {length} bytes is over the {MAX_HEADER_BYTES}-byte cap")
     if _LENGTH_PREFIX + length > file_size:
         raise FormatError(f"header length {length} runs past the end of the {file_size}-byte file (truncated?)")
     return int(length)
+
+
+#: What a file that is not safetensors usually is, by its first bytes; only named when the
+#: header length those bytes make is impossible anyway.
+_CHECKPOINT: Final = "a PyTorch checkpoint (pickle); convert it to .safetensors first"
+_OTHER_FORMATS: Final = (
+    (b"PK\x03\x04", "a zip archive, as a PyTorch .bin/.pt/.ckpt is; convert it to .safetensors first"),
+    (b"\x80\x02", _CHECKPOINT),
+    (b"\x80\x03", _CHECKPOINT),
+    (b"\x80\x04", _CHECKPOINT),
+    (b"\x80\x05", _CHECKPOINT),
+    (b"GGUF", "a GGUF file; lorachunk reads .safetensors"),
+    (b"{", "JSON text, not a weights file"),
+)
 
 
 def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:

@@ -29,7 +29,10 @@ _U8 = b'{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
 
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty file": (lambda d: _write(d, b""), "too short"),
-    "not safetensors": (lambda d: _write(d, b"PK\x03\x04 this is a zip file, not a LoRA"), "over the"),
+    "not safetensors": (lambda d: _write(d, b"\x01\x02 something else entirely, not a LoRA"), "over the"),
+    "a PyTorch zip": (lambda d: _write(d, b"PK\x03\x04 this is a zip file, not a LoRA"), "zip archive"),
+    "a pickle": (lambda d: _write(d, b"\x80\x02}q\x00(X\x05\x00\x00\x00alpha"), "PyTorch checkpoint"),
+    "a GGUF file": (lambda d: _write(d, b"GGUF\x03\x00\x00\x00" + bytes(24)), "GGUF"),
     "header past end": (lambda d: _write(d, struct.pack("<Q", 5000) + b"{}"), "past the end"),
     "truncated data": (lambda d: _write(d, _file(GOOD, b"\x00" * 5)), "truncated"),
     "trailing bytes": (lambda d: _write(d, _file(GOOD, b"\x00" * 12)), "trailing"),
