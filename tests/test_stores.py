@@ -149,6 +149,14 @@ def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
             open_store("https://example.org/lora", **bad)
 
 
+def test_credentials_in_an_fsspec_url_are_never_shown() -> None:
+    store = open_store("memory://me:pa55word@bucket/lora")
+    with pytest.raises(lorachunk.ShardNotFoundError) as caught:
+        store.get("refs/latest")
+    assert "pa55word" not in repr(store) + str(caught.value)
+    assert "memory://***@bucket/lora/refs/latest" in str(caught.value)
+
+
 def test_open_refuses_zero_concurrency_instead_of_taking_the_default(tmp_path: Path) -> None:
     lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", tmp_path / "s")
     with pytest.raises(lorachunk.UsageError, match="at least 1, got 0"):

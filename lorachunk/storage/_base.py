@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
+from urllib.parse import urlsplit, urlunsplit
 
 from lorachunk._exceptions import UsageError
 
@@ -17,6 +18,14 @@ __all__ = ["ByteRange", "Store", "check_key"]
 # Keys are relative POSIX paths of plain names: no "..", no absolute paths, no backslashes, so a
 # hostile manifest or ref cannot make a store touch anything outside its root.
 _KEY: Final = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as messages show it: without user info or query, either of which may hold a secret."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{host}" if "@" in parts.netloc else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
 def check_key(key: str) -> str:

@@ -8,7 +8,7 @@ from contextlib import suppress
 from typing import Any
 
 from lorachunk._exceptions import ShardNotFoundError, StoreError, UsageError
-from lorachunk.storage._base import ByteRange, Store, check_key
+from lorachunk.storage._base import ByteRange, Store, check_key, shown_url
 
 __all__ = ["FsspecStore"]
 
@@ -29,12 +29,13 @@ class FsspecStore(Store):
         try:
             import fsspec
         except ImportError:
-            raise UsageError(f"{url!r} needs fsspec: pip install 'lorachunk[fsspec]'") from None
+            raise UsageError(f"{shown_url(url)!r} needs fsspec: pip install 'lorachunk[fsspec]'") from None
         try:
             self.fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except (ImportError, ValueError) as exc:
-            raise UsageError(f"cannot open {url!r} with fsspec: {exc}") from exc
-        self.url = url
+            raise UsageError(f"cannot open {shown_url(url)!r} with fsspec: {exc}") from exc
+        #: As messages show it: credentials in a URL (``ftp://me:pw@host/x``) never appear.
+        self.url = shown_url(url)
         self.path = str(path).rstrip("/")
 
     def _path(self, key: str) -> str:

@@ -24,7 +24,7 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
-from lorachunk.storage._base import ByteRange, Store, check_key
+from lorachunk.storage._base import ByteRange, Store, check_key, shown_url
 
 __all__ = ["HTTPStore", "RateLimiter", "is_network_error"]
 
@@ -259,14 +259,6 @@ def is_network_error(exc: BaseException) -> bool:
     """Whether ``exc`` is httpx's word for a failed connection or exchange (for callers of
     libraries built on httpx, such as huggingface_hub, which must not import httpx themselves)."""
     return isinstance(exc, httpx.HTTPError)
-
-
-def shown_url(url: str) -> str:
-    """``url`` as messages show it: without user info or query, either of which may hold a secret."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{host}" if "@" in parts.netloc else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "…" if parts.query else "", ""))
 
 
 def _check_content_range(value: str | None, offset: int, url: str) -> int | None:
