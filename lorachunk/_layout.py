@@ -155,6 +155,14 @@ def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
     return splits
 
 
+def matching(names: Iterable[str], pattern: str) -> list[str]:
+    """The names ``pattern`` selects: the one it spells exactly, if there is one, else those it
+    matches as a glob. A module name may hold ``[``, ``*`` or ``?``; naming it exactly selects it
+    alone."""
+    names = list(names)
+    return [pattern] if pattern in names else [n for n in names if fnmatchcase(n, pattern)]
+
+
 def as_names(names: Iterable[str]) -> list[str]:
     """A list of names; a single string is one name (``splits="unet"``), not its characters."""
     return [names] if isinstance(names, str) else list(names)
@@ -171,7 +179,8 @@ def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -
         if not isinstance(name, str) or not name or name != name.strip():
             raise UsageError(f"split name {name!r} must be a non-empty string without surrounding spaces")
         patterns_of_split = as_names(globs)
-        members = [m for m in names if any(fnmatchcase(m, g) for g in patterns_of_split)]
+        chosen = {n for g in patterns_of_split for n in matching(names, g)}
+        members = [m for m in names if m in chosen]
         if not members:
             raise UsageError(f"split {name!r}: {', '.join(patterns_of_split)} matches no module")
         splits[name] = ("user", members)

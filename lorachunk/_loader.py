@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from itertools import islice
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -22,7 +21,7 @@ from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
-from lorachunk._layout import as_names, finite_scales, scale_targets
+from lorachunk._layout import as_names, finite_scales, matching, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, cpu_threads, select_modules
 from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
@@ -412,7 +411,7 @@ def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales)
         if pattern in split_names:
             matched = set(manifest.split(pattern).modules)
         else:
-            matched = {m.name for m in manifest.modules if fnmatchcase(m.name, pattern)}
+            matched = set(matching((m.name for m in manifest.modules), pattern))
             if not matched:
                 raise UsageError(f"scale {pattern!r} names no split and matches no module")
         targets = {m.name: scale_targets(t.key for t in m.tensors) for m in manifest.modules if m.name in matched}

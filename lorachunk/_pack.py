@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO, Final, Literal, TypeVar
 
@@ -26,7 +25,7 @@ from lorachunk._exceptions import (
     StoreError,
     UsageError,
 )
-from lorachunk._layout import as_names, auto_splits, module_of, user_splits
+from lorachunk._layout import as_names, auto_splits, matching, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
     MAX_SHARD_RAW_BYTES,
@@ -402,7 +401,7 @@ def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: I
         return list(manifest.modules)
     wanted = {name for s in split_names for name in manifest.split(s).modules}
     for glob in globs:
-        matched = {m.name for m in manifest.modules if fnmatchcase(m.name, glob)}
+        matched = set(matching((m.name for m in manifest.modules), glob))
         if not matched:
             raise UsageError(f"module pattern {glob!r} matches no module")
         wanted |= matched

@@ -160,3 +160,15 @@ def test_interleaved_modules_roundtrip(tmp_path: Path) -> None:
     manifest = lorachunk.pack(src, tmp_path / "store")
     assert len(manifest.source.order) > 1  # the file order is not module order
     assert lorachunk.unpack(tmp_path / "store", tmp_path / "out.safetensors").read_bytes() == src.read_bytes()
+
+
+def test_a_module_named_with_glob_characters_is_selected_by_its_name(tmp_path: Path) -> None:
+    """Hypothesis found it: a name holding ``[0]`` read as a glob matched nothing (synthetic)."""
+    up, down = ("F16", (2,), bytes(4)), ("F16", (2,), b"\x01\x00\x02\x00")
+    tensors = {"w[0].lora_up.weight": up, "w[0].lora_down.weight": down, "w0.lora_up.weight": up}
+    src = synth.write(tmp_path / "x.safetensors", tensors)
+    manifest = lorachunk.pack(src, tmp_path / "s", splits={"first": ["w[0]"]})
+    assert manifest.split("first").modules == ("w[0]",)  # the exact name, not the glob's w0
+    part = lorachunk.unpack(tmp_path / "s", tmp_path / "part.safetensors", modules=["w[0]"])
+    assert sorted(load_file(part)) == ["w[0].lora_down.weight", "w[0].lora_up.weight"]
+    assert sorted(lorachunk.load(tmp_path / "s", modules="w[0]")) == sorted(load_file(part))
