@@ -100,7 +100,7 @@ class HTTPStore(Store):
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise UsageError(f"HTTPStore wants an http(s):// URL, got {url!r}")
+            raise UsageError(f"HTTPStore wants an http(s):// URL, got {shown_url(url)!r}")
         if concurrency < 1 or retries < 0 or not timeout > 0:  # "not >": NaN is refused too
             raise UsageError("concurrency must be ≥ 1, retries ≥ 0 and timeout > 0")
         # A query (a signed-URL token) goes on every object's URL, after the object's path.
