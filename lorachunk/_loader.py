@@ -165,6 +165,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         keys), each a list or one string, narrow what is loaded; with none of them, everything.
         ``keys`` intersects the other two when given with them.
 
+        ``device`` is ``"cpu"``, ``"cuda[:N]"`` (shards go straight to the GPU) or any other
+        device torch has, such as ``"mps"`` (decoded on the host, then copied).
         ``dtype`` casts floating-point tensors. ``scales`` maps split names or module globs to
         strength factors: each matching module's delta is multiplied by its factor (the last
         matching entry wins); docs/loading.md lists which tensor carries the delta per layout.

@@ -1,6 +1,6 @@
-"""Where decoded module bytes become torch tensors, on the CPU or a CUDA device. The only module importing torch.
+"""Where decoded module bytes become torch tensors, on the CPU or any torch device. The only module importing torch.
 
-Two placers share one interface: a worker thread calls ``stage`` (decode a verified shard into a
+Three placers share one interface: a worker thread calls ``stage`` (decode a verified shard into a
 host buffer; runs in parallel, zstd releases the GIL) and the consuming thread calls ``finish``
 (turn the staged bytes into tensors on the device).
 
@@ -10,6 +10,8 @@ host buffer; runs in parallel, zstd releases the GIL) and the consuming thread c
   to the device with ``non_blocking`` on a side stream while workers decode the next shards, and
   un-groups the planes on the GPU, so tensors are created on the device with no CPU-side copy.
   Host memory stays at a few staging buffers, whatever the LoRA's size.
+* :class:`CopyPlacer`, for any other device torch has (Apple's ``mps``, ``xpu``, …), decodes as
+  the CPU placer does and copies each tensor to the device.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
 
-__all__ = ["CPUPlacer", "CUDAPlacer", "Placer", "make_placer", "scale_", "scale_bytes"]
+__all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "scale_", "scale_bytes"]
 
 DTYPES: Final[dict[str, torch.dtype]] = {
     "BOOL": torch.bool,
@@ -155,6 +157,17 @@ class CPUPlacer(Placer):
         return iter(staged.placed)
 
 
+class CopyPlacer(CPUPlacer):
+    """Decodes on the host, then copies each tensor to a device without a path of its own here."""
+
+    def finish(self, staged: Staged) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in super().finish(staged):
+            try:
+                yield key, tensor.to(self.device)
+            except (RuntimeError, TypeError) as exc:  # e.g. mps has no float64
+                raise UsageError(f"cannot place {key!r} ({tensor.dtype}) on {self.device}: {exc}") from exc
+
+
 class _Slot:
     """A pinned host buffer and the event that says its last copy to the device is done."""
 
@@ -251,6 +264,11 @@ def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | s
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
         return CUDAPlacer(codec, target, parse_dtype(dtype))
-    if target.type != "cpu":
-        raise UsageError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
-    return CPUPlacer(codec, target, parse_dtype(dtype))
+    if target.type == "cpu":
+        return CPUPlacer(codec, target, parse_dtype(dtype))
+    try:
+        torch.empty(0, device=target)  # fails now, not after the first shard, where torch lacks the backend
+    except (RuntimeError, AssertionError, ImportError) as exc:
+        # torch's own message for a missing backend runs to a page; its first line says why.
+        raise UsageError(f"device {device!r} is not available here: {str(exc).splitlines()[0]}") from exc
+    return CopyPlacer(codec, target, parse_dtype(dtype))

@@ -402,6 +402,42 @@ def test_keys_dtype_and_iter(tmp_path: Path) -> None:
         assert list(lora.load(keys=keys[0])) == keys[:1]
 
 
+def test_other_devices_get_copies_of_the_decoded_tensors(tmp_path: Path) -> None:
+    """A device without its own path here (mps, xpu, …) gets each tensor decoded on the host and
+    copied over. ``meta`` is the one such device every torch build has: it keeps shape and dtype."""
+    lorachunk.pack(SAM, tmp_path / "s")
+    reference = load_file(SAM)
+    with lorachunk.open(tmp_path / "s", cache=False) as lora:
+        got = lora.load(device="meta", dtype="bfloat16", scales={"*": 0.5})
+    assert list(got) == list(reference)
+    for key, tensor in got.items():
+        assert tensor.device.type == "meta"
+        assert tensor.shape == reference[key].shape
+        assert tensor.dtype == (torch.bfloat16 if reference[key].is_floating_point() else reference[key].dtype)
+
+
+def test_a_device_torch_cannot_use_is_refused_before_any_fetch(tmp_path: Path) -> None:
+    lorachunk.pack(SAM, tmp_path / "s")
+    missing = [d for d, ok in (("xpu", torch.xpu.is_available()), ("cuda", torch.cuda.is_available())) if not ok]
+    with lorachunk.open(tmp_path / "s", cache=False) as lora:
+        for device in missing:
+            with pytest.raises(lorachunk.UsageError, match=f"device '{device}'"):
+                lora.load(device=device)
+        assert lora.fetched == 0
+
+
+def test_a_tensor_the_device_cannot_hold_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apple's mps has no float64: the copy fails in torch, which no device here can do on cue."""
+    lorachunk.pack(SAM, tmp_path / "s")
+
+    def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+    monkeypatch.setattr(torch.Tensor, "to", refuse)
+    with lorachunk.open(tmp_path / "s", cache=False) as lora, pytest.raises(lorachunk.UsageError, match="cannot place"):
+        lora.load(device="meta")
+
+
 def test_a_bare_string_is_one_split_or_pattern(falcon: Path, tmp_path: Path) -> None:
     lorachunk.pack(falcon, tmp_path / "s")
     with lorachunk.open(tmp_path / "s") as lora:
