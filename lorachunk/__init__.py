@@ -19,6 +19,7 @@ from lorachunk._cache import Cache, CacheInfo
 from lorachunk._compose import Take, compose
 from lorachunk._exceptions import (
     AuthenticationError,
+    CacheWarning,
     FormatError,
     IntegrityError,
     LorachunkError,
@@ -47,6 +48,7 @@ __all__ = [
     "AuthenticationError",
     "Cache",
     "CacheInfo",
+    "CacheWarning",
     "FormatError",
     "IntegrityError",
     "LoRA",

@@ -13,6 +13,10 @@ Only bytes that hash to their name enter (``put`` checks), every write is temp f
 rename (so processes sharing the cache never see a partial object), and every read is checked
 again, so a cache corrupted on disk costs a re-fetch, never a wrong tensor. A hit refreshes the
 file's modification time, which is what least-recently-used pruning orders by.
+
+A cache is an optimisation, so one that cannot be written (read-only, full, a file in its place)
+never fails a load: writes that only save work later go through :meth:`Cache.keep`, which warns
+once (:class:`~lorachunk.CacheWarning`) and then stops trying; hits are still served.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
-from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, UsageError
+from lorachunk._exceptions import CacheWarning, IntegrityError, LorachunkError, StoreError, UsageError
 from lorachunk._manifest import Manifest
 from lorachunk.storage._local import write_atomic
 
@@ -108,6 +113,33 @@ class Cache:
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size = max_size
         self.decoded = decoded if decoded is not None else os.environ.get("LORACHUNK_CACHE_DECODED", "1") != "0"
+        self._unwritable = False
+
+    def keep(self, write: Callable[[], object]) -> None:
+        """Run ``write``, a write to this cache that only saves work later (a fetched shard, a
+        decoded module, a manifest, pruning to ``max_size``).
+
+        If the cache cannot be written, the first failure warns (:class:`~lorachunk.CacheWarning`)
+        and later calls do nothing, so the caller's load goes on without the cache. Writes that
+        are the point of the call (``prefetch``, ``lorachunk cache prune``) call the method itself
+        and get its :class:`StoreError`.
+        """
+        if self._unwritable:
+            return
+        try:
+            write()
+        except StoreError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        self._unwritable = True
+        warnings.warn(f"{exc}; going on without writing to the cache", CacheWarning, stacklevel=4)
+
+    def _remove(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot remove {path} from the cache: {exc.strerror or exc}") from exc
 
     def _path(self, kind: str, digest: str) -> Path:
         split_digest(digest)
@@ -126,7 +158,8 @@ class Cache:
         try:
             check(digest, data, what=str(path))
         except IntegrityError:
-            path.unlink(missing_ok=True)
+            with suppress(OSError):  # a read-only cache keeps it, and every read checks it again
+                path.unlink(missing_ok=True)
             return None
         with suppress(OSError):  # a read-only cache still serves hits; it just cannot order them for pruning
             os.utime(path)
@@ -158,7 +191,8 @@ class Cache:
         try:
             check(digest, memoryview(data), what=str(path))
         except IntegrityError:
-            path.unlink(missing_ok=True)
+            with suppress(OSError):  # a read-only cache keeps it, and every read checks it again
+                path.unlink(missing_ok=True)
             return None
         with suppress(OSError):
             os.utime(path)
@@ -200,34 +234,59 @@ class Cache:
         return data
 
     def drop_bundle(self, root: str) -> None:
-        self._bundle_path(root).unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only cache keeps it; readers check every module they take
+            self._bundle_path(root).unlink(missing_ok=True)
 
     @contextmanager
     def bundle_writer(self, root: str, size: int) -> Iterator[Callable[[int, bytes | memoryview], None]]:
         """Write a bundle for ``root`` piece by piece (``write(offset, data)``); it appears, whole,
-        only if the ``with`` block ends without an error. No fsync: readers check every module."""
+        only if the ``with`` block ends without an error. No fsync: readers check every module.
+
+        Best effort, as :meth:`keep` is: if the cache cannot be written, the bundle is dropped
+        with one warning and ``write`` does nothing, so the load that feeds it goes on.
+        """
         path = self._bundle_path(root)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
+        handle = None
+        tmp = None
+        if not self._unwritable:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                handle = os.fdopen(fd, "wb")
+                handle.truncate(size)
+            except OSError as exc:
+                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+
+        def write(offset: int, data: bytes | memoryview) -> None:
+            nonlocal handle
+            if handle is None:
+                return
+            try:
+                handle.seek(offset)
+                handle.write(data)
+            except OSError as exc:
+                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+                with suppress(OSError):
+                    handle.close()
+                handle = None
+
         done = False
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.truncate(size)
-
-                def write(offset: int, data: bytes | memoryview) -> None:
-                    handle.seek(offset)
-                    handle.write(data)
-
-                yield write
-            done = True
+            yield write
+            done = handle is not None
         finally:
-            if done:
-                os.replace(tmp, path)
-            else:
-                Path(tmp).unlink(missing_ok=True)
+            try:
+                if handle is not None:
+                    handle.close()
+                if done:
+                    assert tmp is not None
+                    os.replace(tmp, path)
+                    tmp = None
+            except OSError as exc:
+                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+            if tmp is not None:
+                with suppress(OSError):
+                    Path(tmp).unlink(missing_ok=True)
 
     def _bundle_path(self, root: str) -> Path:
         split_digest(root)
@@ -296,14 +355,14 @@ class Cache:
             try:
                 check(from_hex(path.name.removesuffix(".json.zst")), path.read_bytes(), what=str(path))
             except (IntegrityError, ValueError, OSError):
-                path.unlink(missing_ok=True)
+                self._remove(path)
                 bad.append(path)
         if bundles:
             manifests = self._manifests_by_root()
             for path in bundles:
                 manifest = manifests.get(path.name)
                 if manifest is not None and not _bundle_matches(path, manifest):
-                    path.unlink(missing_ok=True)
+                    self._remove(path)
                     bad.append(path)
         return bad
 
@@ -331,7 +390,7 @@ class Cache:
         for _, path, stat in self._entries():
             if path.name.startswith("."):
                 if now - stat.st_mtime > _STALE_TMP_S:
-                    path.unlink(missing_ok=True)
+                    self._remove(path)
                     freed += stat.st_size
                 continue
             live.append((stat.st_mtime, stat.st_size, path))
@@ -339,7 +398,7 @@ class Cache:
         for _, size, path in sorted(live):
             if total <= max_size:
                 break
-            path.unlink(missing_ok=True)
+            self._remove(path)
             total -= size
             freed += size
         return freed
@@ -351,11 +410,11 @@ class Cache:
         """Remove everything; return the bytes freed."""
         freed = 0
         for _, path, stat in list(self._entries()):
-            path.unlink(missing_ok=True)
+            self._remove(path)
             freed += stat.st_size
         refs = self.root / "refs"
         for path in refs.iterdir() if refs.is_dir() else ():
-            path.unlink(missing_ok=True)
+            self._remove(path)
         return freed
 
     def __repr__(self) -> str:

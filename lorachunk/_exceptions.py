@@ -17,12 +17,16 @@ working::
 
 Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json.JSONDecodeError``,
 ``httpx.HTTPError`` …) are converted where they enter, with ``raise … from exc``.
+
+One warning: :class:`CacheWarning` (a ``UserWarning``), when the cache cannot be written and a
+load goes on without it.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "CacheWarning",
     "FormatError",
     "IntegrityError",
     "LorachunkError",
@@ -73,3 +77,7 @@ class AuthenticationError(StoreError, PermissionError):
 
 class StoreUnavailableError(StoreError):
     """The store did not answer usefully: connection failures, timeouts, 429 or 5xx after retries."""
+
+
+class CacheWarning(UserWarning):
+    """The cache could not be written (read-only, full, a file in its place); the load went on without it."""

@@ -190,7 +190,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         finally:
             placer.close()
         if self.cache is not None:
-            self.cache.enforce_limit()
+            self.cache.keep(self.cache.enforce_limit)
 
     def load(
         self,
@@ -247,7 +247,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
                 progress(done, total)
         fetched = self.fetched - before[0]
         if self.cache is not None:
-            self.cache.enforce_limit()
+            self.cache.keep(self.cache.enforce_limit)
         return PullReport(len(unique), fetched, self.fetched_bytes - before[1], len(unique) - fetched)
 
     # -- the pipeline --------------------------------------------------------------------------
@@ -285,7 +285,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             return
         # A full load writes all decoded modules into one file, so later loads map it once. The
         # manifest goes into the cache too: it is what `cache verify` checks the bundle against.
-        decoded.put(self._manifest.id, self._manifest.to_bytes(), kind="manifests")
+        decoded.keep(lambda: decoded.put(self._manifest.id, self._manifest.to_bytes(), kind="manifests"))
         with decoded.bundle_writer(root, size) as write:
             yield from self._decoded(placer, chosen, wanted, decoded, write)
 
@@ -311,7 +311,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         def stage(module: Module, data: bytes) -> _torch.Staged:
             staged = placer.stage(module, data, wanted)
             if decoded is not None and write is None:
-                decoded.put_raw(module.raw, staged.buffer.numpy().data)
+                decoded.keep(lambda: decoded.put_raw(module.raw, staged.buffer.numpy().data))
             return staged
 
         def kept(staged: _torch.Staged) -> _torch.Staged:
@@ -340,7 +340,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     def _fetch(self, module: Module, *, keep: bool | None = None) -> bytes:
         """The verified stored bytes of ``module``'s shard, from the cache or the store.
 
-        ``keep`` (default: for remote stores) puts what was fetched into the cache."""
+        ``keep`` (default: for remote stores, as far as the cache can be written) puts what was
+        fetched into the cache; ``keep=True`` makes a cache that cannot be written an error."""
+        required = bool(keep)
         keep = self._cache_shards if keep is None else keep
         if self.cache is not None and keep:
             cached = self.cache.get(module.shard)
@@ -351,7 +353,11 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             self.fetched += 1
             self.fetched_bytes += len(data)
         if self.cache is not None and keep:
-            self.cache.put(module.shard, data)
+            cache = self.cache
+            if required:
+                cache.put(module.shard, data)
+            else:
+                cache.keep(lambda: cache.put(module.shard, data))
         return data
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
@@ -442,7 +448,7 @@ def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> M
         return parse_manifest(manifest_id, stored, what=f"cached manifest {manifest_id}")
     manifest = read_manifest(store, selector)
     if cache is not None:
-        cache.put(manifest.id, manifest.to_bytes(), kind="manifests")
+        cache.keep(lambda: cache.put(manifest.id, manifest.to_bytes(), kind="manifests"))
         if selector is None:
             cache.set_ref(repr(store), manifest.id)
     return manifest

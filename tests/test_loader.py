@@ -590,6 +590,86 @@ def test_interrupted_full_load_leaves_no_bundle(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache" / "bundles").iterdir())  # no temp file either
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["folder", "http"])
+def test_a_cache_that_cannot_be_written_only_warns(remote: bool, served: FolderServer, tmp_path: Path) -> None:
+    """A file where the cache folder should be fails every write, as a read-only or full disk
+    does: loads still work, with one warning per cache, and the file is left as it was."""
+    blocked = tmp_path / "cache"
+    blocked.write_bytes(b"not a folder")
+    source = served.root if remote else tmp_path / "s"
+    lorachunk.pack(ATTN, source)
+    expected = load_file(ATTN)
+    with (
+        pytest.warns(lorachunk.CacheWarning, match="cannot write to the cache") as record,
+        lorachunk.open(served.url if remote else source, cache=blocked) as lora,
+    ):
+        split = lora.manifest.splits[0]
+        part = lora.load(splits=[split.name])  # decoded modules (or shards) one by one
+        full = lora.load()  # the bundle
+        again = lora.load()
+    assert len(record) == 1
+    assert len(part) == sum(len(m.tensors) for m in lora.manifest.modules if m.name in split.modules) > 0
+    for got in (full, again):
+        assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert blocked.read_bytes() == b"not a folder"
+
+
+def test_a_bundle_that_cannot_be_written_only_warns(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "bundles").write_bytes(b"")  # the one folder a full load writes into
+    lorachunk.pack(SAM, tmp_path / "s")
+    with (
+        pytest.warns(lorachunk.CacheWarning, match="cannot write to the cache"),
+        lorachunk.open(tmp_path / "s", cache=cache) as lora,
+    ):
+        got = lora.load()
+    assert list(got) == list(load_file(SAM))
+    assert lorachunk.Cache(cache).info().manifests == 1  # what could be written was
+    assert not [p for p in cache.rglob(".*") if p.is_file()]
+
+
+def test_prefetch_into_a_cache_that_cannot_be_written_is_an_error(
+    published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
+) -> None:
+    """Filling the cache is prefetch's whole job, so there the failure is an error."""
+    server, _ = published
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"")
+    with (
+        pytest.warns(lorachunk.CacheWarning),
+        open_http(server, tmp_path, cache=blocked) as lora,
+        pytest.raises(lorachunk.StoreError, match="cannot write to the cache"),
+    ):
+        lora.prefetch()
+
+
+def test_a_cache_entry_that_cannot_be_removed_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tests run as root here, where no permission stops an unlink, so the refusal is simulated."""
+    from lorachunk._cli import main
+
+    cache = tmp_path / "cache"
+    lorachunk.pack(SAM, tmp_path / "s")
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora:
+        lora.load()
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(lorachunk.StoreError, match="cannot remove"):
+        lorachunk.Cache(cache).clear()
+    assert main(["cache", "prune", "--max-size", "0", "--cache-dir", str(cache)]) == 3
+    assert "cannot remove" in capsys.readouterr().err
+    with (
+        pytest.warns(lorachunk.CacheWarning, match="cannot remove"),  # pruning after a load only warns
+        lorachunk.open(tmp_path / "s", cache=lorachunk.Cache(cache, max_size=0)) as lora,
+    ):
+        assert len(lora.load()) == len(load_file(SAM))
+
+
 def test_no_cache_option(tmp_path: Path) -> None:
     lorachunk.pack(SAM, tmp_path / "s")
     with lorachunk.open(tmp_path / "s", cache=False) as lora:
