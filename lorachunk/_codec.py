@@ -169,9 +169,7 @@ class BytePlaneZstd(Codec):
         position = 0
         try:
             for plane_index, length in enumerate(frames):
-                plane = dctx.decompress(stored[position : position + length], max_output_size=count)
-                if len(plane) != count:
-                    raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
+                plane = _plane(dctx, stored[position : position + length], count)
                 columns[:, plane_index] = np.frombuffer(plane, dtype=np.uint8)
                 position += length
         except zstandard.ZstdError as exc:
@@ -202,15 +200,25 @@ class BytePlaneZstd(Codec):
             for itemsize, group, count in plane_groups(segments):
                 for plane_index in range(itemsize):
                     length = next(lengths)
-                    plane = dctx.decompress(stored[position : position + length], max_output_size=count)
+                    plane = _plane(dctx, stored[position : position + length], count)
                     position += length
-                    if len(plane) != count:
-                        raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
                     yield itemsize, group, plane_index, np.frombuffer(plane, dtype=np.uint8)
         except (StopIteration, zstandard.ZstdError) as exc:
             raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
         if position != len(stored) or next(lengths, None) is not None:
             raise IntegrityError("shard frame table does not match its bytes")
+
+
+def _plane(dctx: zstandard.ZstdDecompressor, frame: memoryview, count: int) -> bytes:
+    """One frame decoded to the ``count`` bytes the manifest says its plane has."""
+    # bpz frames never declare their content size. One that does would have zstandard allocate
+    # whatever it declares (a hostile frame: a terabyte) before the size check below could run.
+    if not frame or frame[0] & _CONTENT_SIZE_FLAGS:
+        raise IntegrityError("a plane's frame declares its content size, which bpz frames never do")
+    plane = dctx.decompress(frame, max_output_size=count)
+    if len(plane) != count:
+        raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
+    return plane
 
 
 def plane_groups(segments: Sequence[Segment]) -> list[tuple[int, list[Segment], int]]:
@@ -259,6 +267,9 @@ _PARAM_NAMES: Final = frozenset(
 )
 _local = threading.local()
 _FORMAT: Final = zstandard.FORMAT_ZSTD1_MAGICLESS
+#: In a magicless frame's first byte (the frame header descriptor): the content-size flag and
+#: the single-segment flag, either of which puts a content size in the header.
+_CONTENT_SIZE_FLAGS: Final = 0xE0
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:

@@ -319,6 +319,8 @@ class Manifest:
             raw = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ManifestError(f"manifest is not JSON: {exc}") from exc
+        except RecursionError as exc:  # arrays or objects nested thousands deep: no manifest is
+            raise ManifestError("manifest JSON is nested too deep") from exc
         try:
             manifest = _parse(raw)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -120,6 +120,8 @@ def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:
         raw = json.loads(header, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"not a safetensors file: header is not JSON ({exc})") from exc
+    except RecursionError as exc:  # arrays or objects nested thousands deep: no header is
+        raise FormatError("not a safetensors file: header JSON is nested too deep") from exc
     if not isinstance(raw, dict):
         raise FormatError("not a safetensors file: header is not a JSON object")
     metadata = raw.pop("__metadata__", None)
@@ -156,7 +158,7 @@ def _tensor(key: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise FormatError(f"tensor {key!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise FormatError(f"tensor {key!r}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         raise FormatError(f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers")

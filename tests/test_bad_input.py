@@ -59,6 +59,10 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda d: _write(d, _file({"a": {"dtype": "F12", "shape": [1], "data_offsets": [0, 2]}}, b"\x00" * 2)),
         "unknown dtype",
     ),
+    "dtype not a string": (
+        lambda d: _write(d, _file({"a": {"dtype": ["F16"], "shape": [1], "data_offsets": [0, 2]}}, b"\x00" * 2)),
+        "unknown dtype",
+    ),
     "shape/length mismatch": (
         lambda d: _write(d, _file({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\x00" * 8)),
         "needs 12 bytes",
@@ -75,6 +79,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda d: _write(d, _file(None, b"\x00", raw_header=b'{"a":%s,"a":%s}' % (_U8, _U8))),
         "'a' twice",
     ),
+    "header nested too deep": (lambda d: _write(d, _file(None, raw_header=b"[" * 100_000 + b"]" * 100_000)), "deep"),
     "a folder": (lambda d: d, "folder"),
     "missing": (lambda d: d / "nope.safetensors", "cannot read"),
 }

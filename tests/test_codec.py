@@ -79,6 +79,22 @@ def test_corrupt_frames_are_integrity_errors(segments: tuple[Segment, ...]) -> N
         codec.decode(memoryview(shorter), segments, short_frames, out)
 
 
+@pytest.mark.parametrize("segments", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_a_frame_declaring_a_huge_size_is_refused_before_allocating(segments: tuple[Segment, ...]) -> None:
+    """zstandard would allocate what a frame header declares (here 1 TiB) before decoding it."""
+    size = segments[-1].offset + segments[-1].length
+    codec = BytePlaneZstd()
+    stored, frames = codec.encode(memoryview(bytes(size)), segments)
+    # Frame header descriptor 0xE0: single segment, an 8-byte content size; then the blocks.
+    crafted = bytes([0xE0]) + (2**40).to_bytes(8, "little") + stored[2 : frames[0]]
+    hostile = crafted + stored[frames[0] :]
+    hostile_frames = (len(crafted), *frames[1:])
+    out = memoryview(bytearray(size))
+    for decode in (codec.decode, codec.decode_planes):
+        with pytest.raises(lorachunk.IntegrityError, match="declares its content size"):
+            decode(memoryview(hostile), segments, hostile_frames, out)
+
+
 def test_config_roundtrip_and_unknown_codec() -> None:
     assert codec_from_config(BytePlaneZstd(level=7).get_config()).get_config() == {"id": "bpz", "level": 7}
     with pytest.raises(lorachunk.ManifestError, match="unknown codec"):

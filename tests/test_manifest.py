@@ -95,6 +95,12 @@ def test_non_canonical_json_refused(manifest_json: dict[str, Any]) -> None:
         Manifest.from_bytes(zstandard.ZstdCompressor().compress(text))
 
 
+def test_deeply_nested_json_refused() -> None:
+    for text in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        with pytest.raises(lorachunk.ManifestError, match="too deep"):
+            Manifest.from_bytes(zstandard.ZstdCompressor().compress(text))
+
+
 def test_declared_size_over_limit_refused_before_decompressing() -> None:
     # magic, then a descriptor for a single-segment frame with an 8-byte content size, and no body
     header = b"\x28\xb5\x2f\xfd\xe0" + (MAX_MANIFEST_BYTES + 1).to_bytes(8, "little")
