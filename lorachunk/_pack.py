@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import shutil
@@ -162,6 +163,7 @@ def pack(
 
 
 ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
+ADAPTER_CONFIG: Final = "adapter_config.json"
 
 
 def _adapter_folder(folder: Path) -> tuple[Path, dict[str, str]]:
@@ -186,6 +188,15 @@ def _adapter_folder(folder: Path) -> tuple[Path, dict[str, str]]:
         check_files(carried)
     except ManifestError as exc:
         raise UsageError(f"{folder}: {exc}") from None
+    config = carried.get(ADAPTER_CONFIG)
+    if config is not None:
+        # Caught here, not when somebody loads the adapter from a store pinned with it.
+        try:
+            is_object = isinstance(json.loads(config), dict)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise FormatError(f"{folder / ADAPTER_CONFIG} is not JSON: {exc}") from None
+        if not is_object:
+            raise FormatError(f"{folder / ADAPTER_CONFIG} is not a JSON object")
     return weights, carried
 
 
@@ -437,7 +448,7 @@ def unpack(
             return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
         folder = Path(out)
         loaded = read_manifest(store, manifest)
-        if "adapter_config.json" not in loaded.files:
+        if ADAPTER_CONFIG not in loaded.files:
             raise UsageError("this LoRA was not packed from a PEFT folder (it has no adapter_config.json)")
         _unpack(store, folder / ADAPTER_WEIGHTS, splits=splits, modules=modules, manifest=loaded.id, progress=progress)
         for name, text in loaded.files.items():

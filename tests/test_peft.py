@@ -119,6 +119,21 @@ def test_bad_folders_and_sources(adapter: tuple[Path, torch.Tensor], tmp_path: P
         lorachunk.unpack(tmp_path / "plain", tmp_path / "out", format="peft")
 
 
+def test_a_config_peft_cannot_read(adapter: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    folder, _ = adapter
+    for text in ("{not json", "[1, 2]"):
+        (folder / "adapter_config.json").write_text(text)
+        with pytest.raises(lorachunk.FormatError, match=r"adapter_config\.json is not"):
+            lorachunk.pack(folder, tmp_path / "s")
+        assert not (tmp_path / "s").exists()
+    # JSON, but not a config of any PEFT method: packs (lorachunk does not know every method),
+    # and loading it says why in lorachunk's terms.
+    (folder / "adapter_config.json").write_text('{"peft_type": "NO_SUCH_METHOD"}')
+    lorachunk.pack(folder, tmp_path / "s")
+    with pytest.raises(lorachunk.ManifestError, match="not a config PEFT reads"):
+        load_adapter(base_model(), tmp_path / "s")
+
+
 def test_push_a_peft_folder_and_load_it_from_the_hub(adapter: tuple[Path, torch.Tensor], hub: HubServer) -> None:
     folder, expected = adapter
     result = lorachunk.push(folder, "me/tiny-adapter")  # packed on the fly, config included

@@ -26,15 +26,14 @@ except ImportError as exc:
     raise ImportError("lorachunk.integrations.peft needs peft: pip install 'lorachunk[peft]'") from exc
 
 import lorachunk
-from lorachunk._exceptions import UsageError
+from lorachunk._exceptions import ManifestError, UsageError
+from lorachunk._pack import ADAPTER_CONFIG as CONFIG
 from lorachunk.storage import Store
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["load_adapter"]
-
-CONFIG = "adapter_config.json"
 
 
 def load_adapter(
@@ -55,14 +54,18 @@ def load_adapter(
     :func:`lorachunk.open`.
 
     Raises :class:`UsageError` if the LoRA was not packed from a PEFT folder, or if PEFT finds
-    tensors that match no adapter layer of the model (a different base model).
+    tensors that match no adapter layer of the model (a different base model);
+    :class:`ManifestError` if its packed config is not one PEFT reads.
     """
     with lorachunk.open(source, **open_options) as lora:
         text = lora.manifest.files.get(CONFIG)
         if text is None:
             raise UsageError(f"{lora.manifest.source.name} was not packed from a PEFT folder (no {CONFIG})")
         state_dict = lora.load(splits=splits, modules=modules)
-    config = PeftConfig.from_peft_type(**json.loads(text))  # type: ignore[no-untyped-call]
+    try:
+        config = PeftConfig.from_peft_type(**json.loads(text))  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ManifestError(f"the {CONFIG} packed with this LoRA is not a config PEFT reads: {exc!r}") from exc
     if hasattr(config, "init_lora_weights"):
         config.init_lora_weights = True  # layers left unloaded must be no-ops, not random
     if isinstance(model, PeftModel):
