@@ -101,9 +101,12 @@ def latest_id(store: Store) -> str:
     except ShardNotFoundError:
         raise no_lora_error(store) from None
     if len(text) > _MAX_REF_BYTES:
-        raise ManifestError(f"{LATEST} is over {_MAX_REF_BYTES} bytes, so it is not a manifest id")
+        raise ManifestError(f"{LATEST} in {store!r} is over {_MAX_REF_BYTES} bytes, so it is not a manifest id")
     value = text.decode("ascii", errors="replace").strip()
-    split_digest(value)
+    try:
+        split_digest(value)
+    except ManifestError as exc:
+        raise ManifestError(f"{LATEST} in {store!r} does not hold a manifest id: {exc}") from None
     return value
 
 
