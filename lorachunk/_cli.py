@@ -11,14 +11,16 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lorachunk
 from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
-from lorachunk._pack import Progress
+from lorachunk._pack import ADAPTER_WEIGHTS, Progress
 from lorachunk._repository import (
+    LATEST,
     as_store,
     list_manifest_ids,
     manifest_key,
@@ -26,7 +28,7 @@ from lorachunk._repository import (
     read_stored_manifest,
     resolve,
 )
-from lorachunk.storage import Store
+from lorachunk.storage import MemoryStore, Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 #: How `info` names each kind of split, in the order it lists them (docs/splits.md).
@@ -92,8 +94,22 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def info_dict(dest: str, selector: str | None) -> dict[str, Any]:
+    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give."""
+    if _unpacked(dest):
+        if selector is not None:
+            raise lorachunk.UsageError(f"{dest} is not packed, so it has no manifests to choose from")
+        memory = MemoryStore()
+        lorachunk.pack(dest, memory)
+        return _info(memory, None) | {"packed": False}
     with as_store(dest) as store:
-        return _info(store, selector)
+        return _info(store, selector) | {"packed": True}
+
+
+def _unpacked(dest: str) -> bool:
+    path = Path(dest)
+    if path.is_file():
+        return True
+    return path.is_dir() and (path / ADAPTER_WEIGHTS).is_file() and not (path / LATEST).exists()
 
 
 def _info(store: Store, selector: str | None) -> dict[str, Any]:
@@ -146,6 +162,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
+    if not info["packed"]:
+        print(f"(not packed: what `lorachunk pack {args.dest} DEST` would store)")
     print(f"LoRA      {info['source']['name']} ({_size(info['source']['size'])}, {info['tensors']} tensors)")
     print(f"root      {info['root']}")
     print(f"manifest  {info['manifest']}")
@@ -359,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     source_help = "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL"
     p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
-    p.add_argument("dest", metavar="SOURCE", help=source_help)
+    p.add_argument(
+        "dest", metavar="SOURCE", help=f"{source_help}; or a .safetensors file or PEFT folder: what pack would store"
+    )
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("--json", action="store_true", help="machine-readable output (fields in docs/cli.md)")
 

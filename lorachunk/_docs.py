@@ -32,7 +32,9 @@ _JSON_FIELDS = """\
 `stored_bytes` (shards), `manifest_bytes`, `ratio` (original size / stored size),
 `metadata_keys`, `files` (names of the text files packed with the tensors, e.g. a PEFT
 `adapter_config.json`), `splits` (a list of `name`, `kind`, `modules`, `stored_bytes`, `raw_bytes`,
-`root`), `store` (`manifests` in the store, `referenced_stored_bytes`, `unique_stored_bytes`).
+`root`), `store` (`manifests` in the store, `referenced_stored_bytes`, `unique_stored_bytes`),
+`packed` (false when SOURCE is a .safetensors file or PEFT folder: then every field is what
+`lorachunk pack` would store, and nothing is written).
 
 `lorachunk verify --json`: `manifests`, `shards`, `stored_bytes` (what was checked).
 
@@ -58,7 +60,7 @@ def _argument(action: argparse.Action) -> str:
 
 
 def _meaning(action: argparse.Action) -> str:
-    text = (action.help or "").replace("|", "\\|")
+    text = (action.help or "").replace("%%", "%").replace("|", "\\|")  # argparse's escape for %
     if action.choices and not isinstance(action.choices, dict):
         text += f" (one of {', '.join(f'`{c}`' for c in action.choices)})"
     if action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings and "default" not in text:

@@ -55,6 +55,25 @@ def test_cli_info_json(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert info["root"] in text and "text_encoder" in text
 
 
+def test_cli_info_of_a_file_not_yet_packed(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`info` of a .safetensors file shows what pack would store, and writes nothing."""
+    src = tmp_path / falcon.name
+    src.write_bytes(falcon.read_bytes())
+    assert main(["info", str(src), "--json"]) == 0
+    preview = json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == [src]
+    assert main(["pack", str(src), str(tmp_path / "s"), "-q"]) == 0
+    assert main(["info", str(tmp_path / "s"), "--json"]) == 0
+    packed = json.loads(capsys.readouterr().out)
+    assert preview.pop("packed") is False and packed.pop("packed") is True
+    assert preview == packed  # same root, manifest, sizes and splits
+    assert main(["info", str(src)]) == 0
+    assert "not packed" in capsys.readouterr().out
+    assert main(["info", str(src), "--manifest", "ab"]) == 2
+    assert main(["verify", str(src)]) == 3
+    assert "a packed LoRA is the folder `lorachunk pack` writes" in capsys.readouterr().err
+
+
 def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pack", str(falcon), str(tmp_path / "s"), "-q", "--split", "bad"]) == 2
     assert "NAME=GLOB" in capsys.readouterr().err

@@ -83,7 +83,9 @@ class LocalStore(Store):
         self.root = Path(root)
         self.fsync = fsync
         if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"{self.root} exists and is not a folder")
+            raise StoreError(
+                f"{self.root} exists and is not a folder (a packed LoRA is the folder `lorachunk pack` writes)"
+            )
         self._pending: list[tuple[Path, Path]] | None = None
         self._lock = threading.Lock()
 
