@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import CacheWarning, IntegrityError, LorachunkError, StoreError, UsageError
@@ -246,8 +246,17 @@ class Cache:
         with one warning and ``write`` does nothing, so the load that feeds it goes on.
         """
         path = self._bundle_path(root)
-        handle = None
-        tmp = None
+        handle: BinaryIO | None = None
+        tmp: str | None = None
+
+        def give_up(exc: OSError) -> None:
+            nonlocal handle
+            self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+            if handle is not None:
+                with suppress(OSError):
+                    handle.close()
+            handle = None
+
         if not self._unwritable:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,38 +264,33 @@ class Cache:
                 handle = os.fdopen(fd, "wb")
                 handle.truncate(size)
             except OSError as exc:
-                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+                give_up(exc)
 
         def write(offset: int, data: bytes | memoryview) -> None:
-            nonlocal handle
-            if handle is None:
-                return
-            try:
-                handle.seek(offset)
-                handle.write(data)
-            except OSError as exc:
-                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
-                with suppress(OSError):
-                    handle.close()
-                handle = None
+            if handle is not None:
+                try:
+                    handle.seek(offset)
+                    handle.write(data)
+                except OSError as exc:
+                    give_up(exc)
 
-        done = False
+        complete = False
         try:
             yield write
-            done = handle is not None
+            complete = True
         finally:
-            try:
-                if handle is not None:
+            if handle is not None:
+                try:
                     handle.close()
-                if done:
-                    assert tmp is not None
-                    os.replace(tmp, path)
-                    tmp = None
-            except OSError as exc:
-                self._give_up(StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}"))
+                    if complete:
+                        assert tmp is not None  # made with the handle
+                        os.replace(tmp, path)
+                        tmp = None
+                except OSError as exc:
+                    give_up(exc)
             if tmp is not None:
                 with suppress(OSError):
-                    Path(tmp).unlink(missing_ok=True)
+                    os.unlink(tmp)
 
     def _bundle_path(self, root: str) -> Path:
         split_digest(root)

@@ -629,6 +629,42 @@ def test_a_bundle_that_cannot_be_written_only_warns(tmp_path: Path) -> None:
     assert not [p for p in cache.rglob(".*") if p.is_file()]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names open files through /proc")
+def test_a_disk_that_fills_up_while_a_bundle_is_written_only_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bundle's file is made and sized, then writing into it fails, as on a full disk (which
+    no test can fill on cue): the load still returns every tensor, and no temp file is left."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle: Any) -> None:
+            self._handle = handle
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._handle, name)
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        handle = real_fdopen(fd, *args, **kwargs)
+        return FullDisk(handle) if "/bundles/" in os.readlink(f"/proc/self/fd/{fd}") else handle
+
+    lorachunk.pack(SAM, tmp_path / "s")
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    with (
+        pytest.warns(lorachunk.CacheWarning, match="No space left"),
+        lorachunk.open(tmp_path / "s", cache=tmp_path / "cache") as lora,
+    ):
+        got = lora.load()
+    assert list(got) == list(load_file(SAM))
+    assert lorachunk.Cache(tmp_path / "cache").info().bundles == 0
+    assert not [p for p in (tmp_path / "cache").rglob(".*") if p.is_file()]
+
+
 def test_prefetch_into_a_cache_that_cannot_be_written_is_an_error(
     published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
 ) -> None:
