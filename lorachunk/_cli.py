@@ -35,7 +35,7 @@ EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 SPLIT_KINDS = {
     "component": "component",
     "b-lora": "B-LoRA",
-    "block": "UNet block",
+    "block": "block",
     "block-weight": "LoRA Block Weight",
     "part": "composed from",
     "user": "yours",

@@ -15,7 +15,15 @@ from typing import Final
 
 from lorachunk._exceptions import UsageError
 
-__all__ = ["auto_splits", "block_of", "component_of", "module_of", "scale_targets", "user_splits"]
+__all__ = [
+    "auto_splits",
+    "block_of",
+    "component_of",
+    "module_of",
+    "scale_targets",
+    "transformer_block_of",
+    "user_splits",
+]
 
 # First match wins; group "m" is the module name.
 _MODULE_RULES: Final = tuple(
@@ -66,13 +74,23 @@ _COMPONENT_RULES: Final = (
         re.compile(r"^(?:lora_unet_|unet[.:]|(?:down_blocks|up_blocks|mid_block|conv_in|conv_out|time_embedding)\.)"),
         "unet",
     ),
-    (re.compile(r"^(?:lora_transformer_|transformer\.|diffusion_model\.)"), "transformer"),
+    (
+        re.compile(
+            r"^(?:lora_transformer_|transformer\.|diffusion_model\."
+            r"|(?:single_)?transformer_blocks\.|(?:double|single|joint)_blocks\.)"
+        ),
+        "transformer",
+    ),
     (re.compile(r"^(?:<[^>]*>|emb_params|clip_[lg])$"), "embeddings"),
 )
 
 
 def component_of(module: str) -> str | None:
-    """``text_encoder``, ``text_encoder_2``, ``unet``, ``transformer``, ``embeddings`` or None."""
+    """``text_encoder``, ``text_encoder_2``, ``unet``, ``transformer``, ``embeddings`` or None.
+
+    By name alone: a kohya Flux or SD3 module (``lora_unet_double_blocks_0_…``) is ``unet`` here;
+    :func:`auto_splits`, which sees the whole LoRA, files it under ``transformer``.
+    """
     for rule, component in _COMPONENT_RULES:
         if rule.match(module):
             return component
@@ -121,6 +139,34 @@ def _ldm_block(direction: str, n: int) -> tuple[str, str]:
     return f"unet.up_blocks.{n // 3}", f"OUT{n:02d}"
 
 
+# Transformer (DiT) blocks: Flux's double-stream and single-stream blocks and SD3's joint blocks,
+# in diffusers names (transformer_blocks, single_transformer_blocks), kohya names
+# (lora_unet_double_blocks_0_…, lora_transformer_single_transformer_blocks_0_…) and the original
+# ones (double_blocks, single_blocks, joint_blocks).
+_DIT_BLOCK: Final = re.compile(
+    r"^(?:lora_unet_|lora_transformer_|transformer\.|diffusion_model\.)?"
+    r"(?P<kind>single_transformer_blocks|transformer_blocks|single_blocks|double_blocks|joint_blocks)[._](?P<n>\d+)(?:[._]|$)"
+)
+_DIT_KINDS: Final = {
+    "transformer_blocks": "transformer_blocks",
+    "double_blocks": "transformer_blocks",
+    "joint_blocks": "transformer_blocks",
+    "single_transformer_blocks": "single_transformer_blocks",
+    "single_blocks": "single_transformer_blocks",
+}
+
+
+def transformer_block_of(module: str) -> tuple[str, str] | None:
+    """The DiT block of a module, as (group, block) split names in diffusers' naming, or None:
+    ``("transformer.transformer_blocks", "transformer.transformer_blocks.3")`` for Flux's double
+    block 3 or SD3's joint block 3, ``transformer.single_transformer_blocks…`` for Flux's single ones."""
+    match = _DIT_BLOCK.match(module)
+    if match is None:
+        return None
+    group = f"transformer.{_DIT_KINDS[match['kind']]}"
+    return group, f"{group}.{int(match['n'])}"
+
+
 # B-LoRA (Frenkel et al., 2024): on SDXL, up_blocks.0.attentions.0 carries content and
 # up_blocks.0.attentions.1 carries style.
 _BLORA: Final = (
@@ -130,17 +176,24 @@ _BLORA: Final = (
 
 
 def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
-    """Splits every LoRA gets: by component, by UNet block, by block-weight id, and B-LoRA's.
+    """Splits every LoRA gets: by component, by UNet or transformer block, by block-weight id,
+    and B-LoRA's.
 
     Returns ``{name: (kind, modules)}``; empty splits are left out.
     """
+    modules = list(modules)
     splits: dict[str, tuple[str, list[str]]] = {}
+    # kohya names a Flux or SD3 LoRA's modules lora_unet_… too; a LoRA with transformer blocks
+    # has no UNet, so all of them are the transformer (the component diffusers' pipelines name).
+    dit = any(_DIT_BLOCK.match(m) for m in modules)
 
     def add(name: str, kind: str, module: str) -> None:
         splits.setdefault(name, (kind, []))[1].append(module)
 
     for module in modules:
         component = component_of(module)
+        if component == "unet" and dit:
+            component = "transformer"
         if component is not None:
             add(component, "component", module)
             if component.startswith("text_encoder"):
@@ -149,6 +202,8 @@ def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
         if block is not None:
             add(block[0], "block", module)
             add(block[1], "block-weight", module)
+        for name in transformer_block_of(module) or ():
+            add(name, "block", module)
         for name, rule in _BLORA:
             if rule.match(module):
                 add(name, "b-lora", module)

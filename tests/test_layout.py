@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from lorachunk._layout import auto_splits, block_of, component_of, module_of
+import pytest
+import synth
+
+import lorachunk
+from lorachunk._layout import auto_splits, block_of, component_of, module_of, transformer_block_of
 
 
 @pytest.mark.parametrize(
@@ -133,3 +137,73 @@ def test_every_naming_gives_the_same_splits() -> None:
     # LDM names carry no attention/resnet distinction, so B-LoRA's attention-level splits need diffusers names.
     assert {k: v for k, v in shapes["diffusers"].items() if v[0] != "b-lora"} == shapes["ldm"]
     assert shapes["diffusers"]["OUT01"] == ("block-weight", 1) and shapes["diffusers"]["style"] == ("b-lora", 1)
+
+
+@pytest.mark.parametrize(
+    ("module", "block"),
+    [
+        ("lora_unet_double_blocks_0_img_attn_proj", "transformer.transformer_blocks.0"),
+        ("diffusion_model.double_blocks.18.txt_mlp.0", "transformer.transformer_blocks.18"),
+        ("transformer.transformer_blocks.3.attn.to_q", "transformer.transformer_blocks.3"),
+        ("lora_unet_joint_blocks_5_x_block_attn_qkv", "transformer.transformer_blocks.5"),  # SD3
+        ("lora_unet_single_blocks_12_linear1", "transformer.single_transformer_blocks.12"),
+        ("lora_transformer_single_transformer_blocks_0_attn_to_k", "transformer.single_transformer_blocks.0"),
+        ("single_transformer_blocks.37.proj_mlp", "transformer.single_transformer_blocks.37"),
+        # a UNet's attention has transformer_blocks too, deeper in: not a DiT block
+        ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", None),
+        ("unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", None),
+        ("lora_unet_img_in", None),
+    ],
+)
+def test_transformer_block_of(module: str, block: str | None) -> None:
+    got = transformer_block_of(module)
+    assert (got[1] if got else None) == block
+    if got:
+        assert block is not None and block.startswith(got[0] + ".")
+
+
+def test_every_flux_naming_gives_the_same_splits() -> None:
+    """kohya, diffusers and the original (BFL) names of the same Flux layers split identically,
+    and kohya's lora_unet_ prefix does not make a Flux LoRA a UNet one."""
+    layers = [  # (diffusers, original)
+        ("transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv"),
+        ("transformer_blocks.18.ff.net.0.proj", "double_blocks.18.img_mlp.0"),
+        ("single_transformer_blocks.0.proj_mlp", "single_blocks.0.linear1"),
+        ("single_transformer_blocks.37.proj_out", "single_blocks.37.linear2"),
+        ("x_embedder", "img_in"),
+    ]
+    namings = {
+        "diffusers": [f"transformer.{d}" for d, _ in layers],
+        "original": [f"diffusion_model.{o}" for _, o in layers],
+        "kohya": [f"lora_unet_{o.replace('.', '_')}" for _, o in layers],
+    }
+    shapes = {
+        naming: {name: (kind, len(members)) for name, (kind, members) in auto_splits(modules).items()}
+        for naming, modules in namings.items()
+    }
+    assert shapes["diffusers"] == shapes["original"] == shapes["kohya"]
+    assert shapes["kohya"] == {
+        "transformer": ("component", 5),
+        "transformer.transformer_blocks": ("block", 2),
+        "transformer.transformer_blocks.0": ("block", 1),
+        "transformer.transformer_blocks.18": ("block", 1),
+        "transformer.single_transformer_blocks": ("block", 2),
+        "transformer.single_transformer_blocks.0": ("block", 1),
+        "transformer.single_transformer_blocks.37": ("block", 1),
+    }
+
+
+def test_a_flux_split_loads_alone(tmp_path: Path) -> None:
+    """A synthetic kohya-style Flux LoRA (Flux's layer names, tiny shapes): its single-stream
+    blocks load without the rest."""
+    names = ["double_blocks_0_img_attn_qkv", "double_blocks_1_txt_mlp_0", "single_blocks_0_linear1", "img_in"]
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for name in names:
+        tensors[f"lora_unet_{name}.lora_down.weight"] = ("BF16", (2, 3), bytes(12))
+        tensors[f"lora_unet_{name}.lora_up.weight"] = ("BF16", (3, 2), bytes(12))
+        tensors[f"lora_unet_{name}.alpha"] = ("F32", (), bytes(4))
+    src = synth.write(tmp_path / "flux.safetensors", tensors)
+    manifest = lorachunk.pack(src, tmp_path / "s")
+    assert {s.name for s in manifest.splits} >= {"transformer", "transformer.single_transformer_blocks"}
+    got = lorachunk.load(tmp_path / "s", splits=["transformer.single_transformer_blocks"], cache=False)
+    assert sorted(got) == sorted(k for k in tensors if "single_blocks_0" in k)
