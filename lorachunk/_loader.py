@@ -342,8 +342,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
         ``keep`` (default: for remote stores, as far as the cache can be written) puts what was
         fetched into the cache; ``keep=True`` makes a cache that cannot be written an error."""
-        required = bool(keep)
-        keep = self._cache_shards if keep is None else keep
+        best_effort = keep is None
+        keep = self._cache_shards if best_effort else keep
         if self.cache is not None and keep:
             cached = self.cache.get(module.shard)
             if cached is not None:
@@ -354,10 +354,10 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             self.fetched_bytes += len(data)
         if self.cache is not None and keep:
             cache = self.cache
-            if required:
-                cache.put(module.shard, data)
-            else:
+            if best_effort:
                 cache.keep(lambda: cache.put(module.shard, data))
+            else:
+                cache.put(module.shard, data)
         return data
 
     def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
