@@ -114,6 +114,14 @@ def test_blora_splits_in_both_namings() -> None:
     assert set(splits["unet"][1]) == set(modules[:4])
 
 
+def _split_shapes(namings: dict[str, list[str]]) -> dict[str, dict[str, tuple[str, int]]]:
+    """For each naming of the same layers: every split's kind and size."""
+    return {
+        naming: {name: (kind, len(members)) for name, (kind, members) in auto_splits(modules).items()}
+        for naming, modules in namings.items()
+    }
+
+
 def test_every_naming_gives_the_same_splits() -> None:
     """diffusers, kohya and LDM names of the same SDXL layers split identically (docs/splits.md)."""
     layers = [
@@ -129,10 +137,7 @@ def test_every_naming_gives_the_same_splits() -> None:
         "kohya": [f"lora_unet_{d.replace('.', '_')}" for d, _ in layers],
         "ldm": [f"lora_unet_{ldm.replace('.', '_')}" for _, ldm in layers],
     }
-    shapes = {
-        naming: {name: (kind, len(members)) for name, (kind, members) in auto_splits(modules).items()}
-        for naming, modules in namings.items()
-    }
+    shapes = _split_shapes(namings)
     assert shapes["diffusers"] == shapes["kohya"]
     # LDM names carry no attention/resnet distinction, so B-LoRA's attention-level splits need diffusers names.
     assert {k: v for k, v in shapes["diffusers"].items() if v[0] != "b-lora"} == shapes["ldm"]
@@ -177,10 +182,7 @@ def test_every_flux_naming_gives_the_same_splits() -> None:
         "original": [f"diffusion_model.{o}" for _, o in layers],
         "kohya": [f"lora_unet_{o.replace('.', '_')}" for _, o in layers],
     }
-    shapes = {
-        naming: {name: (kind, len(members)) for name, (kind, members) in auto_splits(modules).items()}
-        for naming, modules in namings.items()
-    }
+    shapes = _split_shapes(namings)
     assert shapes["diffusers"] == shapes["original"] == shapes["kohya"]
     assert shapes["kohya"] == {
         "transformer": ("component", 5),
