@@ -11,14 +11,17 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import ClassVar, Final, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
 __all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups", "tiled_itemsize"]
+
+_Bytes: TypeAlias = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +155,7 @@ class BytePlaneZstd(Codec):
             self._decode_tiled(stored, itemsize, frames, out)
             return
         target = np.frombuffer(out, dtype=np.uint8)
-        views: list[np.ndarray] = []
+        views: list[_Bytes] = []
         for itemsize, group, plane_index, plane in self._planes(stored, segments, frames):
             if plane_index == 0:
                 views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
@@ -190,7 +193,7 @@ class BytePlaneZstd(Codec):
 
     def _planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int]
-    ) -> Iterator[tuple[int, list[Segment], int, np.ndarray]]:
+    ) -> Iterator[tuple[int, list[Segment], int, _Bytes]]:
         """Each plane in frame order as ``(itemsize, group, plane index, bytes)``, checked against
         the sizes the manifest declares; :class:`IntegrityError` for anything that does not fit."""
         dctx = _decompressor()
@@ -230,7 +233,7 @@ def plane_groups(segments: Sequence[Segment]) -> list[tuple[int, list[Segment], 
     ]
 
 
-def _scatter(plane: np.ndarray, views: Sequence[np.ndarray], plane_index: int) -> None:
+def _scatter(plane: _Bytes, views: Sequence[_Bytes], plane_index: int) -> None:
     start = 0
     for view in views:
         end = start + view.shape[0]

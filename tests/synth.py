@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from lorachunk._safetensors import TensorInfo, encode_header
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-def to_bytes(values: np.ndarray, dtype: str) -> bytes:
+def to_bytes(values: np.ndarray[Any, Any], dtype: str) -> bytes:
     if dtype == "BF16":
         bits = values.astype(np.float32).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
