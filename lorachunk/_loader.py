@@ -171,13 +171,14 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         strength factors: each matching module's delta is multiplied by its factor (the last
         matching entry wins); docs/loading.md lists which tensor carries the delta per layout.
 
-        Raises :class:`UsageError` for unknown names, :class:`IntegrityError` for a shard that
-        does not match the manifest, :class:`StoreError` subclasses when it cannot be fetched;
-        the error names the shard, its module and the store.
+        Raises :class:`UsageError` for unknown names or a stored dtype this torch lacks,
+        :class:`IntegrityError` for a shard that does not match the manifest, :class:`StoreError`
+        subclasses when it cannot be fetched; the error names the shard, its module and the store.
         """
         from lorachunk import _torch
 
         chosen, wanted = self._select(splits, modules, keys)
+        _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
         factors = _scale_factors(self._manifest, chosen, scales or {})
         placer = _torch.make_placer(self._codec, device, dtype)
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,26 +29,38 @@ from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
 
-__all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "scale_", "scale_bytes"]
+__all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "require_dtypes", "scale_", "scale_bytes"]
 
-DTYPES: Final[dict[str, torch.dtype]] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E8M0": torch.float8_e8m0fnu,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F64": torch.float64,
+#: safetensors dtype → torch dtype name. Older torch builds lack the newest (uint16/32/64 came in
+#: 2.3, float8_e8m0fnu in 2.7); LoRAs rarely use them, so such a build loads every other LoRA.
+_TORCH_NAMES: Final = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E8M0": "float8_e8m0fnu",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
 }
+DTYPES: Final[dict[str, torch.dtype]] = {
+    name: getattr(torch, attr) for name, attr in _TORCH_NAMES.items() if hasattr(torch, attr)
+}
+
+
+def require_dtypes(dtypes: Iterable[str]) -> None:
+    """:class:`UsageError` naming the dtypes this torch build cannot hold, before any fetch."""
+    missing = sorted(set(dtypes) - DTYPES.keys())
+    if missing:
+        raise UsageError(f"torch {torch.__version__} has no dtype for {', '.join(missing)}; a newer torch has")
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -12,14 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import synth
 import torch
 from conftest import DATA, s3_options
 from http_server import FolderServer
 from safetensors.torch import load_file
 
 import lorachunk
+from lorachunk import _torch
 from lorachunk._repository import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
+from lorachunk._safetensors import DTYPE_BITS
 from lorachunk.storage import open_store
 
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
@@ -418,7 +422,9 @@ def test_other_devices_get_copies_of_the_decoded_tensors(tmp_path: Path) -> None
 
 def test_a_device_torch_cannot_use_is_refused_before_any_fetch(tmp_path: Path) -> None:
     lorachunk.pack(SAM, tmp_path / "s")
-    missing = [d for d, ok in (("xpu", torch.xpu.is_available()), ("cuda", torch.cuda.is_available())) if not ok]
+    # torch.xpu came in torch 2.4; before, "xpu" is a device name torch has no backend for.
+    xpu = getattr(torch, "xpu", None)
+    missing = [d for d, ok in (("xpu", xpu and xpu.is_available()), ("cuda", torch.cuda.is_available())) if not ok]
     with lorachunk.open(tmp_path / "s", cache=False) as lora:
         for device in missing:
             with pytest.raises(lorachunk.UsageError, match=f"device '{device}'"):
@@ -436,6 +442,29 @@ def test_a_tensor_the_device_cannot_hold_is_a_usage_error(tmp_path: Path, monkey
     monkeypatch.setattr(torch.Tensor, "to", refuse)
     with lorachunk.open(tmp_path / "s", cache=False) as lora, pytest.raises(lorachunk.UsageError, match="cannot place"):
         lora.load(device="meta")
+
+
+def test_every_dtype_loads_and_one_this_torch_lacks_is_refused_before_any_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every dtype this torch has loads bit for bit. Builds before 2.7 lack F8_E8M0 (and before
+    2.3 the unsigned ones); to see that on any build, the test takes F8_E8M0 out of the table."""
+    rng = np.random.default_rng(5)
+    blobs = {dtype: rng.integers(0, 256, 3 * DTYPE_BITS[dtype] // 8, dtype=np.uint8).tobytes() for dtype in DTYPE_BITS}
+    synth.write(tmp_path / "all.safetensors", {f"t_{d.lower()}": (d, (3,), blob) for d, blob in blobs.items()})
+    lorachunk.pack(tmp_path / "all.safetensors", tmp_path / "s")
+    with lorachunk.open(tmp_path / "s", cache=False) as lora:
+        got = lora.load(keys=[f"t_{dtype.lower()}" for dtype in _torch.DTYPES])
+        for dtype, torch_dtype in _torch.DTYPES.items():
+            tensor = got[f"t_{dtype.lower()}"]
+            assert tensor.dtype == torch_dtype, dtype
+            assert tensor.view(torch.uint8).numpy().tobytes() == blobs[dtype], dtype
+        fetched = lora.fetched
+        monkeypatch.delitem(_torch.DTYPES, "F8_E8M0", raising=False)
+        lacking = ", ".join(sorted(DTYPE_BITS.keys() - _torch.DTYPES.keys()))
+        with pytest.raises(lorachunk.UsageError, match=rf"torch .* has no dtype for {lacking};"):
+            lora.load()
+        assert lora.fetched == fetched
 
 
 def test_a_bare_string_is_one_split_or_pattern(falcon: Path, tmp_path: Path) -> None:
