@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,31 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_wheel_holds_the_package_its_types_and_the_licence(tmp_path: Path) -> None:
+    """What pip installs from a release: every module, the PEP 561 marker (without it mypy sees
+    lorachunk as untyped in a user's project), the full licence and the console script; none of
+    the tests, benchmarks or docs."""
+    root = Path(__file__).parent.parent
+    source = tmp_path / "source"
+    shutil.copytree(root / "lorachunk", source / "lorachunk", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, source / name)
+    build = "import sys, setuptools.build_meta as backend; print(backend.build_wheel(sys.argv[1]))"
+    run = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path)], check=False, cwd=source, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    with zipfile.ZipFile(tmp_path / run.stdout.split()[-1]) as wheel:
+        names = set(wheel.namelist())
+        modules = {p.relative_to(root).as_posix() for p in (root / "lorachunk").rglob("*.py")}
+        assert modules | {"lorachunk/py.typed"} == {n for n in names if n.startswith("lorachunk/")}
+        assert not [n for n in names if n.split("/")[0] in ("tests", "benchmarks", "docs")]
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        licence = wheel.read(f"{info}/licenses/LICENSE").decode()
+        assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in licence
+        assert "lorachunk = lorachunk._cli:main" in wheel.read(f"{info}/entry_points.txt").decode()
 
 
 def test_cli_info_json(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
