@@ -49,6 +49,10 @@ def _size(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @contextmanager
 def _progress(enabled: bool, description: str, *, shards: bool = False) -> Iterator[Progress | None]:
     """A tqdm bar on stderr (bytes and rate; with ``shards``, one call per shard is counted too)."""
@@ -65,7 +69,7 @@ def _progress(enabled: bool, description: str, *, shards: bool = False) -> Itera
             bar.total = total
             if shards:
                 count += 1
-                bar.set_postfix_str(f"{count} shards", refresh=False)
+                bar.set_postfix_str(_count(count, "shard"), refresh=False)
             bar.update(done - bar.n)
 
         yield update
@@ -87,7 +91,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
             args.src, args.dest, splits=_split_option(args.split), level=args.level, hash=args.hash, progress=progress
         )
     if not args.quiet:
-        print(f"packed {manifest.source.name}: {len(manifest.modules)} modules, {len(manifest.splits)} splits")
+        counts = f"{_count(len(manifest.modules), 'module')}, {_count(len(manifest.splits), 'split')}"
+        print(f"packed {manifest.source.name}: {counts}")
         print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in shards into {args.dest}")
         print(f"root {manifest.root}")
     return EXIT_OK
@@ -164,7 +169,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not info["packed"]:
         print(f"(not packed: what `lorachunk pack {args.dest} DEST` would store)")
-    print(f"LoRA      {info['source']['name']} ({_size(info['source']['size'])}, {info['tensors']} tensors)")
+    print(f"LoRA      {info['source']['name']} ({_size(info['source']['size'])}, {_count(info['tensors'], 'tensor')})")
     print(f"root      {info['root']}")
     print(f"manifest  {info['manifest']}")
     codec = info["codec"]
@@ -187,7 +192,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             key=lambda pair: (order.index(pair[1]["kind"]) if pair[1]["kind"] in order else 9, pair[1]["name"]),
         )
         for label, s in ranked:
-            print(f"  {label + ':':<{width + 1}} {s['modules']:>5} modules, {_size(s['stored_bytes']):>9}")
+            print(f"  {label + ':':<{width + 1}} {_count(s['modules'], 'module'):>11}, {_size(s['stored_bytes']):>9}")
     store = info["store"]
     if store["manifests"] > 1:
         saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]
@@ -203,7 +208,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
     elif not args.quiet:
-        print(f"ok: {report.manifests} manifest(s), {report.shards} shards, {_size(report.stored_bytes)} verified")
+        counts = f"{_count(report.manifests, 'manifest')}, {_count(report.shards, 'shard')}"
+        print(f"ok: {counts}, {_size(report.stored_bytes)} verified")
     return EXIT_OK
 
 
@@ -239,7 +245,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         print(
-            f"pulled {report.shards} shards into {args.output}: {report.fetched} fetched "
+            f"pulled {_count(report.shards, 'shard')} into {args.output}: {report.fetched} fetched "
             f"({_size(report.fetched_bytes)}), {report.cached} from the cache or already there"
         )
     return EXIT_OK
@@ -291,7 +297,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         args.dest, [parse_take(t) for t in args.take], scales=scales, prefer=args.prefer, name=args.name
     )
     if not args.quiet:
-        parts = ", ".join(f"{s.name} ({len(s.modules)} modules)" for s in manifest.splits if s.kind == "part")
+        parts = ", ".join(f"{s.name} ({_count(len(s.modules), 'module')})" for s in manifest.splits if s.kind == "part")
         print(f"composed {manifest.source.name} into {args.dest}: {parts}")
         print(f"root {manifest.root}")
     return EXIT_OK
@@ -305,7 +311,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(json.dumps(dataclasses.asdict(info) | {"root": str(info.root)}, indent=2, sort_keys=True))
             return EXIT_OK
         print(f"cache     {info.root}")
-        counts = f"{info.shards} shards, {info.manifests} manifests, {info.decoded} decoded modules"
+        counts = ", ".join(
+            (_count(info.shards, "shard"), _count(info.manifests, "manifest"), _count(info.decoded, "decoded module"))
+        )
         print(f"holds     {counts}, {_size(info.bytes)}")
     elif args.action == "verify":
         bad = cache.verify()

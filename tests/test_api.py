@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import synth
 
 import lorachunk
 from lorachunk._cli import main
@@ -99,6 +100,16 @@ def test_cli_info_of_a_file_not_yet_packed(falcon: Path, tmp_path: Path, capsys:
     assert main(["info", str(src), "--manifest", "ab"]) == 2
     assert main(["verify", str(src)]) == 3
     assert "a packed LoRA is the folder `lorachunk pack` writes" in capsys.readouterr().err
+
+
+def test_cli_counts_agree_with_their_nouns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synth.write(tmp_path / "one.safetensors", {"w": ("F16", (2,), b"\x00<\x00<")})
+    assert main(["pack", str(tmp_path / "one.safetensors"), str(tmp_path / "s")]) == 0
+    assert "one.safetensors: 1 module, 0 splits" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "s")]) == 0
+    assert "B, 1 tensor)\n" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 manifest, 1 shard, ")
 
 
 def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
