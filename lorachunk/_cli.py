@@ -98,13 +98,14 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def info_dict(dest: str, selector: str | None) -> dict[str, Any]:
-    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give."""
+def info_dict(dest: str, selector: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
+    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give
+    (``progress`` follows that pack, which takes seconds for a file of gigabytes)."""
     if _unpacked(dest):
         if selector is not None:
             raise lorachunk.UsageError(f"{dest} is not packed, so it has no manifests to choose from")
         memory = MemoryStore()
-        lorachunk.pack(dest, memory)
+        lorachunk.pack(dest, memory, progress=progress)
         return _info(memory, None) | {"packed": False}
     with as_store(dest) as store:
         return _info(store, selector) | {"packed": True}
@@ -163,7 +164,8 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = info_dict(args.dest, args.manifest)
+    with _progress(_unpacked(args.dest), "pack in memory") as progress:
+        info = info_dict(args.dest, args.manifest, progress=progress)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import zipfile
 from pathlib import Path
 
@@ -110,6 +115,36 @@ def test_cli_counts_agree_with_their_nouns(tmp_path: Path, capsys: pytest.Captur
     assert "B, 1 tensor)\n" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out.startswith("ok: 1 manifest, 1 shard, ")
+
+
+def test_progress_bars_show_on_a_terminal_only(falcon: Path, tmp_path: Path) -> None:
+    """pack and info of an unpacked file draw a bar on stderr when it is a terminal; not when it is
+    a pipe or a file, nor with --quiet, nor for info of a packed LoRA (nothing to wait for)."""
+    terminal, terminal_end = os.openpty()
+    os.set_blocking(terminal, False)
+    # A new pty is 0 columns wide, and tqdm draws nothing in 0 columns.
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+
+    def stderr_of(*args: str, tty: bool) -> str:
+        command = [sys.executable, "-m", "lorachunk", *args]
+        if not tty:
+            return subprocess.run(command, capture_output=True, text=True, check=True).stderr
+        subprocess.run(command, stdout=subprocess.DEVNULL, stderr=terminal_end, check=True)
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(terminal, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    try:
+        assert "pack: 100%" in stderr_of("pack", str(falcon), str(tmp_path / "a"), tty=True)
+        assert stderr_of("pack", str(falcon), str(tmp_path / "b"), tty=False) == ""
+        assert stderr_of("pack", "--quiet", str(falcon), str(tmp_path / "c"), tty=True) == ""
+        assert "pack in memory: 100%" in stderr_of("info", str(falcon), tty=True)
+        assert stderr_of("info", str(tmp_path / "a"), tty=True) == ""
+    finally:
+        os.close(terminal)
+        os.close(terminal_end)
 
 
 def test_cli_usage_errors(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
