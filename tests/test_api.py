@@ -118,8 +118,8 @@ def test_cli_counts_agree_with_their_nouns(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_progress_bars_show_on_a_terminal_only(falcon: Path, tmp_path: Path) -> None:
-    """pack and info of an unpacked file draw a bar on stderr when it is a terminal; not when it is
-    a pipe or a file, nor with --quiet, nor for info of a packed LoRA (nothing to wait for)."""
+    """pack, pull and info of an unpacked file draw a bar on stderr when it is a terminal; not when
+    it is a pipe or a file, nor with --quiet, nor for info of a packed LoRA (nothing to wait for)."""
     terminal, terminal_end = os.openpty()
     os.set_blocking(terminal, False)
     # A new pty is 0 columns wide, and tqdm draws nothing in 0 columns.
@@ -142,6 +142,8 @@ def test_progress_bars_show_on_a_terminal_only(falcon: Path, tmp_path: Path) -> 
         assert stderr_of("pack", "--quiet", str(falcon), str(tmp_path / "c"), tty=True) == ""
         assert "pack in memory: 100%" in stderr_of("info", str(falcon), tty=True)
         assert stderr_of("info", str(tmp_path / "a"), tty=True) == ""
+        pulled = stderr_of("pull", str(tmp_path / "a"), "-o", str(tmp_path / "p"), "--split", "text_encoder", tty=True)
+        assert "pull: 100%" in pulled and "72 shards" in pulled
     finally:
         os.close(terminal)
         os.close(terminal_end)
