@@ -60,7 +60,10 @@ def require_dtypes(dtypes: Iterable[str]) -> None:
     """:class:`UsageError` naming the dtypes this torch build cannot hold, before any fetch."""
     missing = sorted(set(dtypes) - DTYPES.keys())
     if missing:
-        raise UsageError(f"torch {torch.__version__} has no dtype for {', '.join(missing)}; a newer torch has")
+        raise UsageError(
+            f"torch {torch.__version__} has no dtype for {', '.join(missing)}: "
+            "upgrade torch, or select the tensors of other dtypes (keys=, modules=)"
+        )
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

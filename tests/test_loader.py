@@ -462,7 +462,7 @@ def test_every_dtype_loads_and_one_this_torch_lacks_is_refused_before_any_fetch(
         fetched = lora.fetched
         monkeypatch.delitem(_torch.DTYPES, "F8_E8M0", raising=False)
         lacking = ", ".join(sorted(DTYPE_BITS.keys() - _torch.DTYPES.keys()))
-        with pytest.raises(lorachunk.UsageError, match=rf"torch .* has no dtype for {lacking};"):
+        with pytest.raises(lorachunk.UsageError, match=rf"torch .* has no dtype for {lacking}: upgrade torch"):
             lora.load()
         assert lora.fetched == fetched
 
