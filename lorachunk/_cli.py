@@ -194,7 +194,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             key=lambda pair: (order.index(pair[1]["kind"]) if pair[1]["kind"] in order else 9, pair[1]["name"]),
         )
         for label, s in ranked:
-            print(f"  {label + ':':<{width + 1}} {_count(s['modules'], 'module'):>11}, {_size(s['stored_bytes']):>9}")
+            noun = "module" if s["modules"] == 1 else "modules"
+            print(f"  {label + ':':<{width + 1}} {s['modules']:>5} {noun:<7} {_size(s['stored_bytes']):>9}")
     store = info["store"]
     if store["manifests"] > 1:
         saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]
