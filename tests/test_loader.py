@@ -465,6 +465,7 @@ def test_every_dtype_loads_and_one_this_torch_lacks_is_refused_before_any_fetch(
         with pytest.raises(lorachunk.UsageError, match=rf"torch .* has no dtype for {lacking}: upgrade torch"):
             lora.load()
         assert lora.fetched == fetched
+        assert list(lora.load(keys=["t_f16"])) == ["t_f16"]  # a selection without it loads
 
 
 def test_a_bare_string_is_one_split_or_pattern(falcon: Path, tmp_path: Path) -> None:
