@@ -11,17 +11,19 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Final, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, Final, TypeAlias
 
 import numpy as np
-import numpy.typing as npt
 import zstandard
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
 __all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups", "tiled_itemsize"]
 
-_Bytes: TypeAlias = npt.NDArray[np.uint8]
+if TYPE_CHECKING:  # numpy.typing costs import time and only annotations use it
+    import numpy.typing as npt
+
+    _Bytes: TypeAlias = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
