@@ -26,7 +26,6 @@ import math
 import mmap
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,8 +36,9 @@ from typing import BinaryIO, Final
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import CacheWarning, IntegrityError, LorachunkError, StoreError, UsageError
-from lorachunk._manifest import Manifest
-from lorachunk.storage._local import write_atomic
+from lorachunk._manifest import MAX_SHARD_RAW_BYTES, Manifest
+from lorachunk._repository import MAX_STORED_MANIFEST_BYTES
+from lorachunk.storage._local import create_temp, open_regular, write_atomic
 
 __all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]
 
@@ -148,12 +148,29 @@ class Cache:
             return self.root / kind / f"{hexpart}.json.zst"
         return self.root / kind / hexpart[:2] / hexpart
 
-    def get(self, digest: str, *, kind: str = "shards") -> bytes | None:
-        """The object named ``digest``, checked again; None on a miss or a corrupt entry (removed)."""
-        path = self._path(kind, digest)
+    def _read(self, path: Path, size: int | None, limit: int) -> bytes | None:
+        """The entry at ``path`` if it is a regular file (not a link, not a FIFO) of ``size``
+        bytes (at most ``limit``), else None; a wrong one is removed. Nothing is read before
+        its size is known to be right, so a huge or sparse file costs nothing."""
         try:
-            data = path.read_bytes()
-        except OSError:
+            with open_regular(path) as handle:
+                actual = os.fstat(handle.fileno()).st_size
+                if (size is not None and actual != size) or actual > limit:
+                    raise IntegrityError(f"{path}: {actual} bytes")
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, IntegrityError):
+            with suppress(OSError):  # a read-only cache keeps it, and every read checks it again
+                path.unlink(missing_ok=True)
+            return None
+
+    def get(self, digest: str, *, kind: str = "shards", size: int | None = None) -> bytes | None:
+        """The object named ``digest`` (of ``size`` bytes, when the caller knows), checked
+        again; None on a miss or a wrong entry (removed)."""
+        path = self._path(kind, digest)
+        data = self._read(path, size, MAX_STORED_MANIFEST_BYTES if kind == "manifests" else MAX_SHARD_RAW_BYTES)
+        if data is None:
             return None
         try:
             check(digest, data, what=str(path))
@@ -176,15 +193,18 @@ class Cache:
         except OSError as exc:
             raise StoreError(f"cannot write to the cache {self.root}: {exc.strerror or exc}") from exc
 
-    def get_raw(self, digest: str) -> mmap.mmap | bytes | None:
-        """A module's decoded bytes as a private (copy-on-write) memory map, checked; None on a miss.
+    def get_raw(self, digest: str, size: int) -> mmap.mmap | bytes | None:
+        """A module's decoded bytes (``size`` of them) as a private (copy-on-write) memory map,
+        checked; None on a miss.
 
-        Tensors can be views of the map: no copy, and writing to them never touches the file.
+        Tensors can be views of the map: no copy, and writing to them never touches the file
+        (but see docs/security.md: the cache folder must be writable by you alone).
         """
         path = self._path("raw", digest)
         try:
-            with path.open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
+            with open_regular(path) as handle:
+                if os.fstat(handle.fileno()).st_size != size:
+                    return None
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
         except OSError:
             return None
@@ -223,7 +243,7 @@ class Cache:
         """
         path = self._bundle_path(root)
         try:
-            with path.open("rb") as handle:
+            with open_regular(path) as handle:
                 if size == 0 or os.fstat(handle.fileno()).st_size != size:
                     return None
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -247,7 +267,7 @@ class Cache:
         """
         path = self._bundle_path(root)
         handle: BinaryIO | None = None
-        tmp: str | None = None
+        tmp: Path | None = None
 
         def give_up(exc: OSError) -> None:
             nonlocal handle
@@ -259,9 +279,7 @@ class Cache:
 
         if not self._unwritable:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                handle = os.fdopen(fd, "wb")
+                handle, tmp = create_temp(path)
                 handle.truncate(size)
             except OSError as exc:
                 give_up(exc)
@@ -290,18 +308,19 @@ class Cache:
                     give_up(exc)
             if tmp is not None:
                 with suppress(OSError):
-                    os.unlink(tmp)
+                    tmp.unlink()
 
     def _bundle_path(self, root: str) -> Path:
         split_digest(root)
         return self.root / "bundles" / hex_of(root)
 
     def get_ref(self, source: str) -> str | None:
-        """The manifest id last read from ``source`` (a remote store's name), or None."""
+        """The manifest id last read from ``source`` (a remote store's identity), or None."""
+        data = self._read(self._ref_path(source), None, 1024)
         try:
-            value = self._ref_path(source).read_text("ascii").strip()
+            value = (data or b"").decode("ascii").strip()
             split_digest(value)
-        except (OSError, ValueError):
+        except ValueError:
             return None
         return value
 
@@ -310,7 +329,7 @@ class Cache:
         split_digest(manifest_id)
         path = self._ref_path(source)
         with suppress(OSError):  # a ref only saves a round trip later; a read-only cache still works
-            if not path.is_file() or path.read_text("ascii").strip() != manifest_id:
+            if self.get_ref(source) != manifest_id:
                 write_atomic(path, f"{manifest_id}\n".encode(), fsync=False)
 
     def _ref_path(self, source: str) -> Path:
@@ -328,7 +347,7 @@ class Cache:
                 for name in filenames:
                     path = Path(dirpath) / name
                     try:
-                        yield kind, path, path.stat()
+                        yield kind, path, path.lstat()
                     except FileNotFoundError:
                         continue  # removed by another process meanwhile
 
@@ -357,7 +376,7 @@ class Cache:
                 bundles.append(path)
                 continue
             try:
-                check(from_hex(path.name.removesuffix(".json.zst")), path.read_bytes(), what=str(path))
+                check(from_hex(path.name.removesuffix(".json.zst")), _hashable(path), what=str(path))
             except (IntegrityError, ValueError, OSError):
                 self._remove(path)
                 bad.append(path)
@@ -377,7 +396,8 @@ class Cache:
             if kind != "manifests" or path.name.startswith("."):
                 continue
             try:
-                manifest = Manifest.from_bytes(path.read_bytes())
+                with open_regular(path) as handle:
+                    manifest = Manifest.from_bytes(handle.read(MAX_STORED_MANIFEST_BYTES + 1))
             except (LorachunkError, OSError):
                 continue  # a damaged one was removed above, or is being written
             found[hex_of(manifest.root)] = manifest
@@ -425,9 +445,18 @@ class Cache:
         return f"Cache({str(self.root)!r})"
 
 
+def _hashable(path: Path) -> memoryview:
+    """A cache entry's bytes to hash: a regular file's (not through a link, never a FIFO), mapped
+    rather than read, so a huge file costs no memory."""
+    with open_regular(path) as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+
+
 def _bundle_matches(path: Path, manifest: Manifest) -> bool:
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             if os.fstat(handle.fileno()).st_size != manifest.raw_size:
                 return False
             for module in manifest.modules:

@@ -267,6 +267,11 @@ class HubStore(Store):
         if self._http is not None:
             self._http.close()
 
+    @property
+    def identity(self) -> str:
+        # The endpoint too: a mirror's repo of the same name is not the Hub's.
+        return f"{self.endpoint}|{self.source}"
+
     def __repr__(self) -> str:
         return f"HubStore({self.source!r})"
 

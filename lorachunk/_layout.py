@@ -231,8 +231,8 @@ def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -
     names = list(modules)
     splits: dict[str, tuple[str, list[str]]] = {}
     for name, globs in patterns.items():
-        if not isinstance(name, str) or not name or name != name.strip():
-            raise UsageError(f"split name {name!r} must be a non-empty string without surrounding spaces")
+        if not isinstance(name, str) or not name or name != name.strip() or not name.isprintable():
+            raise UsageError(f"split name {name!r} must be a printable, non-empty string without surrounding spaces")
         patterns_of_split = as_names(globs)
         chosen = {n for g in patterns_of_split for n in matching(names, g)}
         members = [m for m in names if m in chosen]

@@ -75,7 +75,14 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     """
 
     def __init__(
-        self, store: Store, manifest: Manifest, *, cache: Cache | None, concurrency: int, owns_store: bool
+        self,
+        store: Store,
+        manifest: Manifest,
+        *,
+        cache: Cache | None,
+        concurrency: int,
+        owns_store: bool,
+        pinned_by_root: bool = False,
     ) -> None:
         if concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
@@ -86,6 +93,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self.concurrency = concurrency
         self._manifest = manifest
         self._owns_store = owns_store
+        # Opened with root= and no manifest id: a split name may select only what the root pins.
+        self._pinned_by_root = pinned_by_root
         self._codec = codec_from_config(manifest.codec)
         self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
         self._by_key = manifest.owners
@@ -136,6 +145,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self, splits: Iterable[str] | None, modules: Iterable[str] | None, keys: Iterable[str] | None
     ) -> tuple[list[Module], frozenset[str] | None]:
         wanted_keys = None if keys is None else frozenset(as_names(keys))
+        self._check_pinned(as_names(splits or ()))
         chosen = select_modules(self._manifest, splits=splits or (), modules=modules or ())
         if wanted_keys is None:
             return chosen, None
@@ -148,6 +158,19 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         else:
             chosen = [m for m in chosen if m.name in named]
         return chosen, wanted_keys
+
+    def _check_pinned(self, names: Iterable[str]) -> None:
+        """With only a root pinned, a split whose members the root does not pin (a rewritten one,
+        or a user split of a manifest packed before the root covered them) is refused."""
+        if not self._pinned_by_root:
+            return
+        for name in names:
+            if name in self.splits and not self._manifest.split_pinned(name):
+                raise IntegrityError(
+                    f"split {name!r} of {self.store!r} is not what the pinned root says it is (or was packed "
+                    "before roots pinned user splits); pin the manifest id (manifest=…) to use it, or select "
+                    "modules by name"
+                )
 
     def iter_tensors(
         self,
@@ -178,6 +201,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         from lorachunk import _torch
 
         chosen, wanted = self._select(splits, modules, keys)
+        self._check_pinned(name for name in (scales or {}) if name in self.splits)
         _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
         factors = _scale_factors(self._manifest, chosen, scales or {})
         placer = _torch.make_placer(self._codec, device, dtype)
@@ -321,7 +345,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             return staged
 
         def work(module: Module) -> _torch.Staged | tuple[Module, bytes]:
-            raw = decoded.get_raw(module.raw) if decoded is not None else None
+            raw = decoded.get_raw(module.raw, module.raw_size) if decoded is not None else None
             if raw is not None:
                 return placer.adopt(module, raw, wanted)
             data = self._fetch(module)
@@ -346,7 +370,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         best_effort = keep is None
         keep = self._cache_shards if best_effort else keep
         if self.cache is not None and keep:
-            cached = self.cache.get(module.shard)
+            cached = self.cache.get(module.shard, size=module.stored_size)
             if cached is not None:
                 return cached
         data = read_shard(self.store, module, where=f" from {self.store!r}")
@@ -431,27 +455,27 @@ def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales)
     return factors
 
 
-def _read_manifest(store: Store, selector: str | None, cache: Cache | None) -> Manifest:
+def _read_manifest(store: Store, selector: str | None, cache: Cache | None, root: str | None) -> Manifest:
     if not is_remote(store):
         cache = None
     if cache is not None and selector is not None and ":" in selector:
         stored = cache.get(selector, kind="manifests")
         if stored is not None:
-            return parse_manifest(selector, stored, what=f"cached manifest {selector}")
+            return parse_manifest(selector, stored, what=f"cached manifest {selector}", root=root)
     if store.offline:
         # No request at all: the manifest the cache last saw for this source (or the one named).
         manifest_id = selector if selector is not None and ":" in selector else None
         if cache is not None and selector is None:
-            manifest_id = cache.get_ref(repr(store))
+            manifest_id = cache.get_ref(store.identity)
         stored = cache.get(manifest_id, kind="manifests") if cache is not None and manifest_id else None
         if stored is None or manifest_id is None:
             raise StoreUnavailableError(f"{store!r} is offline and the cache has no manifest for it")
-        return parse_manifest(manifest_id, stored, what=f"cached manifest {manifest_id}")
-    manifest = read_manifest(store, selector)
+        return parse_manifest(manifest_id, stored, what=f"cached manifest {manifest_id}", root=root)
+    manifest = read_manifest(store, selector, root=root)
     if cache is not None:
         cache.keep(lambda: cache.put(manifest.id, manifest.to_bytes(), kind="manifests"))
         if selector is None:
-            cache.set_ref(repr(store), manifest.id)
+            cache.set_ref(store.identity, manifest.id)
     return manifest
 
 
@@ -510,14 +534,24 @@ def open(
     owns = not isinstance(source, Store)
     try:
         cache_obj = _cache_for(cache)
-        loaded = _read_manifest(store, manifest, cache_obj)
+        loaded = _read_manifest(store, manifest, cache_obj, root)
         if root is not None and loaded.root != root:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
-        return LoRA(store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns)
+        # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
+        pinned = root is not None and not (manifest is not None and _is_digest(manifest))
+        return LoRA(store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns, pinned_by_root=pinned)
     except BaseException:
         if owns:
             store.close()
         raise
+
+
+def _is_digest(value: str) -> bool:
+    try:
+        split_digest(value)
+    except ManifestError:
+        return False
+    return True
 
 
 def load(

@@ -7,6 +7,7 @@ before decompressing and any flipped byte is caught. See docs/format.md for the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ import zstandard
 from lorachunk._codec import Segment
 from lorachunk._digest import ALGORITHMS, digest, split_digest
 from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
+from lorachunk._layout import auto_splits
 from lorachunk._merkle import merkle_root
 from lorachunk._safetensors import DTYPE_BITS, MAX_HEADER_BYTES, TensorInfo, encode_header, parse_header
 
@@ -27,6 +29,7 @@ __all__ = [
     "MAX_FILES",
     "MAX_FILES_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_MODULES",
     "MAX_SHARD_RAW_BYTES",
     "MAX_TENSORS",
     "Manifest",
@@ -35,23 +38,44 @@ __all__ = [
     "Split",
     "TensorEntry",
     "canonical_json",
+    "check_name",
 ]
 
 FORMAT_ID: Final = "lorachunk/1"
-#: Reader limits, checked before anything of that size is allocated.
-MAX_MANIFEST_BYTES: Final = 256 * 1024 * 1024
-MAX_TENSORS: Final = 1_000_000
+#: Reader limits, checked before anything of that size is allocated. They bound the work a
+#: manifest can cost: any manifest within them is read, or refused, in under 2 s and 300 MB on
+#: 2 cores (benchmarks/manifest_limits.py); the largest real LoRAs hold a few thousand modules.
+MAX_MANIFEST_BYTES: Final = 32 * 1024 * 1024
+MAX_MODULES: Final = 16_384
+MAX_TENSORS: Final = 65_536
+#: Module names listed by all splits together (a module sits in several).
+MAX_SPLIT_ENTRIES: Final = 8 * MAX_MODULES
+#: JSON values in a manifest (an upper bound counted on the text before it is parsed).
+MAX_JSON_VALUES: Final = 2_000_000
+#: Split kinds that pack derives from module names (lorachunk._layout.auto_splits); splits of
+#: every other kind (``user``, compose's ``part``) are pinned by a leaf of the root instead.
+AUTO_KINDS: Final = frozenset({"component", "block", "block-weight", "b-lora"})
 MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
 #: Small text files that travel with the tensors (a PEFT ``adapter_config.json``, a README).
 MAX_FILES: Final = 64
 MAX_FILES_BYTES: Final = 1024 * 1024
-_FILE_NAME: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_FILE_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: unpack --format peft writes the verified weights under this name; no packed file may take it.
+_RESERVED_FILES: Final = frozenset({"adapter_model.safetensors"})
+#: Names (of modules, splits, tensors, the source) hold no control characters: they are shown in
+#: terminals and logs, where such a character could rewrite what the reader sees.
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MANIFEST_LEVEL: Final = 12
+
+
+# One encoder for every call: json.dumps with non-default options builds a new one each time, which
+# costs as much as encoding a module's entry.
+_CANONICAL: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def canonical_json(value: object) -> bytes:
     """Sorted keys, no whitespace, UTF-8: the bytes every digest in the format is taken over."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 #: A tensor inside a module: ``offset`` and ``length`` locate it in the module's raw bytes.
@@ -192,11 +216,23 @@ class Manifest:
         for name, (kind, members) in sorted(splits.items()):
             names = tuple(sorted(set(members)))
             built.append(Split(name, kind, names, merkle_root(hash, [leaves[n] for n in names])))
-        # The files (a PEFT config says how the weights apply) are one more leaf, so the root pins
-        # them too; without files the root is that of the modules alone, as it always was.
-        extra = [canonical_json({"files": files})] if files else []
-        root = merkle_root(hash, list(leaves.values()) + extra)
+        root = merkle_root(hash, list(leaves.values()) + _extra_leaves(files, built))
         return cls(hash, dict(codec), source, ordered, tuple(built), root, files=files)
+
+    def split_pinned(self, name: str) -> bool:
+        """Whether the root pins what the split ``name`` selects.
+
+        Splits of a non-automatic kind (``user``, ``part``) are a leaf of the root, except in
+        manifests packed before that leaf existed. Automatic splits are pinned when they are
+        what this version derives from the module names (which the root pins).
+        """
+        split = self.split(name)
+        if split.kind not in AUTO_KINDS:
+            return not self._derived.get("legacy_root", False)
+        if "auto" not in self._derived:
+            self._derived["auto"] = auto_splits(m.name for m in self.modules)
+        expected = self._derived["auto"].get(name)
+        return expected is not None and expected[0] == split.kind and tuple(sorted(expected[1])) == split.modules
 
     def module(self, name: str) -> Module:
         try:
@@ -291,11 +327,12 @@ class Manifest:
         return self._stored[0]
 
     @classmethod
-    def from_bytes(cls, stored: bytes) -> Manifest:
+    def from_bytes(cls, stored: bytes, *, root: str | None = None) -> Manifest:
         """Decode and validate a stored manifest.
 
         Raises :class:`ManifestError` for anything malformed, over a limit or of an unknown format,
-        and :class:`IntegrityError` when a root does not match its modules.
+        and :class:`IntegrityError` when a root does not match its modules, or is not ``root``
+        (compared as soon as the JSON is read, before any table is built).
         """
         try:
             declared = zstandard.frame_content_size(stored)
@@ -307,29 +344,78 @@ class Manifest:
             text = zstandard.ZstdDecompressor().decompress(stored, max_output_size=MAX_MANIFEST_BYTES)
         except zstandard.ZstdError as exc:
             raise ManifestError(f"manifest does not decompress: {exc}") from exc
-        manifest = cls.from_json(text)
+        manifest = cls.from_json(text, root=root)
         # Keep the bytes as read: the id is their digest, whatever zstd version or level wrote them,
         # and nobody pays for compressing them again.
         manifest._stored.append(bytes(stored))
         return manifest
 
     @classmethod
-    def from_json(cls, text: bytes) -> Manifest:
+    def from_json(cls, text: bytes, *, root: str | None = None) -> Manifest:
+        raw = _load_json(text)
+        if root is not None and raw.get("root") != root:
+            raise IntegrityError(f"manifest root is {_shown(raw.get('root'))}, expected {root}")
         try:
-            raw = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"manifest is not JSON: {exc}") from exc
-        except RecursionError as exc:  # arrays or objects nested thousands deep: no manifest is
-            raise ManifestError("manifest JSON is nested too deep") from exc
-        try:
-            manifest = _parse(raw)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return _parse(raw)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             if isinstance(exc, (ManifestError, IntegrityError)):
                 raise
             raise ManifestError(f"malformed manifest: {exc!r}") from exc
-        if canonical_json(raw) != text:
-            raise ManifestError("manifest is not in canonical form")
-        return manifest
+
+
+def _load_json(text: bytes) -> dict[str, Any]:
+    """The manifest's JSON, bounded before it is parsed and canonical (which also refuses NaN,
+    infinities and lone surrogates, none of which canonical JSON can hold)."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest of {len(text)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")
+    # Every value after the first in a container follows a comma, and every container opens with a
+    # bracket: their count bounds the objects json.loads would build, at memchr speed.
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise ManifestError(f"manifest holds over {MAX_JSON_VALUES} JSON values")
+    try:
+        raw = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"manifest is not JSON: {exc}") from exc
+    except RecursionError as exc:  # arrays or objects nested thousands deep: no manifest is
+        raise ManifestError("manifest JSON is nested too deep") from exc
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest is not a JSON object")
+    try:
+        canonical = canonical_json(raw)
+    except ValueError as exc:  # NaN, an infinity, a lone surrogate (UnicodeEncodeError)
+        raise ManifestError(f"manifest is not in canonical form: {exc}") from None
+    if canonical != text:
+        raise ManifestError("manifest is not in canonical form")
+    return raw
+
+
+def _parse_int(text: str) -> int:
+    # Sizes and offsets fit in 64 bits; thousands of digits would cost quadratic time to convert.
+    if len(text.lstrip("-")) > 20:
+        raise ManifestError(f"integer of {len(text)} digits in the manifest")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> object:
+    raise ManifestError(f"{name} in the manifest (JSON has no such number)")
+
+
+def _shown(value: object) -> str:
+    """A value from an untrusted manifest, short and printable, for a message."""
+    text = value if isinstance(value, str) else repr(value)
+    return ascii(text[:100])[1:-1]
+
+
+def _extra_leaves(files: Mapping[str, str], splits: Iterable[Split]) -> list[bytes]:
+    """Leaves after the modules': the packed files (a PEFT config says how the weights apply),
+    and the splits not derived from module names, so the root pins what every name selects.
+    Without either the root is that of the modules alone, as it always was."""
+    extra = [canonical_json({"files": dict(files)})] if files else []
+    pinned = {s.name: {"kind": s.kind, "modules": list(s.modules)} for s in splits if s.kind not in AUTO_KINDS}
+    if pinned:
+        extra.append(canonical_json({"splits": pinned}))
+    return extra
 
 
 def _parse(raw: dict[str, Any]) -> Manifest:
@@ -338,14 +424,14 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         raise ManifestError(f"manifest format {fmt!r} is not supported by this reader, which reads {FORMAT_ID!r}")
     algorithm = _typed(raw["hash"], str)
     if algorithm not in ALGORITHMS:
-        raise ManifestError(f"unknown hash algorithm {algorithm!r}")
-    modules = tuple(_module(m, algorithm) for m in _typed(raw["modules"], list))
-    if sum(len(m.tensors) for m in modules) > MAX_TENSORS:
-        raise ManifestError(f"manifest has more than {MAX_TENSORS} tensors")
+        raise ManifestError(f"unknown hash algorithm {_shown(algorithm)}")
+    _check_counts(raw)
+    modules = tuple(_module(m, algorithm) for m in raw["modules"])
     names = [m.name for m in modules]
     if names != sorted(set(names)):
         raise ManifestError("module names must be unique and sorted")
     src = _typed(raw["source"], dict)
+    check_name(_typed(src["name"], str), "source name")
     metadata = src["metadata"]
     if metadata is not None and not all(isinstance(v, str) for v in _typed(metadata, dict).values()):
         raise ManifestError("source metadata must map strings to strings")
@@ -362,13 +448,14 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         raise ManifestError(f"source align must be 1 or 8, got {source.align}")
     if split_digest(source.sha256)[0] != "sha256":
         raise ManifestError("source sha256 must be a sha256 digest")
-    splits_raw = _typed(raw["splits"], dict)
+    splits_raw = raw["splits"]
     splits = {
-        name: (_typed(s["kind"], str), [_typed(n, str) for n in _typed(s["modules"], list)])
+        check_name(name, "split name"): (_typed(s["kind"], str), [_typed(n, str) for n in _typed(s["modules"], list)])
         for name, s in splits_raw.items()
     }
+    known = set(names)
     for name, (_, members) in splits.items():
-        missing = sorted(set(members) - set(names))
+        missing = sorted(set(members) - known)
         if missing:
             raise ManifestError(f"split {name!r} names modules that do not exist: {missing[:3]}")
     manifest = Manifest.build(
@@ -381,11 +468,36 @@ def _parse(raw: dict[str, Any]) -> Manifest:
     )
     _check_source(manifest)
     if manifest.root != raw["root"]:
-        raise IntegrityError(f"manifest root {raw['root']} does not match its modules ({manifest.root})")
+        # Packed before the root pinned user splits: its own root still holds, but those
+        # splits are pinned only by the manifest id (Manifest.split_pinned).
+        legacy = merkle_root(algorithm, [m.leaf() for m in manifest.modules] + _extra_leaves(manifest.files, ()))
+        if legacy != raw["root"]:
+            raise IntegrityError(f"manifest root {_shown(raw['root'])} does not match its modules ({manifest.root})")
+        manifest = dataclasses.replace(manifest, root=legacy)
+        manifest._derived["legacy_root"] = True
     for split in manifest.splits:
         if split.root != splits_raw[split.name]["root"]:
             raise IntegrityError(f"split {split.name!r}: root does not match its modules")
     return manifest
+
+
+def _check_counts(raw: dict[str, Any]) -> None:
+    """Modules, tensors and split entries within the limits, counted before any is built."""
+    modules = _typed(raw["modules"], list)
+    if len(modules) > MAX_MODULES:
+        raise ManifestError(f"manifest has {len(modules)} modules; the limit is {MAX_MODULES}")
+    tensors = sum(len(_typed(_typed(m, dict)["tensors"], list)) for m in modules)
+    if tensors > MAX_TENSORS:
+        raise ManifestError(f"manifest has {tensors} tensors; the limit is {MAX_TENSORS}")
+    entries = sum(len(_typed(_typed(s, dict)["modules"], list)) for s in _typed(raw["splits"], dict).values())
+    if entries > MAX_SPLIT_ENTRIES:
+        raise ManifestError(f"manifest splits list {entries} modules; the limit is {MAX_SPLIT_ENTRIES}")
+
+
+def check_name(name: str, what: str) -> str:
+    if not name or _CONTROL.search(name):
+        raise ManifestError(f"{what} {_shown(name)} is empty or holds control characters")
+    return name
 
 
 def check_files(files: Mapping[str, str]) -> None:
@@ -394,8 +506,10 @@ def check_files(files: Mapping[str, str]) -> None:
         raise ManifestError(f"{len(files)} files; at most {MAX_FILES} travel with a LoRA")
     total = 0
     for name, text in files.items():
-        if not _FILE_NAME.match(name) or name in {".", ".."}:
-            raise ManifestError(f"file name {name!r} is not a plain file name")
+        if not _FILE_NAME.fullmatch(name) or name in {".", ".."}:
+            raise ManifestError(f"file name {_shown(name)} is not a plain file name")
+        if name in _RESERVED_FILES:
+            raise ManifestError(f"file name {name!r} is reserved for the weights themselves")
         total += len(text.encode())
     if total > MAX_FILES_BYTES:
         raise ManifestError(f"files of {total} bytes; at most {MAX_FILES_BYTES} travel with a LoRA")
@@ -404,7 +518,7 @@ def check_files(files: Mapping[str, str]) -> None:
 def _module(raw: dict[str, Any], algorithm: str) -> Module:
     tensors = tuple(
         TensorEntry(
-            key=_typed(t["key"], str),
+            key=check_name(_typed(t["key"], str), "tensor key"),
             dtype=_typed(t["dtype"], str),
             shape=tuple(_count(d) for d in _typed(t["shape"], list)),
             offset=_count(t["offset"]),
@@ -416,7 +530,7 @@ def _module(raw: dict[str, Any], algorithm: str) -> Module:
         if tensor.dtype not in DTYPE_BITS:
             raise ManifestError(f"tensor {tensor.key!r}: unknown dtype {tensor.dtype!r}")
     module = Module(
-        name=_typed(raw["name"], str),
+        name=check_name(_typed(raw["name"], str), "module name"),
         shard=_typed(raw["shard"], str),
         raw=_typed(raw["raw"], str),
         stored_size=_count(raw["stored_size"]),

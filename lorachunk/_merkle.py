@@ -6,7 +6,11 @@ a node; ``n`` leaves split at the largest power of two below ``n``; the empty tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import xxhash
 
 from lorachunk._digest import new_hasher
 
@@ -29,7 +33,13 @@ def _reduce(algorithm: str, hashes: Sequence[bytes]) -> bytes:
     return _hash(algorithm, b"\x01", _reduce(algorithm, hashes[:split]) + _reduce(algorithm, hashes[split:]))
 
 
+# One-shot digests: a manifest's roots take a hash per module per split, and making a hasher
+# object for each costs more than hashing a leaf.
+_ONE_SHOT: Final[dict[str, Callable[[bytes], bytes]]] = {
+    "xxh3-128": xxhash.xxh3_128_digest,
+    "sha256": lambda data: hashlib.sha256(data).digest(),
+}
+
+
 def _hash(algorithm: str, prefix: bytes, data: bytes) -> bytes:
-    hasher = new_hasher(algorithm)
-    hasher.update(prefix + data)
-    return hasher.digest()
+    return _ONE_SHOT[algorithm](prefix + data)

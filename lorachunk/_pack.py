@@ -6,7 +6,7 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +29,8 @@ from lorachunk._exceptions import (
 from lorachunk._layout import as_names, auto_splits, matching, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
+    MAX_FILES_BYTES,
+    MAX_MODULES,
     MAX_SHARD_RAW_BYTES,
     MAX_TENSORS,
     Manifest,
@@ -36,6 +38,7 @@ from lorachunk._manifest import (
     Source,
     TensorEntry,
     check_files,
+    check_name,
     order_runs,
 )
 from lorachunk._repository import (
@@ -61,8 +64,8 @@ from lorachunk._safetensors import (
     parse_header,
     read_header_length,
 )
-from lorachunk.storage import Store
-from lorachunk.storage._local import write_atomic
+from lorachunk.storage import LocalStore, Store
+from lorachunk.storage._local import create_temp, open_regular, write_atomic
 
 __all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
 
@@ -117,7 +120,10 @@ def pack(
     Raises :class:`FormatError` for a file that is not valid safetensors or is past the limits
     of the format (docs/format.md), :class:`UsageError` for a split glob that matches nothing, a
     level outside 1..22 or an unknown hash, and :class:`StoreError` when ``dest`` cannot be
-    written. On any error nothing new is left in ``dest``.
+    written. On any error no manifest or ref is written; in a local folder nothing at all appears
+    (a folder this call created is removed again), while in stores whose writes show at once
+    (fsspec, memory) the shards written before the error stay, unreferenced, for the next pack
+    to reuse: a writer never deletes an object that another writer may have committed too.
 
     Example: ``pack("lora.safetensors", "lora.lcs", splits={"attn": ["*attn*"]}).root``
     """
@@ -126,40 +132,65 @@ def pack(
         new_hasher(hash)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    _check_dest(dest)
     path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(path, layout.tensors)
         names = list(grouped)
         all_splits = auto_splits(names) | user_splits(splits or {}, names)
         store = stack.enter_context(as_store(dest))
-        created_root = isinstance(dest, (str, os.PathLike)) and not Path(dest).exists()
-        written: list[str] = []
+        created = store.root if isinstance(store, LocalStore) and not store.root.exists() else None
         try:
             # The source's sha256 (one core at ~1 GB/s) runs beside the encoding, not after it.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorachunk-sha256") as hashing:
                 sha256 = hashing.submit(_sha256, data)
-                with store.batch():  # every shard durable and in place before the manifest names it
+                # One batch for shards, manifest and ref: in a local folder nothing appears unless
+                # all of it does, and each shard is durable before the manifest names it.
+                with store.batch():
                     modules = list(
-                        _encode_all(
-                            data,
-                            layout,
-                            grouped,
-                            codec=codec,
-                            algorithm=hash,
-                            store=store,
-                            written=written,
-                            progress=progress,
-                        )
+                        _encode_all(data, layout, grouped, codec=codec, algorithm=hash, store=store, progress=progress)
                     )
-                source = _source(path, size, sha256.result(), layout, modules)
-            manifest = Manifest.build(
-                hash=hash, codec=codec.get_config(), source=source, modules=modules, splits=all_splits, files=files
-            )
-            write_manifest(store, manifest)
+                    source = _source(path, size, sha256.result(), layout, modules)
+                    manifest = Manifest.build(
+                        hash=hash,
+                        codec=codec.get_config(),
+                        source=source,
+                        modules=modules,
+                        splits=all_splits,
+                        files=files,
+                    )
+                    write_manifest(store, manifest)
         except BaseException:
-            _discard(store, dest, created_root=created_root, written=written)
+            if created is not None:
+                _remove_empty_folders(created)
             raise
     return manifest
+
+
+def _check_dest(dest: str | os.PathLike[str] | Store) -> None:
+    """A folder ``dest`` names must be one that can be a store: not empty text (which would pack
+    into the current folder), not a file, not under one."""
+    if isinstance(dest, Store):
+        return
+    text = os.fspath(dest)
+    if not text.strip():
+        raise UsageError("the destination is empty; name the folder to pack into")
+    if "://" in text:
+        return
+    for folder in (Path(text), *Path(text).parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "is a file" if folder == Path(text) else f"lies under the file {folder}"
+                raise UsageError(f"{text} {what}; pack into a folder (a packed LoRA is a folder of shards)")
+            return
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Undo the folders a failed pack made, bottom up. Files are never removed and rmdir refuses
+    a folder that holds anything, so what another writer has put there meanwhile stays."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+        with suppress(OSError):
+            os.rmdir(folder)
 
 
 ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
@@ -171,12 +202,21 @@ def _adapter_folder(folder: Path) -> tuple[Path, dict[str, str]]:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FormatError(f"{folder} is a folder without {ADAPTER_WEIGHTS}; pack a .safetensors file or a PEFT folder")
-    files, refused = {}, []
+    files: dict[str, str | None] = {}
+    refused = []
     for path in sorted(folder.iterdir()):
         if path == weights or path.name.startswith("."):
             continue
+        if path.is_symlink():
+            # Carried files are published as they are: a link could carry a secret (a key file)
+            # from outside the folder into a manifest and onto the Hub.
+            raise FormatError(
+                f"{path} is a symbolic link; the files packed with a PEFT adapter must be regular files "
+                "in its folder (copy the folder with real files, e.g. snapshot_download(local_dir=…))"
+            )
         try:
-            files[path.name] = path.read_text("utf-8") if path.is_file() else None
+            with open_regular(path) as handle:
+                files[path.name] = handle.read(MAX_FILES_BYTES + 1).decode("utf-8")
         except (UnicodeDecodeError, OSError):
             files[path.name] = None
         if files[path.name] is None:
@@ -213,23 +253,15 @@ def _source(path: Path, size: int, sha256: str, layout: SafetensorsLayout, modul
     return Source(path.name, size, f"sha256:{sha256}", layout.metadata, order, 8, layout.header.decode())
 
 
-def _discard(store: Store, dest: object, *, created_root: bool, written: Sequence[str]) -> None:
-    if created_root and isinstance(dest, (str, os.PathLike)):
-        shutil.rmtree(dest, ignore_errors=True)
-        return
-    for key in written:
-        store.delete(key)
-
-
 @contextmanager
 def _mapped_source(path: Path) -> Iterator[tuple[SafetensorsLayout, memoryview, int]]:
     """The validated layout of ``path`` and a read-only memory map of the whole file."""
     try:
-        handle = path.open("rb")
+        handle = open_regular(path, follow=True)  # links are fine (the Hub's cache is made of them); FIFOs are not
         size = os.fstat(handle.fileno()).st_size
-    except IsADirectoryError:
-        raise FormatError(f"{path} is a folder, not a safetensors file") from None
     except OSError as exc:
+        if path.is_dir():
+            raise FormatError(f"{path} is a folder, not a safetensors file") from None
         raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from exc
     with handle:
         layout = _read_layout(handle, size, path)
@@ -274,8 +306,15 @@ def _group(path: Path, tensors: Sequence[TensorInfo]) -> dict[str, list[TensorIn
     if len(tensors) > MAX_TENSORS:
         raise FormatError(f"{path}: {len(tensors)} tensors; a {FORMAT_ID} manifest holds at most {MAX_TENSORS}")
     grouped: dict[str, list[TensorInfo]] = {}
-    for tensor in tensors:
-        grouped.setdefault(module_of(tensor.key), []).append(tensor)
+    try:
+        for tensor in tensors:
+            grouped.setdefault(check_name(module_of(check_name(tensor.key, "tensor key")), "module name"), []).append(
+                tensor
+            )
+    except ManifestError as exc:
+        raise FormatError(f"{path}: {exc}") from None
+    if len(grouped) > MAX_MODULES:
+        raise FormatError(f"{path}: {len(grouped)} modules; a {FORMAT_ID} manifest holds at most {MAX_MODULES}")
     for name, group in grouped.items():
         if (size := sum(t.length for t in group)) > MAX_SHARD_RAW_BYTES:
             raise FormatError(
@@ -292,7 +331,6 @@ def _encode_all(
     codec: Codec,
     algorithm: str,
     store: Store,
-    written: list[str],
     progress: Progress | None,
 ) -> Iterator[Module]:
     base = layout.data_start
@@ -317,7 +355,6 @@ def _encode_all(
         for key, stored in shards:
             if not store.exists(key):
                 store.set(key, stored)
-                written.append(key)
 
     # Shards are written on their own threads (into the caller's store batch: temp files now,
     # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
@@ -450,9 +487,20 @@ def unpack(
         loaded = read_manifest(store, manifest)
         if ADAPTER_CONFIG not in loaded.files:
             raise UsageError("this LoRA was not packed from a PEFT folder (it has no adapter_config.json)")
+        try:
+            folder.mkdir(exist_ok=True)  # the folder itself, never those above it
+        except FileNotFoundError:
+            raise UsageError(f"{folder.parent} does not exist; unpack makes no folders above its output") from None
+        except OSError as exc:
+            raise StoreError(f"cannot make {folder}: {exc.strerror or exc}") from exc
+        if folder.is_symlink() or not folder.is_dir():
+            raise UsageError(f"{folder} is not a folder; --format peft writes a folder")
         _unpack(store, folder / ADAPTER_WEIGHTS, splits=splits, modules=modules, manifest=loaded.id, progress=progress)
         for name, text in loaded.files.items():
-            write_atomic(folder / name, text.encode())
+            try:
+                write_atomic(folder / name, text.encode())
+            except OSError as exc:
+                raise StoreError(f"cannot write {folder / name}: {exc.strerror or exc}") from exc
         return folder
 
 
@@ -478,10 +526,15 @@ def _unpack(
     first_seen = {t.key: i for i, t in enumerate(order)}
     chosen.sort(key=lambda m: min(first_seen[t.key] for t in m.tensors))
     codec = codec_from_config(loaded.codec)
-    tmp = target.with_name(f".{target.name}.lorachunk.tmp")
+    _check_output(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w+b") as handle:
+        handle, tmp = create_temp(target, parents=False, readable=True)
+    except FileNotFoundError:
+        raise UsageError(f"{target.parent} does not exist; unpack makes no folders above its output") from None
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        with handle:
             sha256 = _write_tensors(
                 handle,
                 header,
@@ -493,6 +546,7 @@ def _unpack(
             )
             if whole and sha256 != loaded.source.sha256:
                 raise IntegrityError(f"unpacked file does not match the source's {loaded.source.sha256}")
+        _check_output(target)  # still a file or nothing: what replace() will take the place of
         os.replace(tmp, target)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -500,6 +554,20 @@ def _unpack(
             raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
     return target
+
+
+def _check_output(target: Path) -> None:
+    """An output path unpack may replace: a regular file, or nothing yet (not a link, a folder,
+    a device or a FIFO, which a rename would silently put aside)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UsageError(f"{target} is {kind}; unpack writes a new file or replaces a regular one")
 
 
 def _write_tensors(

@@ -139,31 +139,34 @@ def as_store(dest: str | os.PathLike[str] | Store) -> Iterator[Store]:
         yield store
 
 
-def read_manifest(source: str | os.PathLike[str] | Store, selector: str | None = None) -> Manifest:
+def read_manifest(
+    source: str | os.PathLike[str] | Store, selector: str | None = None, *, root: str | None = None
+) -> Manifest:
     """Read and fully validate a manifest (the latest unless ``selector`` names one) of
-    ``source``, a folder, a URL or a :class:`Store`.
+    ``source``, a folder, a URL or a :class:`Store`; with ``root``, :class:`IntegrityError`
+    unless it has that root, found before any of its tables is built.
 
     The latest is read from its copy in ``refs/latest.json.zst``: one request instead of two
     (the ref, then the manifest), which on a link with long round trips is a good part of a
     small load. Stores written before the copy existed fall back to the ref.
     """
     with as_store(source) as store:
-        return _read_manifest(store, selector)
+        return _read_manifest(store, selector, root)
 
 
-def _read_manifest(store: Store, selector: str | None) -> Manifest:
+def _read_manifest(store: Store, selector: str | None, root: str | None) -> Manifest:
     if selector is None:
         try:
             stored = read_stored_manifest(store, LATEST_MANIFEST)
         except ShardNotFoundError:
             pass
         else:
-            return parse_manifest(None, stored, what=LATEST_MANIFEST)
+            return parse_manifest(None, stored, what=f"{LATEST_MANIFEST} in {store!r}", root=root)
     manifest_id = resolve(store, selector)
     key = manifest_key(manifest_id)
     stored = read_stored_manifest(store, key)
     check(manifest_id, stored, what=key)
-    return parse_manifest(manifest_id, stored, what=key)
+    return parse_manifest(manifest_id, stored, what=f"{key} in {store!r}", root=root)
 
 
 def read_stored_manifest(store: Store, key: str) -> bytes:
@@ -175,7 +178,7 @@ def read_stored_manifest(store: Store, key: str) -> bytes:
     return stored
 
 
-def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str) -> Manifest:
+def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str, root: str | None = None) -> Manifest:
     """``Manifest.from_bytes`` of bytes already checked against ``manifest_id``, remembered.
 
     Manifests are immutable and named by the digest of their bytes, so one parsed before is the
@@ -189,9 +192,11 @@ def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str) -> Mani
             cached = _PARSED.get(candidate)
             if cached is not None:
                 _PARSED.move_to_end(candidate)
+                if root is not None and cached.root != root:
+                    raise IntegrityError(f"{what}: manifest root is {cached.root}, expected {root}")
                 return cached
     try:
-        manifest = Manifest.from_bytes(stored)
+        manifest = Manifest.from_bytes(stored, root=root)
     except (ManifestError, IntegrityError) as exc:
         raise type(exc)(f"{what}: {exc}") from exc
     with _PARSED_LOCK:

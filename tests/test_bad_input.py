@@ -26,6 +26,7 @@ def _file(header: object, data: bytes = b"", *, raw_header: bytes | None = None)
 
 GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 _U8 = b'{"dtype":"U8","shape":[1],"data_offsets":[0,1]}'
+_ONE_BYTE = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
 
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty file": (lambda d: _write(d, b""), "too short"),
@@ -74,6 +75,9 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad metadata": (lambda d: _write(d, _file({"__metadata__": {"a": 1}})), "__metadata__"),
     "header over cap": (lambda d: _write(d, struct.pack("<Q", 100_000_001) + b" " * 16), "cap"),
     "not utf-8": (lambda d: _write(d, _file(None, raw_header=b'{"\xff": 1}')), "UTF-8"),
+    # Names are shown in terminals: an escape sequence in one could rewrite what a user reads.
+    "control character in a key": (lambda d: _write(d, _file({"up\x1b[2J.weight": _ONE_BYTE}, b"\x00")), "control"),
+    "empty key": (lambda d: _write(d, _file({"": _ONE_BYTE}, b"\x00")), "is empty"),
     # Python keeps the last of two equal keys and some parsers the first; the file is refused.
     "repeated key": (
         lambda d: _write(d, _file(None, b"\x00", raw_header=b'{"a":%s,"a":%s}' % (_U8, _U8))),
@@ -105,13 +109,22 @@ def test_bad_file_is_rejected_cleanly(case: str, tmp_path: Path, capsys: pytest.
     assert not dest.exists()
 
 
-def test_dest_that_is_a_file(falcon: Path, tmp_path: Path) -> None:
+def test_dest_that_is_a_file_under_a_file_or_empty(
+    falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad destinations are usage errors (exit 2), like every other bad path, and touch nothing."""
     dest = tmp_path / "file"
     dest.write_text("occupied")
-    with pytest.raises(lorachunk.StoreError, match="not a folder"):
+    with pytest.raises(lorachunk.UsageError, match="is a file"):
         lorachunk.pack(falcon, dest)
     assert dest.read_text() == "occupied"
-    assert main(["pack", str(falcon), str(dest), "-q"]) == 3
+    assert main(["pack", str(falcon), str(dest), "-q"]) == 2
+    assert main(["pack", str(falcon), str(dest / "sub" / "store"), "-q"]) == 2
+    assert "lies under the file" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["pack", str(falcon), "", "-q"]) == 2  # not the current folder
+    assert "destination is empty" in capsys.readouterr().err
+    assert {p.name for p in tmp_path.iterdir()} <= {"file", "default-cache"}
 
 
 @pytest.mark.parametrize(

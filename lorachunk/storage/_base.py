@@ -92,6 +92,15 @@ class Store(ABC):
         """
         yield
 
+    @property
+    def identity(self) -> str:
+        """Where this store's objects come from, stable across runs and free of secrets: what
+        the cache keys its memory of the store by (the latest manifest seen, for offline use).
+
+        The default is ``repr``; stores whose address has parts ``repr`` leaves out override it.
+        """
+        return repr(self)
+
     def close(self) -> None:  # noqa: B027 - optional hook, deliberately not abstract
         """Release connections or handles; the default has none."""
 

@@ -2,22 +2,77 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import secrets
+import stat
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from lorachunk._exceptions import ShardNotFoundError, StoreError
 from lorachunk.storage._base import ByteRange, Store, check_key
 
-__all__ = ["LocalStore", "write_atomic"]
+__all__ = ["LocalStore", "create_temp", "open_regular", "write_atomic"]
 
 _BATCH_FSYNC_BYTES: Final = 64 * 1024
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_BINARY: Final = getattr(os, "O_BINARY", 0)
+
+
+def create_temp(path: Path, *, parents: bool = True, readable: bool = False) -> tuple[BinaryIO, Path]:
+    """A new hidden file beside ``path``, open for writing: an unpredictable name created
+    exclusively (``O_EXCL``, links not followed), so nothing planted there is written through and
+    no two writers share one. Its mode is 0666 less the umask, as for any file a program creates
+    (``mkstemp``'s 0600 would keep a web server running as another user from serving a store).
+    list_prefix skips hidden names, so a reader never sees it.
+
+    ``parents`` creates missing folders above it; a folder removed meanwhile by a writer tidying
+    up its own empty folders is made again. ``readable`` opens it for reading too.
+    """
+    flags = (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue  # 64 random bits taken already: only by someone guessing; draw again
+        except FileNotFoundError:
+            if parents:
+                continue
+            raise
+        return os.fdopen(fd, "w+b" if readable else "wb"), tmp
+    raise FileExistsError(errno.EEXIST, f"cannot create a temp file beside {path}")
+
+
+def open_regular(path: Path, *, follow: bool = False) -> BinaryIO:
+    """``path`` opened for reading only if it is a regular file, and (unless ``follow``) not
+    through a link.
+
+    Without these checks a FIFO planted under an object's name would block the reader forever,
+    and a link could make a store read (and an error message echo) a file outside it.
+    """
+    flags = os.O_RDONLY | _CLOEXEC | _BINARY | getattr(os, "O_NONBLOCK", 0) | (0 if follow else _NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link, which lorachunk does not follow here") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def write_atomic(path: Path, value: bytes | memoryview, *, fsync: bool = True) -> None:
@@ -31,19 +86,18 @@ def write_atomic(path: Path, value: bytes | memoryview, *, fsync: bool = True) -
 
 
 def _write_temp(path: Path, value: bytes | memoryview, *, fsync: bool) -> Path:
-    """A hidden temp file beside ``path`` holding ``value`` (list_prefix skips hidden names)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A hidden temp file beside ``path`` holding ``value``."""
+    handle, tmp = create_temp(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with handle:
             handle.write(value)
             if fsync:
                 handle.flush()
                 os.fsync(handle.fileno())
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 @functools.cache
@@ -91,19 +145,19 @@ class LocalStore(Store):
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Writes in the block go to temp files; at its end one ``syncfs`` makes them all durable,
-        and only then are they renamed into place.
+        """Writes in the block go to temp files, renamed into place, in the order written, only
+        when the block ends; if it raises, none of its writes appear and its temp files go.
 
-        One flush of the file system instead of an fsync per object: writing the shard files of
-        the small real fixtures takes a sixth to nearly half less time (docs/benchmarks.md). A crash
-        leaves at worst hidden temp files, never a partial object under its name; if the block
-        raises, none of its writes appear. Where syncfs is missing (not Linux) or ``fsync`` is
-        off, writes are immediate as outside a batch. Writes from several threads are fine.
+        With ``fsync``, one ``syncfs`` before the renames makes them all durable: one flush of the
+        file system instead of an fsync per object, which takes a sixth to nearly half off writing
+        the shard files of the small real fixtures (docs/benchmarks.md). Where syncfs is missing
+        (not Linux) each temp file is flushed as it is written. A crash leaves at worst hidden
+        temp files, never a partial object under its name. Writes from several threads are fine.
 
         syncfs flushes everything unwritten on that file system, other programs' files too: next
         to a program writing gigabytes to the same disk, the flush waits for those as well.
         """
-        if self._pending is not None or not self.fsync or _syncfs() is None:
+        if self._pending is not None:
             yield
             return
         pending: list[tuple[Path, Path]] = []
@@ -115,18 +169,20 @@ class LocalStore(Store):
                 self._commit(pending)
         finally:
             self._pending = None
-            for tmp, _ in pending:
-                tmp.unlink(missing_ok=True)  # only those never renamed are still there
+            for tmp, _ in pending:  # only those never renamed are still there
+                with suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                    self._drop_empty_folders(tmp)
 
     def _commit(self, pending: list[tuple[Path, Path]]) -> None:
-        syncfs = _syncfs()
-        assert syncfs is not None
+        syncfs = _syncfs() if self.fsync else None
         try:
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
+            if syncfs is not None:
+                fd = os.open(self.root, os.O_RDONLY)
+                try:
+                    syncfs(fd)
+                finally:
+                    os.close(fd)
             for tmp, path in pending:
                 os.replace(tmp, path)
         except OSError as exc:
@@ -139,7 +195,7 @@ class LocalStore(Store):
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         path = self.path(key)
         try:
-            with path.open("rb") as handle:
+            with open_regular(path) as handle:
                 if byte_range is None:
                     return handle.read()
                 handle.seek(byte_range.start)
@@ -158,14 +214,18 @@ class LocalStore(Store):
                 return
             # A large object is flushed now, on the writer's thread, so the flush at the end of
             # the batch does not wait for it; fsync's fixed cost only dominates for small ones.
-            tmp = _write_temp(path, value, fsync=len(value) >= _BATCH_FSYNC_BYTES)
+            flush_now = self.fsync and (len(value) >= _BATCH_FSYNC_BYTES or _syncfs() is None)
+            tmp = _write_temp(path, value, fsync=flush_now)
             with self._lock:
                 pending.append((tmp, path))
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        try:
+            return stat.S_ISREG(os.lstat(self.path(key)).st_mode)
+        except OSError:
+            return False
 
     def delete(self, key: str) -> None:
         path = self.path(key)
@@ -173,7 +233,11 @@ class LocalStore(Store):
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from exc
-        # Drop fan-out folders left empty, so a rolled-back write leaves no trace.
+        self._drop_empty_folders(path)
+
+    def _drop_empty_folders(self, path: Path) -> None:
+        """Remove the folders above ``path`` (up to the root) that are empty, so a rolled-back
+        write leaves no trace; rmdir never removes a folder that holds anything."""
         with suppress(OSError):
             for parent in path.relative_to(self.root).parents[:-1]:
                 (self.root / parent).rmdir()
