@@ -213,6 +213,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif not args.quiet:
         counts = f"{_count(report.manifests, 'manifest')}, {_count(report.shards, 'shard')}"
         print(f"ok: {counts}, {_size(report.stored_bytes)} verified")
+        if report.missing:
+            held = ", ".join(report.complete_splits) or "none"
+            print(f"partial copy: {_count(report.missing, 'shard')} not pulled; splits held whole: {held}")
     return EXIT_OK
 
 
@@ -227,6 +230,8 @@ def _store_options(args: argparse.Namespace) -> dict[str, Any]:
             raise lorachunk.UsageError("--header wants 'Name: value'")
         headers[name.strip()] = value.strip()
     options: dict[str, Any] = {"headers": headers, "timeout": args.timeout, "retries": args.retries}
+    if args.min_rate:
+        options["min_rate"] = parse_size(args.min_rate)
     if args.max_rate:
         options["max_bytes_per_s"] = parse_size(args.max_rate)
     return options
@@ -429,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="HTTP header (repeatable)")
     p.add_argument("--max-rate", metavar="SIZE", help="cap the download rate, bytes per second (e.g. 2MB)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a connection or data (default 30)")
+    p.add_argument(
+        "--min-rate",
+        metavar="SIZE",
+        help="per request, bytes per second below which a transfer counts as stalled and is retried (default 16kB)",
+    )
     p.add_argument("--retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 

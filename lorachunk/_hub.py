@@ -23,6 +23,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, unquote
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub import errors as hub_errors
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -63,6 +64,12 @@ _REPO_TYPES: Final = ("model", "dataset")
 #: the manifest limit: enough for the reader to refuse an oversized one, and no more.
 _FIRST_LIMIT: Final = MAX_STORED_MANIFEST_BYTES + 1
 CARD: Final = "README.md"
+
+
+#: huggingface_hub 1.x is built on httpx and 2.x on httpx2; the transport errors it lets through
+#: (connection refused, timeouts, dropped connections) are those of whichever client it uses, and
+#: its errors module takes that client's HTTPError, the root of them all.
+_CLIENT_ERRORS: Final = tuple(c for c in (getattr(hub_errors, "HTTPError", None),) if isinstance(c, type))
 
 
 def _offline() -> bool:
@@ -120,8 +127,8 @@ def _raise(exc: Exception, what: str) -> NoReturn:
         if status is not None and (status == 429 or status >= 500):
             raise StoreUnavailableError(f"{what}: HTTP {status}") from exc
         raise StoreError(f"{what}: HTTP {status}") from exc
-    if is_network_error(exc):
-        raise StoreUnavailableError(f"{what}: {type(exc).__name__}") from exc
+    if is_network_error(exc) or isinstance(exc, _CLIENT_ERRORS):
+        raise StoreUnavailableError(f"{what}: {type(exc).__name__}: {exc}") from exc
     raise exc
 
 

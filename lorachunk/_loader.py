@@ -20,11 +20,19 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check, split_digest
-from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import IntegrityError, LorachunkError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names, finite_scales, matching, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, cpu_threads, select_modules
-from lorachunk._repository import manifest_key, parse_manifest, point_latest, read_manifest, read_shard, shard_key
+from lorachunk._repository import (
+    manifest_key,
+    mark_partial,
+    parse_manifest,
+    point_latest,
+    read_manifest,
+    read_shard,
+    shard_key,
+)
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
 
@@ -582,13 +590,29 @@ def pull(
     """Copy a packed LoRA (or only some splits or modules of it) into the local folder ``dest``.
 
     The copy holds the manifest and the selected shards, each verified before it is written, so
-    ``dest`` opens and loads offline. Shards already in ``dest`` or the cache are not fetched.
+    ``dest`` opens and loads offline. Shards already in ``dest`` (checked against their digests:
+    a damaged one is fetched again and replaced) or in the cache are not fetched. A copy of only
+    some splits is recorded as partial (``refs/partial``), so :func:`verify` checks what it holds
+    and does not count the rest as lost.
     """
     target = LocalStore(dest)
     with open(source, **open_options) as lora:
         chosen, _ = lora._select(splits, modules, None)
-        missing = [m for m in chosen if not target.exists(shard_key(m.shard))]
+        unique = list({m.shard: m for m in chosen}.values())
+        missing = [m for m in unique if not _intact(target, m)]
         report = lora._copy(missing, lambda m, data: target.set(shard_key(m.shard), data), progress)
-        target.set(manifest_key(lora.manifest.id), lora.manifest.to_bytes())
-        point_latest(target, lora.manifest)
-    return PullReport(len({m.shard for m in chosen}), report.fetched, report.fetched_bytes, report.cached)
+        manifest = lora.manifest
+        with target.batch():
+            target.set(manifest_key(manifest.id), manifest.to_bytes())
+            point_latest(target, manifest)
+        whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)
+        mark_partial(target, manifest, partial=not whole)
+    return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
+
+
+def _intact(store: Store, module: Module) -> bool:
+    try:
+        read_shard(store, module)
+    except LorachunkError:
+        return False
+    return True

@@ -541,6 +541,8 @@ def _module(raw: dict[str, Any], algorithm: str) -> Module:
     for value in (module.shard, module.raw):
         if split_digest(value)[0] != algorithm:
             raise ManifestError(f"module {module.name!r}: digest {value} does not use the manifest's {algorithm}")
+    if module.stored_size > 2 * MAX_SHARD_RAW_BYTES:  # zstd never grows data by more than a little
+        raise ManifestError(f"module {module.name!r}: stored size {module.stored_size} is over the limit")
     if module.raw_size > MAX_SHARD_RAW_BYTES:
         raise ManifestError(
             f"module {module.name!r}: raw size {module.raw_size} is over the {MAX_SHARD_RAW_BYTES} limit"

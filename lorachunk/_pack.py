@@ -48,6 +48,7 @@ from lorachunk._repository import (
     latest_id,
     list_manifest_ids,
     no_lora_error,
+    partial_ids,
     read_manifest,
     read_shard,
     read_stored_manifest,
@@ -86,7 +87,10 @@ _WRITE_GROUP: Final = 16
 def cpu_threads() -> int:
     """Threads for encoding and decoding: ``LORACHUNK_THREADS`` or the CPU count, at most 8."""
     configured = os.environ.get("LORACHUNK_THREADS", "")
-    return max(1, int(configured)) if configured.isdigit() else min(8, os.cpu_count() or 1)
+    # isascii: str.isdigit() takes "²", which int() refuses.
+    if configured.isascii() and configured.isdigit():
+        return max(1, min(int(configured), 256))
+    return min(8, os.cpu_count() or 1)
 
 
 def pack(
@@ -526,6 +530,7 @@ def _unpack(
     first_seen = {t.key: i for i, t in enumerate(order)}
     chosen.sort(key=lambda m: min(first_seen[t.key] for t in m.tensors))
     codec = codec_from_config(loaded.codec)
+    _check_pulled(store, loaded, chosen)
     _check_output(target)
     try:
         handle, tmp = create_temp(target, parents=False, readable=True)
@@ -554,6 +559,22 @@ def _unpack(
             raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
     return target
+
+
+def _check_pulled(store: Store, manifest: Manifest, chosen: Sequence[Module]) -> None:
+    """In a partial copy, modules it was never given are a usage error that says how to get them."""
+    if manifest.id not in partial_ids(store):
+        return
+    absent = {m.name for m in chosen if not store.exists(shard_key(m.shard))}
+    if not absent:
+        return
+    held = [s.name for s in manifest.splits if not absent.intersection(s.modules) and s.modules]
+    missing = [s.name for s in manifest.splits if absent.intersection(s.modules)]
+    raise UsageError(
+        f"{store!r} is a partial copy without {len(absent)} of the selected modules (in splits "
+        f"{', '.join(missing[:8]) or '-'}); pull them into it first (`lorachunk pull SOURCE -o FOLDER --split NAME`). "
+        f"Splits it holds whole: {', '.join(held[:20]) or 'none'}"
+    )
 
 
 def _check_output(target: Path) -> None:
@@ -616,11 +637,17 @@ def _write_tensors(
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """What :func:`verify` checked: manifests, distinct shards and their stored bytes."""
+    """What :func:`verify` checked: manifests, distinct shards and their stored bytes.
+
+    A partial copy (``lorachunk pull --split``) holds only some shards: ``missing`` counts those
+    it was never given, and ``complete_splits`` names the splits it holds whole.
+    """
 
     manifests: int
     shards: int
     stored_bytes: int
+    missing: int = 0
+    complete_splits: tuple[str, ...] = ()
 
 
 def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
@@ -637,11 +664,16 @@ def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
         return _verify(store)
 
 
-def _check_latest_copy(store: Store) -> list[str]:
-    """The latest's copy must be the very manifest ``refs/latest`` names."""
+def _check_latest(store: Store, ids: Sequence[str]) -> list[str]:
+    """``refs/latest`` must name a manifest the store holds, and the latest's copy must be it."""
+    try:
+        latest = latest_id(store)
+    except LorachunkError as exc:
+        return [str(exc)]
+    if store.supports_listing and latest not in ids:
+        return [f"{LATEST} names {latest}, which is not in the store"]
     try:
         copy = read_stored_manifest(store, LATEST_MANIFEST)
-        latest = latest_id(store)
     except ShardNotFoundError:
         return []  # a store written before the copy existed
     except LorachunkError as exc:
@@ -662,19 +694,35 @@ def _verify(store: Store) -> VerifyReport:
             manifests.append(read_manifest(store, manifest_id))
         except LorachunkError as exc:
             problems.append(str(exc))
-    problems.extend(_check_latest_copy(store))
+    problems.extend(_check_latest(store, ids))
     unique = {m.shard: (manifest, m) for manifest in manifests for m in manifest.modules}
+    # Shards that only partial copies name may be absent; any other absence is damage.
+    partial = partial_ids(store)
+    whole = {m.shard for manifest in manifests if manifest.id not in partial for m in manifest.modules}
 
     def check_one(item: tuple[Manifest, Module]) -> str | None:
         manifest, module = item
         try:
             decode_module(store, manifest, module)
+        except ShardNotFoundError as exc:
+            return None if module.shard not in whole else str(exc)
         except LorachunkError as exc:
             return str(exc)
-        return None
+        return ""
 
-    checked = _ordered_map(check_one, unique.values(), size=lambda item: item[1].raw_size)
-    problems.extend(p for p in checked if p is not None)
+    checked = list(_ordered_map(check_one, unique.values(), size=lambda item: item[1].raw_size))
+    problems.extend(p for p in checked if p)
     if problems:
         raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
-    return VerifyReport(len(manifests), len(unique), sum(m.stored_size for _, m in unique.values()))
+    absent = {shard for shard, result in zip(unique, checked, strict=True) if result is None}
+    complete = sorted(
+        {
+            split.name
+            for manifest in manifests
+            if manifest.id in partial
+            for split in manifest.splits
+            if not any(manifest.module(n).shard in absent for n in split.modules)
+        }
+    )
+    present = [m for shard, (_, m) in unique.items() if shard not in absent]
+    return VerifyReport(len(manifests), len(present), sum(m.stored_size for m in present), len(absent), tuple(complete))

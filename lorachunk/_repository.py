@@ -4,6 +4,8 @@
 
     refs/latest                       text: the manifest id last packed into this store
     refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
+    refs/partial                      text: ids of manifests this copy holds only some shards of
+                                      (written by ``lorachunk pull --split``), one per line
     manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
     shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
 """
@@ -27,9 +29,11 @@ from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 __all__ = [
     "LATEST",
     "LATEST_MANIFEST",
+    "PARTIAL",
     "list_manifest_ids",
     "manifest_key",
     "parse_manifest",
+    "partial_ids",
     "point_latest",
     "read_manifest",
     "read_shard",
@@ -40,6 +44,7 @@ __all__ = [
 
 LATEST: Final = "refs/latest"
 LATEST_MANIFEST: Final = "refs/latest.json.zst"
+PARTIAL: Final = "refs/partial"
 _MANIFESTS: Final = "manifests/"
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
@@ -79,6 +84,34 @@ def point_latest(store: Store, manifest: Manifest) -> None:
     store.set(LATEST, f"{manifest.id}\n".encode())
 
 
+def partial_ids(store: Store) -> set[str]:
+    """Ids of the manifests whose shards this store holds only some of (a ``pull --split`` copy)."""
+    try:
+        text = store.get(PARTIAL, ByteRange(0, 1024 * 1024))
+    except ShardNotFoundError:
+        return set()
+    ids = set()
+    for line in text.decode("ascii", errors="replace").split():
+        try:
+            split_digest(line)
+        except ManifestError:
+            continue
+        ids.add(line)
+    return ids
+
+
+def mark_partial(store: Store, manifest: Manifest, *, partial: bool) -> None:
+    """Record whether ``store`` holds all of ``manifest``'s shards (a pull of some splits does not)."""
+    ids = partial_ids(store)
+    updated = ids | {manifest.id} if partial else ids - {manifest.id}
+    if updated == ids:
+        return
+    if updated:
+        store.set(PARTIAL, "".join(f"{i}\n" for i in sorted(updated)).encode())
+    else:
+        store.delete(PARTIAL)
+
+
 def list_manifest_ids(store: Store) -> list[str]:
     """Every manifest id in the store (sorted), as ``"<algorithm>:<hex>"``."""
     ids = []
@@ -87,11 +120,11 @@ def list_manifest_ids(store: Store) -> list[str]:
     return sorted(ids)
 
 
-def no_lora_error(store: Store) -> StoreError:
+def no_lora_error(store: Store) -> StoreError | UsageError:
     """The error for a store with nothing packed in it; a local folder that is not there is named
-    as such, as a mistyped path is the usual cause."""
+    as such (a usage error, as for any path that does not exist: a mistyped path is the usual cause)."""
     if isinstance(store, LocalStore) and not store.root.exists():
-        return StoreError(f"{store.root} does not exist, so it holds no packed LoRA")
+        return UsageError(f"{store.root} does not exist, so it holds no packed LoRA")
     return StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`")
 
 

@@ -36,7 +36,29 @@ def test_pull_split_then_info_verify_unpack(
     printed = capsys.readouterr().out
     assert f"pulled {len(split.modules)} shards" in printed
     assert len(server.gets("/shards/")) == len(split.modules)
-    assert main(["verify", str(out), "-q"]) == 1  # the other splits' shards are (rightly) missing
+    # A partial copy is a normal state: verify checks what it holds and says what it lacks.
+    assert main(["verify", str(out)]) == 0
+    printed = capsys.readouterr().out
+    others = len({m.shard for m in manifest.modules}) - len(split.modules)
+    assert f"partial copy: {others} shards not pulled" in printed
+    assert split.name in printed.rpartition("splits held whole:")[2]
+    report = lorachunk.verify(out)
+    assert (report.shards, report.missing) == (len(split.modules), others)
+    # A split it was never given: a usage error that says how to get it, and no file.
+    assert main(["unpack", str(out), "-o", str(tmp_path / "te.safetensors"), "--split", "unet.down_blocks.0"]) == 2
+    err = capsys.readouterr().err
+    assert "partial copy" in err and "lorachunk pull" in err
+    assert not (tmp_path / "te.safetensors").exists()
+    # A shard damaged in the copy fails verify, and the next pull repairs it.
+    damaged = next(p for p in (out / "shards").rglob("*") if p.is_file())
+    damaged.write_bytes(b"rot" + damaged.read_bytes()[3:])
+    assert main(["verify", str(out), "-q"]) == 1
+    capsys.readouterr()
+    assert main(["pull", server.url, "-o", str(out), "--split", split.name, "--no-cache"]) == 0
+    assert ": 1 fetched" in capsys.readouterr().out
+    assert main(["verify", str(out), "-q"]) == 0
+    assert main(["pull", server.url, "-o", str(out), "--split", split.name, "--no-cache"]) == 0
+    assert f"0 fetched (0 B), {len(split.modules)} from the cache or already there" in capsys.readouterr().out
     assert main(["unpack", str(out), "-o", str(tmp_path / "up.safetensors"), "--split", split.name, "-q"]) == 0
     reference = load_file(ATTN)
     got = load_file(tmp_path / "up.safetensors")

@@ -144,8 +144,9 @@ def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
     with pytest.raises(lorachunk.UsageError, match="concurrency"):
         open_store("https://example.org/lora", pool=4, concurrency=0)  # and concurrency= overrides it
     open_store("https://example.org/lora", pool=4, concurrency=2).close()
-    for bad in ({"timeout": 0}, {"timeout": float("nan")}, {"retries": -1}):
-        with pytest.raises(lorachunk.UsageError, match="timeout > 0"):
+    bad_values = [{"timeout": 0}, {"timeout": float("nan")}, {"timeout": float("inf")}, {"retries": -1}]
+    for bad in [*bad_values, {"min_rate": 0}, {"min_rate": float("inf")}]:
+        with pytest.raises(lorachunk.UsageError, match="finite and > 0"):
             open_store("https://example.org/lora", **bad)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from typing import Any
 
-from lorachunk._exceptions import ShardNotFoundError, StoreError, UsageError
+from lorachunk._exceptions import ShardNotFoundError, StoreError, StoreUnavailableError, UsageError
 from lorachunk.storage._base import ByteRange, Store, check_key, shown_url
 
 __all__ = ["FsspecStore"]
@@ -34,6 +34,8 @@ class FsspecStore(Store):
             self.fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
         except (ImportError, ValueError) as exc:
             raise UsageError(f"cannot open {shown_url(url)!r} with fsspec: {exc}") from exc
+        except OSError as exc:  # file systems that connect at once (ftp, sftp): refused, unreachable
+            raise StoreUnavailableError(f"cannot open {shown_url(url)!r}: {exc.strerror or exc}") from exc
         #: As messages show it: credentials in a URL (``ftp://me:pw@host/x``) never appear.
         self.url = shown_url(url)
         self.path = str(path).rstrip("/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import functools
 import importlib.util
+import math
 import os
 import random
 import re
@@ -43,7 +44,8 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._next = time.monotonic()
 
-    def take(self, n: int) -> None:
+    def take(self, n: int) -> float:
+        """Wait until ``n`` more bytes fit in the rate; return the seconds waited."""
         with self._lock:
             now = time.monotonic()
             # One second of burst at most, so an idle pause does not turn into a spike.
@@ -51,6 +53,7 @@ class RateLimiter:
             wait = self._next - now
         if wait > 0:
             time.sleep(wait)
+        return max(0.0, wait)
 
 
 class HTTPStore(Store):
@@ -70,6 +73,11 @@ class HTTPStore(Store):
         installed (``pip install lorachunk[http2]``).
     timeout:
         Seconds to wait for a connection or for the next bytes of a response.
+    min_rate:
+        Bytes per second below which an object counts as stalled. Each request has a deadline
+        of ``timeout`` plus its size at this rate (for a body of unknown size, what arrived so
+        far), so a server that trickles a byte every few seconds cannot hold a read forever;
+        past it the attempt fails and is retried like a dropped connection.
     retries:
         Attempts after the first on connection errors, dropped or truncated bodies, 408, 425, 429
         and 5xx. Waits grow exponentially from ``backoff`` seconds (with full jitter, capped at
@@ -93,6 +101,7 @@ class HTTPStore(Store):
         headers: Mapping[str, str] | None = None,
         concurrency: int = 8,
         timeout: float = 30.0,
+        min_rate: float = 16 * 1024,
         retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
@@ -101,13 +110,16 @@ class HTTPStore(Store):
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"HTTPStore wants an http(s):// URL, got {shown_url(url)!r}")
-        if concurrency < 1 or retries < 0 or not timeout > 0:  # "not >": NaN is refused too
-            raise UsageError("concurrency must be ≥ 1, retries ≥ 0 and timeout > 0")
+        if concurrency < 1 or retries < 0 or not 0 < timeout < math.inf or not 0 < min_rate < math.inf:
+            # Written so that NaN fails too: every comparison with it is false.
+            raise UsageError("concurrency must be ≥ 1, retries ≥ 0, and timeout and min_rate finite and > 0")
         # A query (a signed-URL token) goes on every object's URL, after the object's path.
         parts = urlsplit(url)
         self.url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self._query = f"?{parts.query}" if parts.query else ""
         self.retries = retries
+        self.timeout = timeout
+        self.min_rate = min_rate
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
@@ -184,6 +196,9 @@ class HTTPStore(Store):
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 continue
+            except _StalledError as exc:
+                last_error = str(exc)
+                continue
             except httpx.HTTPError as exc:
                 raise StoreError(f"{shown}: {exc}") from exc
         else:
@@ -194,11 +209,22 @@ class HTTPStore(Store):
         return data, headers_seen
 
     def _read_body(self, response: httpx.Response, received: list[bytes], *, skip: int, want: int | None) -> None:
-        """Append the body's chunks to ``received``, dropping ``skip`` leading bytes; stop at ``want`` bytes."""
+        """Append the body's chunks to ``received``, dropping ``skip`` leading bytes; stop at
+        ``want`` bytes; :class:`_StalledError` past the deadline (``min_rate``)."""
         have = sum(map(len, received))
+        # The deadline is set by what this response will carry: what it says, else what arrives
+        # (readers ask for one byte past a limit, not for the object's size).
+        sizes = [n for n in (want, _int(response.headers.get("Content-Length"))) if n is not None]
+        expected = min(sizes) if sizes else 0
+        started = time.monotonic()
+        throttled = 0.0  # time our own max_bytes_per_s held the body back is not the server's
         for chunk in response.iter_raw():  # no chunk_size: it would hold back what arrived before a drop
+            elapsed = time.monotonic() - started - throttled
+            if elapsed > self.timeout + max(expected, have + len(chunk)) / self.min_rate:
+                got = have + len(chunk)
+                raise _StalledError(f"stalled: {got} bytes in {elapsed:.0f} s, under {self.min_rate:.0f} B/s")
             if self.limiter is not None:
-                self.limiter.take(len(chunk))
+                throttled += self.limiter.take(len(chunk))
             if skip:
                 dropped = min(skip, len(chunk))
                 skip -= dropped
@@ -255,6 +281,10 @@ class HTTPStore(Store):
         return f"HTTPStore({shown_url(self.url + self._query)!r})"
 
 
+class _StalledError(Exception):
+    """A response slower than the store's ``min_rate``: an attempt that failed, as a drop is."""
+
+
 def is_network_error(exc: BaseException) -> bool:
     """Whether ``exc`` is httpx's word for a failed connection or exchange (for callers of
     libraries built on httpx, such as huggingface_hub, which must not import httpx themselves)."""
@@ -286,7 +316,7 @@ def _retry_after(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if re.fullmatch(r"[0-9]{1,9}", value.strip()):  # ASCII digits: str.isdigit() takes "²"
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -198,8 +198,14 @@ class LocalStore(Store):
             with open_regular(path) as handle:
                 if byte_range is None:
                     return handle.read()
+                # Never ask for more than the file holds: a range from a hostile manifest
+                # (2**62 bytes) would otherwise be allocated before a byte is read.
+                size = os.fstat(handle.fileno()).st_size
+                end = size if byte_range.end is None else min(byte_range.end, size)
+                if byte_range.start >= end:
+                    return b""
                 handle.seek(byte_range.start)
-                return handle.read(-1 if byte_range.end is None else byte_range.end - byte_range.start)
+                return handle.read(end - byte_range.start)
         except FileNotFoundError:
             raise ShardNotFoundError(f"{path}: no such object") from None
         except OSError as exc:
