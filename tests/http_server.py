@@ -29,7 +29,9 @@ class Fault:
     ``status`` (answer ``status`` with optional ``retry_after``), ``ignore_range`` (answer 200
     with the whole object), ``bad_range`` (answer 206 with the wrong start), ``corrupt`` (flip
     one byte), ``stall`` (wait ``seconds`` first), ``endless`` (answer 200 declaring a terabyte
-    and send zeros until the client hangs up, or ``limit`` bytes).
+    and send zeros until the client hangs up, or ``limit`` bytes), ``redirect`` (answer 302 to
+    ``location`` + the path), ``trickle`` (send the body a byte every ``seconds``, at most
+    ``limit`` bytes, then close).
     """
 
     pattern: str
@@ -39,6 +41,7 @@ class Fault:
     retry_after: str | None = None
     seconds: float = 0.0
     limit: int = 256 * 1024 * 1024
+    location: str = ""
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Request:
     path: str
     range: str | None
     sent: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _serve(self, *, body: bool) -> None:
-        request = Request(self.command, self.path, self.headers.get("Range"))
+        request = Request(self.command, self.path, self.headers.get("Range"), headers=dict(self.headers.items()))
         with self.server.lock:
             self.server.log.append(request)
         link = self.server.link
@@ -160,6 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault is not None and fault.kind == "endless":
             self._endless(request, fault.limit)
+            return
+        if fault is not None and fault.kind == "redirect":
+            self._status(302, {"Location": fault.location + self.path})
             return
         path = (self.server.root / target.lstrip("/")).resolve()
         if self.server.root.resolve() not in path.parents or not path.is_file():
@@ -194,9 +201,14 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is None and link.drop_rate and len(payload) > 1 and link.should_drop():
             cut = link._random.randrange(1, len(payload))
         limit = len(payload) if cut is None else cut
+        step = 1 if fault is not None and fault.kind == "trickle" else 16 * 1024
+        if step == 1 and fault is not None and fault.limit < limit:
+            limit, cut = fault.limit, fault.limit
         try:
-            for offset in range(0, limit, 16 * 1024):
-                chunk = payload[offset : min(limit, offset + 16 * 1024)]
+            for offset in range(0, limit, step):
+                chunk = payload[offset : min(limit, offset + step)]
+                if step == 1 and fault is not None:
+                    time.sleep(fault.seconds)
                 link.take(len(chunk))
                 self.wfile.write(chunk)
                 request.sent += len(chunk)

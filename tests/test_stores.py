@@ -4,6 +4,7 @@ import errno
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DATA, s3_options
@@ -144,8 +145,15 @@ def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
     with pytest.raises(lorachunk.UsageError, match="concurrency"):
         open_store("https://example.org/lora", pool=4, concurrency=0)  # and concurrency= overrides it
     open_store("https://example.org/lora", pool=4, concurrency=2).close()
-    bad_values = [{"timeout": 0}, {"timeout": float("nan")}, {"timeout": float("inf")}, {"retries": -1}]
-    for bad in [*bad_values, {"min_rate": 0}, {"min_rate": float("inf")}]:
+    bad_values: list[dict[str, Any]] = [
+        {"timeout": 0},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"retries": -1},
+        {"min_rate": 0},
+        {"min_rate": float("inf")},
+    ]
+    for bad in bad_values:
         with pytest.raises(lorachunk.UsageError, match="finite and > 0"):
             open_store("https://example.org/lora", **bad)
 

@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +31,7 @@ from lorachunk.storage._base import ByteRange, Store, check_key, shown_url
 __all__ = ["HTTPStore", "RateLimiter", "is_network_error"]
 
 _RETRY_STATUS: Final = frozenset({408, 425, 429, 500, 502, 503, 504})
+_MAX_REDIRECTS: Final = 10
 _CONTENT_RANGE: Final = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED: Final = re.compile(r"^bytes \*/(\d+)$")
 
@@ -66,8 +68,9 @@ class HTTPStore(Store):
         query (``?sig=…``, a signed URL's token) is sent with every object's URL; it and any
         ``user:password@`` are never shown in messages.
     headers:
-        Sent with every request (e.g. ``{"Authorization": "Bearer …"}``); never logged or put
-        in an error message.
+        Sent with every request to the store's own origin (e.g. ``{"Authorization": "Bearer …"}``);
+        never to another origin a redirect leads to (a CDN, or a host an attacker names), never
+        logged or put in an error message.
     concurrency:
         Most connections open at once (keep-alive pool). HTTP/2 is used when the ``h2`` package is
         installed (``pip install lorachunk[http2]``).
@@ -125,13 +128,15 @@ class HTTPStore(Store):
         self.limiter = RateLimiter(max_bytes_per_s) if max_bytes_per_s else None
         # httpx speaks HTTP/2 when the optional h2 package is there (pip install lorachunk[http2]).
         http2 = transport is None and importlib.util.find_spec("h2") is not None
+        self._headers = dict(headers or {})
+        self._origin = _origin(httpx.URL(self.url))
         self._client = httpx.Client(
             # identity: byte offsets for resume and ranges must be those of the stored object.
-            headers={"Accept-Encoding": "identity", **(headers or {})},
+            headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             http2=http2,
-            follow_redirects=True,
+            follow_redirects=False,  # followed by _send, which keeps the caller's headers at home
             transport=transport,
             verify=_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
         )
@@ -164,7 +169,7 @@ class HTTPStore(Store):
             if offset or end is not None:
                 headers["Range"] = f"bytes={offset}-" + ("" if end is None else str(end - 1))
             try:
-                with self._client.stream("GET", url, headers=headers) as response:
+                with self._send("GET", url, headers) as response:
                     status = response.status_code
                     if status == 404:
                         raise ShardNotFoundError(f"{shown}: not found (404)")
@@ -207,6 +212,31 @@ class HTTPStore(Store):
         if end is not None and len(data) != end - start:
             raise StoreError(f"{shown}: expected {end - start} bytes, got {len(data)}")
         return data, headers_seen
+
+    @contextmanager
+    def _send(self, method: str, url: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
+        """A streamed response, redirects followed here rather than by httpx: the caller's
+        headers go only to the store's own origin (httpx drops only ``Authorization`` when a
+        redirect leaves it, so an ``X-Api-Key`` or ``PRIVATE-TOKEN`` would follow)."""
+        history: list[httpx.Response] = []
+        target = httpx.URL(url)
+        for _ in range(_MAX_REDIRECTS + 1):
+            sent = dict(headers) | (self._headers if _origin(target) == self._origin else {})
+            response = self._client.send(self._client.build_request(method, target, headers=sent), stream=True)
+            location = response.headers.get("Location")
+            if not (response.is_redirect and location):
+                response.history = history
+                try:
+                    yield response
+                finally:
+                    response.close()
+                return
+            response.close()
+            history.append(response)
+            target = target.join(location)
+            if target.scheme not in ("http", "https"):
+                raise StoreError(f"{shown_url(url)}: redirected to a {target.scheme}: URL")
+        raise StoreError(f"{shown_url(url)}: more than {_MAX_REDIRECTS} redirects")
 
     def _read_body(self, response: httpx.Response, received: list[bytes], *, skip: int, want: int | None) -> None:
         """Append the body's chunks to ``received``, dropping ``skip`` leading bytes; stop at
@@ -255,10 +285,10 @@ class HTTPStore(Store):
                 time.sleep(self._delay(attempt, hint))
                 hint = None
             try:
-                response = self._client.head(url)
+                with self._send("HEAD", url, {}) as response:
+                    status = response.status_code
             except httpx.TransportError:
                 continue
-            status = response.status_code
             if status in _RETRY_STATUS:
                 hint = _retry_after(response.headers.get("Retry-After"))
                 continue
@@ -279,6 +309,10 @@ class HTTPStore(Store):
 
     def __repr__(self) -> str:
         return f"HTTPStore({shown_url(self.url + self._query)!r})"
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
 
 
 class _StalledError(Exception):
