@@ -175,7 +175,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"root      {info['root']}")
     print(f"manifest  {info['manifest']}")
     codec = info["codec"]
-    print(f"format    {info['format']}, codec {codec['id']} level {codec.get('level')}, hash {info['hash']}")
+    # The codec config is the one part of a manifest read as free-form JSON: shown escaped.
+    shown_codec = ascii(f"{codec.get('id')} level {codec.get('level')}")[1:-1]
+    print(f"format    {info['format']}, codec {shown_codec}, hash {info['hash']}")
     print(
         f"stored    {_size(info['stored_bytes'] + info['manifest_bytes'])} "
         f"(shards {_size(info['stored_bytes'])} + manifest {_size(info['manifest_bytes'])}), "

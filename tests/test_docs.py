@@ -25,7 +25,7 @@ def test_api_reference_is_current() -> None:
     assert (DOCS / "api.md").read_text() == api_reference(), REGENERATE
 
 
-def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     original = DATA / "loras" / "smart_falcon_8_lokr.safetensors"
     shutil.copy(original, "my_lora.safetensors")
@@ -44,3 +44,4 @@ def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             exec(compile(code, str(DOCS / "quickstart.md"), "exec"), namespace)
     assert Path("same.safetensors").read_bytes() == original.read_bytes()
     assert Path("text_encoder_only").is_dir() and namespace["te"]
+    assert '"GET /' not in capfd.readouterr().err  # the server it starts is quiet, as it says
