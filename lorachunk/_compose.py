@@ -24,7 +24,7 @@ from lorachunk._digest import check, digest
 from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
-from lorachunk._repository import as_store, read_manifest, read_shard, shard_key, write_manifest
+from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, shard_key, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk.storage import Store
 
@@ -102,6 +102,7 @@ def compose(
                     f"and the {BytePlaneZstd.codec_id} codec"
                 )
         owner = _claim(parts, prefer)
+        check_dest(dest)
         out = stack.enter_context(as_store(dest))
         codec = BytePlaneZstd.for_level()
         modules: dict[str, Module] = {}

@@ -25,6 +25,7 @@ from lorachunk._layout import as_names, finite_scales, matching, scale_targets
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pack import Progress, cpu_threads, select_modules
 from lorachunk._repository import (
+    check_dest,
     manifest_key,
     mark_partial,
     parse_manifest,
@@ -595,6 +596,7 @@ def pull(
     some splits is recorded as partial (``refs/partial``), so :func:`verify` checks what it holds
     and does not count the rest as lost.
     """
+    check_dest(dest)
     target = LocalStore(dest)
     with open(source, **open_options) as lora:
         chosen, _ = lora._select(splits, modules, None)

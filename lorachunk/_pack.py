@@ -45,6 +45,7 @@ from lorachunk._repository import (
     LATEST,
     LATEST_MANIFEST,
     as_store,
+    check_dest,
     latest_id,
     list_manifest_ids,
     no_lora_error,
@@ -136,7 +137,7 @@ def pack(
         new_hasher(hash)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    _check_dest(dest)
+    check_dest(dest)
     path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(path, layout.tensors)
@@ -169,24 +170,6 @@ def pack(
                 _remove_empty_folders(created)
             raise
     return manifest
-
-
-def _check_dest(dest: str | os.PathLike[str] | Store) -> None:
-    """A folder ``dest`` names must be one that can be a store: not empty text (which would pack
-    into the current folder), not a file, not under one."""
-    if isinstance(dest, Store):
-        return
-    text = os.fspath(dest)
-    if not text.strip():
-        raise UsageError("the destination is empty; name the folder to pack into")
-    if "://" in text:
-        return
-    for folder in (Path(text), *Path(text).parents):
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                what = "is a file" if folder == Path(text) else f"lies under the file {folder}"
-                raise UsageError(f"{text} {what}; pack into a folder (a packed LoRA is a folder of shards)")
-            return
 
 
 def _remove_empty_folders(root: Path) -> None:

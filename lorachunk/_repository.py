@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final
 
 import zstandard
@@ -30,6 +31,7 @@ __all__ = [
     "LATEST",
     "LATEST_MANIFEST",
     "PARTIAL",
+    "check_dest",
     "list_manifest_ids",
     "manifest_key",
     "parse_manifest",
@@ -159,6 +161,24 @@ def resolve(store: Store, selector: str | None) -> str:
         problem = "matches no manifest" if not matches else f"is ambiguous ({len(matches)} manifests)"
         raise UsageError(f"manifest {selector!r} {problem} in {store!r}")
     return matches[0]
+
+
+def check_dest(dest: str | os.PathLike[str] | Store) -> None:
+    """A folder ``dest`` names must be one that can be a store: not empty text (which would pack
+    into the current folder), not a file, not under one."""
+    if isinstance(dest, Store):
+        return
+    text = os.fspath(dest)
+    if not text.strip():
+        raise UsageError("the destination is empty; name the folder to pack into")
+    if "://" in text:
+        return
+    for folder in (Path(text), *Path(text).parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "is a file" if folder == Path(text) else f"lies under the file {folder}"
+                raise UsageError(f"{text} {what}; pack into a folder (a packed LoRA is a folder of shards)")
+            return
 
 
 @contextmanager

@@ -121,10 +121,13 @@ def test_dest_that_is_a_file_under_a_file_or_empty(
     assert main(["pack", str(falcon), str(dest), "-q"]) == 2
     assert main(["pack", str(falcon), str(dest / "sub" / "store"), "-q"]) == 2
     assert "lies under the file" in capsys.readouterr().err
+    lorachunk.pack(falcon, tmp_path / "store")
+    assert main(["pull", str(tmp_path / "store"), "-o", str(dest), "-q"]) == 2
+    assert main(["compose", str(dest), "--take", f"all={tmp_path / 'store'}", "-q"]) == 2
     monkeypatch.chdir(tmp_path)
     assert main(["pack", str(falcon), "", "-q"]) == 2  # not the current folder
     assert "destination is empty" in capsys.readouterr().err
-    assert {p.name for p in tmp_path.iterdir()} <= {"file", "default-cache"}
+    assert {p.name for p in tmp_path.iterdir()} <= {"file", "store", "default-cache"}
 
 
 @pytest.mark.parametrize(
