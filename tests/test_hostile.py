@@ -297,13 +297,13 @@ def test_verify_fails_on_a_broken_latest_ref(falcon: Path, tmp_path: Path, capsy
 
 
 def test_bad_numbers_in_the_environment_and_options(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv("LORACHUNK_THREADS", "²")
     assert 1 <= cpu_threads() <= 8
     monkeypatch.setenv("LORACHUNK_THREADS", "3")
     assert cpu_threads() == 3
-    assert main(["pull", "http://127.0.0.1:9/x", "-o", "y", "--timeout", "inf"]) == 2
+    assert main(["pull", "http://127.0.0.1:9/x", "-o", str(tmp_path / "y"), "--timeout", "inf"]) == 2
     assert "finite" in capsys.readouterr().err
 
 
