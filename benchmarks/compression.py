@@ -25,9 +25,10 @@ import zstandard
 
 import lorachunk
 from lorachunk._codec import Codec, codec_from_config, plane_groups
+from lorachunk._keys import manifest_key, shard_key
 from lorachunk._manifest import Module
 from lorachunk._pack import _IO_THREADS
-from lorachunk._repository import manifest_key, read_shard, shard_key
+from lorachunk._repository import read_shard
 from lorachunk.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent

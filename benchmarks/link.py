@@ -35,7 +35,7 @@ import httpx
 import torch  # noqa: F401 - imported before any timing, so the first lorachunk run does not pay for it
 
 import lorachunk
-from lorachunk._repository import LATEST_MANIFEST, shard_key
+from lorachunk._keys import LATEST_MANIFEST, shard_key
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -21,8 +21,7 @@ import zstandard
 
 import lorachunk
 from lorachunk._codec import BytePlaneZstd
-from lorachunk._pack import decode_module
-from lorachunk._repository import read_manifest
+from lorachunk._repository import decode_module, read_manifest
 from lorachunk.storage import LocalStore
 
 ROOT = Path(__file__).resolve().parent.parent

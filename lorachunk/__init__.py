@@ -32,8 +32,10 @@ from lorachunk._exceptions import (
 )
 from lorachunk._loader import LoRA, PullReport, load, open, pull
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
-from lorachunk._pack import VerifyReport, pack, unpack, verify
+from lorachunk._pack import pack
 from lorachunk._repository import read_manifest
+from lorachunk._unpack import unpack
+from lorachunk._verify import VerifyReport, verify
 
 if TYPE_CHECKING:
     from lorachunk._hub import PushResult, push

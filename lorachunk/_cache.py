@@ -36,8 +36,8 @@ from typing import BinaryIO, Final
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import CacheWarning, IntegrityError, LorachunkError, StoreError, UsageError
+from lorachunk._keys import MAX_STORED_MANIFEST_BYTES
 from lorachunk._manifest import MAX_SHARD_RAW_BYTES, Manifest
-from lorachunk._repository import MAX_STORED_MANIFEST_BYTES
 from lorachunk.storage._local import create_temp, open_regular, write_atomic
 
 __all__ = ["Cache", "CacheInfo", "default_cache_dir", "parse_size"]

@@ -22,9 +22,10 @@ from typing import BinaryIO, Final
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._digest import check, digest
 from lorachunk._exceptions import StoreError, UsageError
+from lorachunk._keys import shard_key
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
-from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, shard_key, write_manifest
+from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk.storage import Store
 

@@ -21,19 +21,12 @@ from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import check, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ManifestError, StoreUnavailableError, UsageError
+from lorachunk._keys import manifest_key, shard_key
 from lorachunk._layout import as_names, finite_scales, matching, scale_targets
-from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._pack import Progress, cpu_threads, select_modules
-from lorachunk._repository import (
-    check_dest,
-    manifest_key,
-    mark_partial,
-    parse_manifest,
-    point_latest,
-    read_manifest,
-    read_shard,
-    shard_key,
-)
+from lorachunk._manifest import Manifest, Module, Split, select_modules
+from lorachunk._pack import Progress
+from lorachunk._repository import check_dest, mark_partial, parse_manifest, point_latest, read_manifest, read_shard
+from lorachunk._threads import cpu_threads
 from lorachunk.storage import LocalStore, Store, open_store
 from lorachunk.storage._url import is_remote
 

@@ -20,7 +20,7 @@ import zstandard
 from lorachunk._codec import Segment
 from lorachunk._digest import ALGORITHMS, digest, split_digest
 from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
-from lorachunk._layout import auto_splits
+from lorachunk._layout import as_names, auto_splits, matching
 from lorachunk._merkle import merkle_root
 from lorachunk._safetensors import DTYPE_BITS, MAX_HEADER_BYTES, TensorInfo, encode_header, parse_header
 
@@ -39,6 +39,7 @@ __all__ = [
     "TensorEntry",
     "canonical_json",
     "check_name",
+    "select_modules",
 ]
 
 FORMAT_ID: Final = "lorachunk/1"
@@ -607,3 +608,17 @@ def _product(shape: Sequence[int]) -> int:
         if result > MAX_SHARD_RAW_BYTES:
             raise ManifestError(f"shape {list(shape)} is over the size limit")
     return result
+
+
+def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: Iterable[str] = ()) -> list[Module]:
+    """Modules named by splits and module globs; all modules when both are empty."""
+    split_names, globs = as_names(splits), as_names(modules)
+    if not split_names and not globs:
+        return list(manifest.modules)
+    wanted = {name for s in split_names for name in manifest.split(s).modules}
+    for glob in globs:
+        matched = set(matching((m.name for m in manifest.modules), glob))
+        if not matched:
+            raise UsageError(f"module pattern {glob!r} matches no module")
+        wanted |= matched
+    return [m for m in manifest.modules if m.name in wanted]

@@ -1,4 +1,4 @@
-"""pack, unpack and verify: a safetensors file to a store of shards and back."""
+"""pack: a safetensors file (or a PEFT adapter folder) to a store of shards and a manifest."""
 
 from __future__ import annotations
 
@@ -6,27 +6,17 @@ import hashlib
 import json
 import mmap
 import os
-import stat
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final, Literal, TypeVar
+from typing import BinaryIO, Final
 
-from lorachunk._codec import BytePlaneZstd, Codec, Segment, codec_from_config
-from lorachunk._digest import DEFAULT_ALGORITHM, check, digest, new_hasher, split_digest
-from lorachunk._exceptions import (
-    FormatError,
-    IntegrityError,
-    LorachunkError,
-    ManifestError,
-    ShardNotFoundError,
-    StoreError,
-    UsageError,
-)
-from lorachunk._layout import as_names, auto_splits, matching, module_of, user_splits
+from lorachunk._codec import BytePlaneZstd, Codec
+from lorachunk._digest import DEFAULT_ALGORITHM, new_hasher
+from lorachunk._exceptions import FormatError, ManifestError, UsageError
+from lorachunk._keys import shard_key
+from lorachunk._layout import auto_splits, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
     MAX_FILES_BYTES,
@@ -41,57 +31,30 @@ from lorachunk._manifest import (
     check_name,
     order_runs,
 )
-from lorachunk._repository import (
-    LATEST,
-    LATEST_MANIFEST,
-    as_store,
-    check_dest,
-    latest_id,
-    list_manifest_ids,
-    no_lora_error,
-    partial_ids,
-    read_manifest,
-    read_shard,
-    read_stored_manifest,
-    resolve,
-    shard_key,
-    write_manifest,
-)
+from lorachunk._repository import as_store, check_dest, write_manifest
 from lorachunk._safetensors import (
     SafetensorsLayout,
     TensorInfo,
-    encode_header,
     header_json,
     padded,
     parse_header,
     read_header_length,
 )
+from lorachunk._shard import encode_module
+from lorachunk._threads import CHUNK_BYTES, bounded_map, cpu_threads
 from lorachunk.storage import LocalStore, Store
-from lorachunk.storage._local import create_temp, open_regular, write_atomic
+from lorachunk.storage._local import open_regular
 
-__all__ = ["Progress", "VerifyReport", "pack", "unpack", "verify"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Progress", "pack"]
 
 #: ``progress(done, total)`` in bytes of the source (pack) or output (unpack).
 Progress = Callable[[int, int], None]
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
 
 #: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
 #: fsync of each large shard), so a few help on any disk.
 _IO_THREADS: Final = 4
-#: Bytes of modules one task on a thread takes at least, and most shards one writing task takes.
-_CHUNK_BYTES: Final = 1024 * 1024
+#: Most shards one writing task takes.
 _WRITE_GROUP: Final = 16
-
-
-def cpu_threads() -> int:
-    """Threads for encoding and decoding: ``LORACHUNK_THREADS`` or the CPU count, at most 8."""
-    configured = os.environ.get("LORACHUNK_THREADS", "")
-    # isascii: str.isdigit() takes "²", which int() refuses.
-    if configured.isascii() and configured.isdigit():
-        return max(1, min(int(configured), 256))
-    return min(8, os.cpu_count() or 1)
 
 
 def pack(
@@ -319,24 +282,40 @@ def _encode_all(
     algorithm: str,
     store: Store,
     progress: Progress | None,
-) -> Iterator[Module]:
+) -> list[Module]:
     base = layout.data_start
-    total = layout.data_length
-    done = 0
+    modules: list[Module] = []
 
     def encode(item: tuple[str, list[TensorInfo]]) -> tuple[Module, bytes]:
         name, tensors = item
-        raw = _module_bytes(data, base, tensors)
         entries, position = [], 0
         for t in tensors:
             entries.append(TensorEntry(t.key, t.dtype, t.shape, position, t.length))
             position += t.length
-        segments = tuple(Segment(e.offset, e.length, e.itemsize) for e in entries)
-        stored, frames = codec.encode(raw, segments)
-        module = Module(
-            name, digest(algorithm, stored), digest(algorithm, raw), len(stored), len(raw), frames, tuple(entries)
-        )
-        return module, stored
+        return encode_module(name, _module_bytes(data, base, tensors), entries, codec=codec, algorithm=algorithm)
+
+    def groups() -> Iterator[list[tuple[str, bytes]]]:
+        """The shards to write as they are encoded, in groups (small shards go in groups, as
+        modules go to the encoding threads); a key once, so identical modules are stored once."""
+        seen: set[str] = set()
+        group: list[tuple[str, bytes]] = []
+        group_bytes = done = 0
+        size = lambda item: sum(t.length for t in item[1])  # noqa: E731
+        for module, stored in bounded_map(encode, grouped.items(), threads=cpu_threads(), size=size):
+            modules.append(module)
+            key = shard_key(module.shard)
+            if key not in seen:
+                seen.add(key)
+                group.append((key, stored))
+                group_bytes += len(stored)
+            if len(group) >= _WRITE_GROUP or group_bytes >= CHUNK_BYTES:
+                yield group
+                group, group_bytes = [], 0
+            done += module.raw_size
+            if progress is not None:
+                progress(done, layout.data_length)
+        if group:
+            yield group
 
     def write(shards: list[tuple[str, bytes]]) -> None:
         for key, stored in shards:
@@ -345,32 +324,10 @@ def _encode_all(
 
     # Shards are written on their own threads (into the caller's store batch: temp files now,
     # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
-    # modules instead of adding to it. A key goes to them once, so identical modules are stored
-    # once. Small shards go in groups, as modules go to the encoding threads (_ordered_map).
-    with ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="lorachunk-io") as io:
-        writes: deque[Future[None]] = deque()
-        submitted: set[str] = set()
-        group: list[tuple[str, bytes]] = []
-        group_bytes = 0
-        for module, stored in _ordered_map(encode, grouped.items(), size=lambda item: sum(t.length for t in item[1])):
-            key = shard_key(module.shard)
-            if key not in submitted:
-                submitted.add(key)
-                group.append((key, stored))
-                group_bytes += len(stored)
-            if len(group) >= _WRITE_GROUP or group_bytes >= _CHUNK_BYTES:
-                writes.append(io.submit(write, group))
-                group, group_bytes = [], 0
-            while len(writes) > 4 * _IO_THREADS or (writes and writes[0].done()):
-                writes.popleft().result()  # bounds memory; raises a write's error here
-            done += module.raw_size
-            if progress is not None:
-                progress(done, total)
-            yield module
-        if group:
-            writes.append(io.submit(write, group))
-        while writes:
-            writes.popleft().result()
+    # modules instead of adding to it.
+    for _ in bounded_map(write, groups(), threads=_IO_THREADS, ordered=False):
+        pass
+    return modules
 
 
 def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) -> memoryview:
@@ -379,333 +336,3 @@ def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) ->
     if end - start == sum(t.length for t in tensors):
         return data[start:end]  # contiguous in the file: no copy
     return memoryview(b"".join(data[base + t.offset : base + t.offset + t.length] for t in tensors))
-
-
-def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, size: Callable[[_T], int]) -> Iterator[_R]:
-    """``map`` on a thread pool, in order.
-
-    zstd and the hashes release the GIL, so threads give real parallelism. Items travel to the
-    threads in chunks of at least ``_CHUNK_BYTES`` by ``size``: handing one over costs more than
-    the work on a LyCORIS module of a few hundred bytes. At most two chunks per thread are in
-    flight, which bounds memory to a few modules rather than the whole LoRA.
-    """
-    workers = cpu_threads()
-
-    def run(chunk: list[_T]) -> list[_R]:
-        return [fn(item) for item in chunk]
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorachunk") as pool:
-        pending: deque[Future[list[_R]]] = deque()
-        for chunk in _chunks(items, size):
-            pending.append(pool.submit(run, chunk))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-
-
-def _chunks(items: Iterable[_T], size: Callable[[_T], int]) -> Iterator[list[_T]]:
-    """Consecutive items in groups of at least ``_CHUNK_BYTES`` by ``size`` (the last may be smaller)."""
-    chunk: list[_T] = []
-    total = 0
-    for item in items:
-        chunk.append(item)
-        total += size(item)
-        if total >= _CHUNK_BYTES:
-            yield chunk
-            chunk, total = [], 0
-    if chunk:
-        yield chunk
-
-
-def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:
-    """Fetch, verify (stored digest, then raw digest) and decode one module's raw bytes."""
-    stored = read_shard(store, module)
-    out = bytearray(module.raw_size)
-    (codec or codec_from_config(manifest.codec)).decode(
-        memoryview(stored), module.segments, module.frames, memoryview(out)
-    )
-    check(module.raw, out, what=f"module {module.name!r} after decoding")
-    return out
-
-
-def select_modules(manifest: Manifest, *, splits: Iterable[str] = (), modules: Iterable[str] = ()) -> list[Module]:
-    """Modules named by splits and module globs; all modules when both are empty."""
-    split_names, globs = as_names(splits), as_names(modules)
-    if not split_names and not globs:
-        return list(manifest.modules)
-    wanted = {name for s in split_names for name in manifest.split(s).modules}
-    for glob in globs:
-        matched = set(matching((m.name for m in manifest.modules), glob))
-        if not matched:
-            raise UsageError(f"module pattern {glob!r} matches no module")
-        wanted |= matched
-    return [m for m in manifest.modules if m.name in wanted]
-
-
-def unpack(
-    dest: str | os.PathLike[str] | Store,
-    out: str | os.PathLike[str],
-    *,
-    splits: Iterable[str] = (),
-    modules: Iterable[str] = (),
-    manifest: str | None = None,
-    format: Literal["safetensors", "peft"] = "safetensors",
-    progress: Progress | None = None,
-) -> Path:
-    """Write a safetensors file from a packed LoRA.
-
-    With no ``splits`` or ``modules`` the result is the original file byte for byte (checked
-    against its recorded sha256). Otherwise it holds the tensors of the selected modules, in
-    their original order, with the original ``__metadata__``. ``manifest`` selects a manifest
-    by id or hex prefix (default: the store's latest). The file appears only once complete.
-
-    ``format="peft"``: ``out`` is a folder that gets ``adapter_model.safetensors`` and the files
-    packed with it (``adapter_config.json``, …), which ``PeftModel.from_pretrained`` loads.
-
-    Raises :class:`IntegrityError` if any byte does not match the manifest.
-    """
-    if format not in ("safetensors", "peft"):
-        raise UsageError(f"format must be 'safetensors' or 'peft', got {format!r}")
-    with as_store(dest) as store:
-        if format == "safetensors":
-            return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
-        folder = Path(out)
-        loaded = read_manifest(store, manifest)
-        if ADAPTER_CONFIG not in loaded.files:
-            raise UsageError("this LoRA was not packed from a PEFT folder (it has no adapter_config.json)")
-        try:
-            folder.mkdir(exist_ok=True)  # the folder itself, never those above it
-        except FileNotFoundError:
-            raise UsageError(f"{folder.parent} does not exist; unpack makes no folders above its output") from None
-        except OSError as exc:
-            raise StoreError(f"cannot make {folder}: {exc.strerror or exc}") from exc
-        if folder.is_symlink() or not folder.is_dir():
-            raise UsageError(f"{folder} is not a folder; --format peft writes a folder")
-        _unpack(store, folder / ADAPTER_WEIGHTS, splits=splits, modules=modules, manifest=loaded.id, progress=progress)
-        for name, text in loaded.files.items():
-            try:
-                write_atomic(folder / name, text.encode())
-            except OSError as exc:
-                raise StoreError(f"cannot write {folder / name}: {exc.strerror or exc}") from exc
-        return folder
-
-
-def _unpack(
-    store: Store,
-    target: Path,
-    *,
-    splits: Iterable[str],
-    modules: Iterable[str],
-    manifest: str | None,
-    progress: Progress | None,
-) -> Path:
-    loaded = read_manifest(store, manifest)
-    chosen = select_modules(loaded, splits=splits, modules=modules)
-    whole = len(chosen) == len(loaded.modules)
-    wanted = {t.key for m in chosen for t in m.tensors}
-    order = [t for t in loaded.file_order() if t.key in wanted]
-    header = loaded.header_bytes() if whole else encode_header(order, loaded.metadata)
-    positions, position = {}, len(header)
-    for tensor in order:
-        positions[tensor.key] = position
-        position += tensor.length
-    first_seen = {t.key: i for i, t in enumerate(order)}
-    chosen.sort(key=lambda m: min(first_seen[t.key] for t in m.tensors))
-    codec = codec_from_config(loaded.codec)
-    _check_pulled(store, loaded, chosen)
-    _check_output(target)
-    try:
-        handle, tmp = create_temp(target, parents=False, readable=True)
-    except FileNotFoundError:
-        raise UsageError(f"{target.parent} does not exist; unpack makes no folders above its output") from None
-    except OSError as exc:
-        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    try:
-        with handle:
-            sha256 = _write_tensors(
-                handle,
-                header,
-                positions=positions,
-                total=position,
-                modules=chosen,
-                decode=lambda m: decode_module(store, loaded, m, codec),
-                progress=progress,
-            )
-            if whole and sha256 != loaded.source.sha256:
-                raise IntegrityError(f"unpacked file does not match the source's {loaded.source.sha256}")
-        _check_output(target)  # still a file or nothing: what replace() will take the place of
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, LorachunkError):
-            raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
-        raise
-    return target
-
-
-def _check_pulled(store: Store, manifest: Manifest, chosen: Sequence[Module]) -> None:
-    """In a partial copy, modules it was never given are a usage error that says how to get them."""
-    if manifest.id not in partial_ids(store):
-        return
-    absent = {m.name for m in chosen if not store.exists(shard_key(m.shard))}
-    if not absent:
-        return
-    held = [s.name for s in manifest.splits if not absent.intersection(s.modules) and s.modules]
-    missing = [s.name for s in manifest.splits if absent.intersection(s.modules)]
-    raise UsageError(
-        f"{store!r} is a partial copy without {len(absent)} of the selected modules (in splits "
-        f"{', '.join(missing[:8]) or '-'}); pull them into it first (`lorachunk pull SOURCE -o FOLDER --split NAME`). "
-        f"Splits it holds whole: {', '.join(held[:20]) or 'none'}"
-    )
-
-
-def _check_output(target: Path) -> None:
-    """An output path unpack may replace: a regular file, or nothing yet (not a link, a folder,
-    a device or a FIFO, which a rename would silently put aside)."""
-    try:
-        mode = os.lstat(target).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(mode):
-        kind = "a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-        raise UsageError(f"{target} is {kind}; unpack writes a new file or replaces a regular one")
-
-
-def _write_tensors(
-    handle: BinaryIO,
-    header: bytes,
-    *,
-    positions: Mapping[str, int],
-    total: int,
-    modules: Sequence[Module],
-    decode: Callable[[Module], bytearray],
-    progress: Progress | None,
-) -> str:
-    """Write ``header`` and each module's tensors at their positions, decoding in parallel.
-
-    Returns the sha256 of the file. Modules are usually contiguous runs in the file, so this
-    writes sequentially and hashes as it goes; a file whose modules interleave (safetensors sorts
-    by dtype first) is written with seeks and hashed by reading it back once.
-    """
-    handle.write(header)
-    hasher = hashlib.sha256(header)
-    sequential = True
-    done = len(header)
-    for module, raw in zip(modules, _ordered_map(decode, modules, size=lambda m: m.raw_size), strict=False):
-        view = memoryview(raw)
-        for tensor in module.tensors:
-            position = positions[tensor.key]
-            piece = view[tensor.offset : tensor.offset + tensor.length]
-            if handle.tell() != position:
-                handle.seek(position)
-                sequential = False
-            handle.write(piece)
-            if sequential:
-                hasher.update(piece)
-        done += module.raw_size
-        if progress is not None:
-            progress(done, total)
-    if sequential:
-        return f"sha256:{hasher.hexdigest()}"
-    handle.flush()
-    handle.seek(0)
-    hasher = hashlib.sha256()
-    while chunk := handle.read(16 * 1024 * 1024):
-        hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}"
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """What :func:`verify` checked: manifests, distinct shards and their stored bytes.
-
-    A partial copy (``lorachunk pull --split``) holds only some shards: ``missing`` counts those
-    it was never given, and ``complete_splits`` names the splits it holds whole.
-    """
-
-    manifests: int
-    shards: int
-    stored_bytes: int
-    missing: int = 0
-    complete_splits: tuple[str, ...] = ()
-
-
-def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
-    """Re-check every manifest in ``dest`` and every shard they name (only the latest manifest for
-    stores that cannot list, such as plain HTTP).
-
-    Each manifest is checked against its id and its Merkle roots are recomputed; each shard is
-    hashed as stored, decoded, and hashed again as raw bytes; the latest manifest's copy
-    (``refs/latest.json.zst``) must be the manifest ``refs/latest`` names.
-
-    Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
-    """
-    with as_store(dest) as store:
-        return _verify(store)
-
-
-def _check_latest(store: Store, ids: Sequence[str]) -> list[str]:
-    """``refs/latest`` must name a manifest the store holds, and the latest's copy must be it."""
-    try:
-        latest = latest_id(store)
-    except LorachunkError as exc:
-        return [str(exc)]
-    if store.supports_listing and latest not in ids:
-        return [f"{LATEST} names {latest}, which is not in the store"]
-    try:
-        copy = read_stored_manifest(store, LATEST_MANIFEST)
-    except ShardNotFoundError:
-        return []  # a store written before the copy existed
-    except LorachunkError as exc:
-        return [str(exc)]
-    if digest(split_digest(latest)[0], copy) != latest:
-        return [f"{LATEST_MANIFEST} is not the manifest {LATEST} names ({latest})"]
-    return []
-
-
-def _verify(store: Store) -> VerifyReport:
-    problems: list[str] = []
-    manifests: list[Manifest] = []
-    ids = list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
-    if not ids:
-        raise no_lora_error(store)
-    for manifest_id in ids:
-        try:
-            manifests.append(read_manifest(store, manifest_id))
-        except LorachunkError as exc:
-            problems.append(str(exc))
-    problems.extend(_check_latest(store, ids))
-    unique = {m.shard: (manifest, m) for manifest in manifests for m in manifest.modules}
-    # Shards that only partial copies name may be absent; any other absence is damage.
-    partial = partial_ids(store)
-    whole = {m.shard for manifest in manifests if manifest.id not in partial for m in manifest.modules}
-
-    def check_one(item: tuple[Manifest, Module]) -> str | None:
-        manifest, module = item
-        try:
-            decode_module(store, manifest, module)
-        except ShardNotFoundError as exc:
-            return None if module.shard not in whole else str(exc)
-        except LorachunkError as exc:
-            return str(exc)
-        return ""
-
-    checked = list(_ordered_map(check_one, unique.values(), size=lambda item: item[1].raw_size))
-    problems.extend(p for p in checked if p)
-    if problems:
-        raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
-    absent = {shard for shard, result in zip(unique, checked, strict=True) if result is None}
-    complete = sorted(
-        {
-            split.name
-            for manifest in manifests
-            if manifest.id in partial
-            for split in manifest.splits
-            if not any(manifest.module(n).shard in absent for n in split.modules)
-        }
-    )
-    present = [m for shard, (_, m) in unique.items() if shard not in absent]
-    return VerifyReport(len(manifests), len(present), sum(m.stored_size for m in present), len(absent), tuple(complete))

@@ -1,14 +1,5 @@
-"""The store layout of format lorachunk/1: where manifests, shards and refs live.
-
-::
-
-    refs/latest                       text: the manifest id last packed into this store
-    refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
-    refs/partial                      text: ids of manifests this copy holds only some shards of
-                                      (written by ``lorachunk pull --split``), one per line
-    manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
-    shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
-"""
+"""Manifests, shards and refs in a store (the layout is :mod:`lorachunk._keys`): read, checked
+and written through the :class:`~lorachunk.storage.Store` interface, whatever the store."""
 
 from __future__ import annotations
 
@@ -22,46 +13,37 @@ from typing import Final
 
 import zstandard
 
-from lorachunk._digest import ALGORITHMS, check, digest, from_hex, hex_of, split_digest
+from lorachunk._codec import Codec, codec_from_config
+from lorachunk._digest import ALGORITHMS, check, digest, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
+from lorachunk._keys import (
+    LATEST,
+    LATEST_MANIFEST,
+    MANIFESTS,
+    MAX_REF_BYTES,
+    MAX_STORED_MANIFEST_BYTES,
+    PARTIAL,
+    manifest_id_of,
+    manifest_key,
+    shard_key,
+)
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
+from lorachunk._shard import decode_checked
 from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 
 __all__ = [
-    "LATEST",
-    "LATEST_MANIFEST",
-    "PARTIAL",
+    "as_store",
     "check_dest",
+    "decode_module",
     "list_manifest_ids",
-    "manifest_key",
+    "mark_partial",
     "parse_manifest",
     "partial_ids",
-    "point_latest",
     "read_manifest",
     "read_shard",
     "read_stored_manifest",
-    "shard_key",
     "write_manifest",
 ]
-
-LATEST: Final = "refs/latest"
-LATEST_MANIFEST: Final = "refs/latest.json.zst"
-PARTIAL: Final = "refs/partial"
-_MANIFESTS: Final = "manifests/"
-_MANIFEST_SUFFIX: Final = ".json.zst"
-#: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
-MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
-#: ``refs/latest`` holds one manifest id: anything longer is not one.
-_MAX_REF_BYTES: Final = 1024
-
-
-def shard_key(digest: str) -> str:
-    hexpart = hex_of(digest)
-    return f"shards/{hexpart[:2]}/{hexpart}"
-
-
-def manifest_key(manifest_id: str) -> str:
-    return f"{_MANIFESTS}{hex_of(manifest_id)}{_MANIFEST_SUFFIX}"
 
 
 def write_manifest(store: Store, manifest: Manifest) -> str:
@@ -116,10 +98,7 @@ def mark_partial(store: Store, manifest: Manifest, *, partial: bool) -> None:
 
 def list_manifest_ids(store: Store) -> list[str]:
     """Every manifest id in the store (sorted), as ``"<algorithm>:<hex>"``."""
-    ids = []
-    for key in store.list_prefix(_MANIFESTS):
-        ids.append(from_hex(key[len(_MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX)))
-    return sorted(ids)
+    return sorted(manifest_id_of(key) for key in store.list_prefix(MANIFESTS))
 
 
 def no_lora_error(store: Store) -> StoreError | UsageError:
@@ -132,11 +111,11 @@ def no_lora_error(store: Store) -> StoreError | UsageError:
 
 def latest_id(store: Store) -> str:
     try:
-        text = store.get(LATEST, ByteRange(0, _MAX_REF_BYTES + 1))
+        text = store.get(LATEST, ByteRange(0, MAX_REF_BYTES + 1))
     except ShardNotFoundError:
         raise no_lora_error(store) from None
-    if len(text) > _MAX_REF_BYTES:
-        raise ManifestError(f"{LATEST} in {store!r} is over {_MAX_REF_BYTES} bytes, so it is not a manifest id")
+    if len(text) > MAX_REF_BYTES:
+        raise ManifestError(f"{LATEST} in {store!r} is over {MAX_REF_BYTES} bytes, so it is not a manifest id")
     value = text.decode("ascii", errors="replace").strip()
     try:
         split_digest(value)
@@ -281,3 +260,10 @@ def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
         raise IntegrityError(f"{what}: {size} bytes where the manifest declares {module.stored_size}")
     check(module.shard, data, what=what)
     return data
+
+
+def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:
+    """Fetch, verify (stored digest, then raw digest) and decode one module's raw bytes."""
+    out = bytearray(module.raw_size)
+    decode_checked(codec or codec_from_config(manifest.codec), module, read_shard(store, module), memoryview(out))
+    return out

@@ -9,8 +9,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._codec import codec_from_config
-from lorachunk._pack import decode_module
-from lorachunk._repository import read_shard
+from lorachunk._repository import decode_module, read_shard
 from lorachunk.storage import LocalStore
 
 STORE = DATA / "store-v1"

@@ -18,7 +18,7 @@ import lorachunk
 from lorachunk import Take
 from lorachunk._cli import main as cli
 from lorachunk._compose import METADATA_KEY, parse_take
-from lorachunk._repository import shard_key
+from lorachunk._keys import shard_key
 
 
 @pytest.fixture

@@ -20,9 +20,10 @@ from hub_server import serve_hub
 import lorachunk
 from lorachunk import _manifest
 from lorachunk._cli import main
+from lorachunk._keys import LATEST, LATEST_MANIFEST, shard_key
 from lorachunk._manifest import Manifest
-from lorachunk._pack import cpu_threads
-from lorachunk._repository import LATEST, LATEST_MANIFEST, shard_key, write_manifest
+from lorachunk._repository import write_manifest
+from lorachunk._threads import cpu_threads
 from lorachunk.storage import ByteRange, LocalStore
 from lorachunk.storage._http import _retry_after
 

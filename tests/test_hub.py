@@ -15,7 +15,7 @@ from store_contract import Put, StoreTests
 
 import lorachunk
 from lorachunk._cli import main as cli
-from lorachunk._repository import LATEST_MANIFEST, manifest_key, shard_key
+from lorachunk._keys import LATEST_MANIFEST, manifest_key, shard_key
 from lorachunk.storage import HubStore, Store
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"

@@ -12,7 +12,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
-from lorachunk._repository import LATEST_MANIFEST
+from lorachunk._keys import LATEST_MANIFEST
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ from lorachunk.storage import LocalStore  # noqa: E402
 
 def test_a_manifest_is_parsed_once_but_always_checked(tmp_path: Path) -> None:
     """Parsed manifests are remembered by id; the bytes are still checked against the id each time."""
-    from lorachunk._repository import manifest_key
+    from lorachunk._keys import manifest_key
 
     store = lorachunk.storage.LocalStore(tmp_path / "s")
     manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
@@ -174,10 +174,11 @@ def test_chunked_encoding_stores_each_shard_once_and_reports_every_module(
 ) -> None:
     """Pack hands modules to its threads in chunks and shards to its writers in groups; with both
     made tiny, duplicates that straddle chunks are still written once and progress sees every module."""
-    from lorachunk import _pack
+    from lorachunk import _pack, _threads
     from lorachunk.storage import MemoryStore
 
-    monkeypatch.setattr(_pack, "_CHUNK_BYTES", 40)
+    monkeypatch.setattr(_threads, "CHUNK_BYTES", 40)  # modules per encoding task
+    monkeypatch.setattr(_pack, "CHUNK_BYTES", 40)  # and bytes per writing task
     monkeypatch.setattr(_pack, "_WRITE_GROUP", 2)
     same = ("F16", (2, 4), bytes(range(16)))
     tensors = {f"m{i}.lora_down.weight": same if i % 3 == 0 else ("F16", (2, 4), bytes([i]) * 16) for i in range(12)}

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk import _torch
-from lorachunk._repository import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
+from lorachunk._keys import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
 from lorachunk._safetensors import DTYPE_BITS
 from lorachunk.storage import open_store
 
@@ -793,8 +793,7 @@ def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path:
     """The CUDA path decodes byte planes on the host and un-groups them on the device; the
     un-grouping is plain torch, so it is checked here on the CPU for every module of every fixture."""
     from lorachunk._codec import BytePlaneZstd
-    from lorachunk._pack import decode_module
-    from lorachunk._repository import read_shard
+    from lorachunk._repository import decode_module, read_shard
     from lorachunk._torch import _ungroup
 
     manifest = lorachunk.pack(fixture_lora, tmp_path / "s")

@@ -1,0 +1,55 @@
+"""Where things live in a store of format lorachunk/1 (docs/format.md), and the limits on them.
+
+::
+
+    refs/latest                       text: the manifest id last packed into this store
+    refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
+    refs/partial                      text: ids of manifests this copy holds only some shards of
+                                      (written by ``lorachunk pull --split``), one per line
+    manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
+    shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
+
+Names only: no store is touched here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from lorachunk._digest import from_hex, hex_of
+
+__all__ = [
+    "LATEST",
+    "LATEST_MANIFEST",
+    "MANIFESTS",
+    "MAX_REF_BYTES",
+    "MAX_STORED_MANIFEST_BYTES",
+    "PARTIAL",
+    "manifest_id_of",
+    "manifest_key",
+    "shard_key",
+]
+
+LATEST: Final = "refs/latest"
+LATEST_MANIFEST: Final = "refs/latest.json.zst"
+PARTIAL: Final = "refs/partial"
+MANIFESTS: Final = "manifests/"
+_MANIFEST_SUFFIX: Final = ".json.zst"
+#: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
+MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
+#: ``refs/latest`` holds one manifest id: anything longer is not one.
+MAX_REF_BYTES: Final = 1024
+
+
+def shard_key(digest: str) -> str:
+    hexpart = hex_of(digest)
+    return f"shards/{hexpart[:2]}/{hexpart}"
+
+
+def manifest_key(manifest_id: str) -> str:
+    return f"{MANIFESTS}{hex_of(manifest_id)}{_MANIFEST_SUFFIX}"
+
+
+def manifest_id_of(key: str) -> str:
+    """The manifest id a key under ``manifests/`` names."""
+    return from_hex(key[len(MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX))
