@@ -30,9 +30,10 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
-from lorachunk._loader import LoRA, PullReport, load, open, pull
+from lorachunk._loader import LoRA, PullReport, load, open
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
 from lorachunk._pack import pack
+from lorachunk._pull import pull
 from lorachunk._repository import read_manifest
 from lorachunk._unpack import unpack
 from lorachunk._verify import VerifyReport, verify

@@ -18,9 +18,9 @@ import lorachunk
 from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
-from lorachunk._keys import LATEST, manifest_key
-from lorachunk._pack import ADAPTER_WEIGHTS, Progress
+from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
 from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
+from lorachunk._threads import Progress
 from lorachunk.storage import MemoryStore, Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from lorachunk._codec import BytePlaneZstd
-from lorachunk._digest import check, digest
 from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._keys import shard_key
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
 from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
+from lorachunk._shard import decode_checked, encode_module
 from lorachunk.storage import Store
 
 __all__ = ["Take", "compose", "parse_take"]
@@ -120,22 +120,15 @@ def compose(
                         continue
                     stored = read_shard(part.store, module)  # checked once, then decoded and copied
                     raw = bytearray(module.raw_size)
-                    codec.decode(memoryview(stored), module.segments, module.frames, memoryview(raw))
-                    check(module.raw, raw, what=f"module {module.name!r} of take {part.take.name!r}")
+                    decode_checked(codec, module, stored, memoryview(raw), what=f" of take {part.take.name!r}")
                     if factor is None or factor == 1.0:
                         if not out.exists(shard_key(module.shard)):
                             out.set(shard_key(module.shard), stored)
                     else:
                         _scale(raw, module, factor)
-                        stored, frames = codec.encode(memoryview(raw), module.segments)
-                        module = Module(  # noqa: PLW2901 - the scaled module replaces the taken one
-                            module.name,
-                            digest(algorithm, stored),
-                            digest(algorithm, raw),
-                            len(stored),
-                            len(raw),
-                            frames,
-                            module.tensors,
+                        # The scaled module replaces the taken one.
+                        module, stored = encode_module(  # noqa: PLW2901
+                            module.name, raw, module.tensors, codec=codec, algorithm=algorithm
                         )
                         out.set(shard_key(module.shard), stored)
                     modules[module.name] = module

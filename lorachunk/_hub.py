@@ -41,9 +41,8 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
-from lorachunk._keys import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
+from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
 from lorachunk._manifest import Manifest
-from lorachunk._pack import ADAPTER_WEIGHTS
 from lorachunk._repository import read_manifest, read_shard
 from lorachunk.storage._base import ByteRange, Store, check_key
 from lorachunk.storage._http import HTTPStore, is_network_error

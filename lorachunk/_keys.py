@@ -19,6 +19,8 @@ from typing import Final
 from lorachunk._digest import from_hex, hex_of
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "LATEST",
     "LATEST_MANIFEST",
     "MANIFESTS",
@@ -29,6 +31,10 @@ __all__ = [
     "manifest_key",
     "shard_key",
 ]
+
+#: A PEFT adapter folder: its weights, and the config that travels in the manifest with them.
+ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
+ADAPTER_CONFIG: Final = "adapter_config.json"
 
 LATEST: Final = "refs/latest"
 LATEST_MANIFEST: Final = "refs/latest.json.zst"

@@ -7,35 +7,29 @@ opening a LoRA, listing its keys, prefetching and pulling never import it.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
-from lorachunk._digest import check, split_digest
-from lorachunk._exceptions import IntegrityError, LorachunkError, ManifestError, StoreUnavailableError, UsageError
-from lorachunk._keys import manifest_key, shard_key
+from lorachunk._digest import split_digest
+from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names, finite_scales, matching, scale_targets
 from lorachunk._manifest import Manifest, Module, Split, select_modules
-from lorachunk._pack import Progress
-from lorachunk._repository import check_dest, mark_partial, parse_manifest, point_latest, read_manifest, read_shard
-from lorachunk._threads import cpu_threads
-from lorachunk.storage import LocalStore, Store, open_store
+from lorachunk._pipeline import CachePolicy, Pipeline
+from lorachunk._repository import parse_manifest, read_manifest
+from lorachunk._threads import Progress, cpu_threads
+from lorachunk.storage import Store, open_store
 from lorachunk.storage._url import is_remote
 
 if TYPE_CHECKING:
     import torch
 
-    from lorachunk import _torch
 
-__all__ = ["LoRA", "PullReport", "load", "open", "pull"]
+__all__ = ["LoRA", "PullReport", "load", "open"]
 
 CacheOption = Cache | str | os.PathLike[str] | bool | Literal["auto"] | None
 Scales = Mapping[str, float]
@@ -90,19 +84,24 @@ class LoRA(Mapping[str, "torch.Tensor"]):
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
         self.store = store
         self.cache = cache
-        # A local folder is already as close as the cache: only decoded modules are worth keeping.
-        self._cache_shards = cache is not None and is_remote(store)
         self.concurrency = concurrency
         self._manifest = manifest
         self._owns_store = owns_store
         # Opened with root= and no manifest id: a split name may select only what the root pins.
         self._pinned_by_root = pinned_by_root
         self._codec = codec_from_config(manifest.codec)
-        self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
         self._by_key = manifest.owners
-        self._lock = threading.Lock()
-        self.fetched = 0
-        self.fetched_bytes = 0
+        self._pipeline = Pipeline(store, manifest, CachePolicy.of(cache, store), concurrency=concurrency)
+
+    @property
+    def fetched(self) -> int:
+        """Shards fetched from the store (not the cache) since this LoRA was opened."""
+        return self._pipeline.fetched
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Their stored bytes."""
+        return self._pipeline.fetched_bytes
 
     # -- what is in it: no shard I/O ---------------------------------------------------------
 
@@ -142,6 +141,17 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         return self.load(keys=[key])[key]
 
     # -- loading -------------------------------------------------------------------------------
+
+    def select(
+        self,
+        *,
+        splits: Iterable[str] | None = None,
+        modules: Iterable[str] | None = None,
+        keys: Iterable[str] | None = None,
+    ) -> list[Module]:
+        """The modules a selection names, in manifest order: what :meth:`load` with the same
+        options fetches. Nothing is fetched."""
+        return self._select(splits, modules, keys)[0]
 
     def _select(
         self, splits: Iterable[str] | None, modules: Iterable[str] | None, keys: Iterable[str] | None
@@ -208,7 +218,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         factors = _scale_factors(self._manifest, chosen, scales or {})
         placer = _torch.make_placer(self._codec, device, dtype)
         try:
-            for item in self._staged(placer, chosen, wanted):
+            for item in self._pipeline.staged(placer, chosen, wanted):
                 for key, tensor in placer.finish(item):
                     factor = factors.get(key)
                     if factor is not None:
@@ -216,8 +226,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
                     yield key, tensor
         finally:
             placer.close()
-        if self.cache is not None:
-            self.cache.keep(self.cache.enforce_limit)
+        self._pipeline.policy.after_load()
 
     def load(
         self,
@@ -252,169 +261,23 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         """Fetch and verify the selected shards into the cache without making tensors."""
         if self.cache is None:
             raise UsageError("prefetch needs a cache; open the LoRA with cache=True or a cache folder")
-        chosen, _ = self._select(splits, modules, keys)
-        return self._copy(chosen, lambda m, data: None, progress, keep=True)
+        return self.copy(self.select(splits=splits, modules=modules, keys=keys), lambda m, data: None, progress)
 
-    def _copy(
+    def copy(
         self,
         chosen: Sequence[Module],
         sink: Callable[[Module, bytes], None],
-        progress: Progress | None,
+        progress: Progress | None = None,
         *,
-        keep: bool | None = None,
+        required: bool | None = None,
     ) -> PullReport:
-        before = (self.fetched, self.fetched_bytes)
-        total = sum(m.stored_size for m in chosen)
-        done = 0
-        unique = list({m.shard: m for m in chosen}.values())
-        for module in self._map(lambda m: (m, self._fetch(m, keep=keep)), _plan(unique)):
-            sink(*module)
-            done += module[0].stored_size
-            if progress is not None:
-                progress(done, total)
-        fetched = self.fetched - before[0]
-        if self.cache is not None:
-            self.cache.keep(self.cache.enforce_limit)
-        return PullReport(len(unique), fetched, self.fetched_bytes - before[1], len(unique) - fetched)
-
-    # -- the pipeline --------------------------------------------------------------------------
-
-    def _staged(
-        self, placer: _torch.Placer, chosen: Sequence[Module], wanted: frozenset[str] | None
-    ) -> Iterator[_torch.Staged]:
-        """Fetch and decode ``chosen``, yielding each module as it is ready.
-
-        Threads pay off for network fetches and for large modules (zstd and big copies release
-        the GIL); for the many tiny modules of a local LoRA they only fight over the GIL, so
-        those are done in this thread. See docs/loading.md for the measurements.
-        """
-        decoded = self.cache if self.cache is not None and self.cache.decoded and placer.keeps_host_bytes else None
-        if decoded is None:
-            yield from self._decoded(placer, chosen, wanted, None, None)
-            return
-        root, size = self._manifest.root, self._manifest.raw_size
-        bundle = decoded.get_bundle(root, size)
-        if bundle is not None:
-            whole = memoryview(bundle)
-            for index, module in enumerate(chosen):
-                offset = self._offsets[module.name]
-                view = whole[offset : offset + module.raw_size]
-                try:
-                    check(module.raw, view, what=f"module {module.name!r} in the cache's bundle")
-                except IntegrityError:
-                    decoded.drop_bundle(root)  # damaged on disk: decode the rest as if it never was
-                    yield from self._decoded(placer, chosen[index:], wanted, decoded, None)
-                    return
-                yield placer.adopt(module, view, wanted)
-            return
-        if len(chosen) < len(self._manifest.modules) or (decoded.max_size is not None and size > decoded.max_size):
-            yield from self._decoded(placer, chosen, wanted, decoded, None)
-            return
-        # A full load writes all decoded modules into one file, so later loads map it once. The
-        # manifest goes into the cache too: it is what `cache verify` checks the bundle against.
-        decoded.keep(lambda: decoded.put(self._manifest.id, self._manifest.to_bytes(), kind="manifests"))
-        with decoded.bundle_writer(root, size) as write:
-            yield from self._decoded(placer, chosen, wanted, decoded, write)
-
-    def _decoded(
-        self,
-        placer: _torch.Placer,
-        chosen: Sequence[Module],
-        wanted: frozenset[str] | None,
-        decoded: Cache | None,
-        write: Callable[[int, bytes | memoryview], None] | None,
-    ) -> Iterator[_torch.Staged]:
-        """:meth:`_staged` without a bundle: each module from the per-module cache or decoded.
-        With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
-        remote = is_remote(self.store)
-        on_cpu = placer.device.type == "cpu"
-
-        def pooled(module: Module) -> bool:
-            if decoded is not None and decoded.contains(module.raw, kind="raw"):
-                return False  # a memory map and a hash: cheaper than a hand-off to a thread
-            # The consuming thread does the device work, so on a GPU every decode goes to the pool.
-            return remote or not on_cpu or module.raw_size >= PARALLEL_MIN_BYTES
-
-        def stage(module: Module, data: bytes) -> _torch.Staged:
-            staged = placer.stage(module, data, wanted)
-            if decoded is not None and write is None:
-                decoded.keep(lambda: decoded.put_raw(module.raw, staged.buffer.numpy().data))
-            return staged
-
-        def kept(staged: _torch.Staged) -> _torch.Staged:
-            if write is not None and staged.module.raw_size:
-                write(self._offsets[staged.module.name], staged.buffer.numpy().data)
-            return staged
-
-        def work(module: Module) -> _torch.Staged | tuple[Module, bytes]:
-            raw = decoded.get_raw(module.raw, module.raw_size) if decoded is not None else None
-            if raw is not None:
-                return placer.adopt(module, raw, wanted)
-            data = self._fetch(module)
-            if module.raw_size >= PARALLEL_MIN_BYTES or not on_cpu:
-                return stage(module, data)
-            return module, data
-
-        plan = _plan(chosen)
-        to_pool = [pooled(m) for m in plan]
-        for module, in_pool in zip(plan, to_pool, strict=True):
-            if not in_pool:
-                result = work(module)
-                yield kept(stage(*result) if isinstance(result, tuple) else result)
-        for result in self._map(work, [m for m, in_pool in zip(plan, to_pool, strict=True) if in_pool]):
-            yield kept(stage(*result) if isinstance(result, tuple) else result)
-
-    def _fetch(self, module: Module, *, keep: bool | None = None) -> bytes:
-        """The verified stored bytes of ``module``'s shard, from the cache or the store.
-
-        ``keep`` (default: for remote stores, as far as the cache can be written) puts what was
-        fetched into the cache; ``keep=True`` makes a cache that cannot be written an error."""
-        best_effort = keep is None
-        keep = self._cache_shards if best_effort else keep
-        if self.cache is not None and keep:
-            cached = self.cache.get(module.shard, size=module.stored_size)
-            if cached is not None:
-                return cached
-        data = read_shard(self.store, module, where=f" from {self.store!r}")
-        with self._lock:
-            self.fetched += 1
-            self.fetched_bytes += len(data)
-        if self.cache is not None and keep:
-            cache = self.cache
-            if best_effort:
-                cache.keep(lambda: cache.put(module.shard, data))
-            else:
-                cache.put(module.shard, data)
-        return data
-
-    def _map(self, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
-        """``fn`` over ``items`` on ``concurrency`` threads, yielding results as they complete.
-
-        At most twice ``concurrency`` items are in flight, which bounds memory; the first error
-        cancels what has not started and is raised.
-        """
-        source = iter(items)
-        completed: queue.SimpleQueue[Future[_R]] = queue.SimpleQueue()
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="lorachunk-load") as pool:
-            pending: set[Future[_R]] = set()
-
-            def submit(item: _T) -> None:
-                future = pool.submit(fn, item)
-                pending.add(future)
-                future.add_done_callback(completed.put)
-
-            for item in islice(source, 2 * self.concurrency):
-                submit(item)
-            try:
-                while pending:
-                    future = completed.get()
-                    pending.discard(future)
-                    for item in islice(source, 1):
-                        submit(item)
-                    yield future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+        """Fetch and verify the distinct shards of ``chosen`` and hand each to ``sink(module,
+        stored_bytes)``. ``required`` (default: when this LoRA has a cache, as prefetch wants)
+        keeps every shard in the cache and makes one that cannot be written an error."""
+        unique = len({m.shard for m in chosen})
+        keep = self.cache is not None if required is None else required
+        fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep)
+        return PullReport(unique, fetched, fetched_bytes, unique - fetched)
 
     def close(self) -> None:
         if self._owns_store:
@@ -430,11 +293,6 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
     def __repr__(self) -> str:
         return f"<LoRA {self._manifest.source.name!r} root={self.root} modules={len(self._manifest.modules)}>"
-
-
-def _plan(modules: Sequence[Module]) -> list[Module]:
-    """Largest shards first, so the long transfers start early and the tail is short."""
-    return sorted(modules, key=lambda m: -m.stored_size)
 
 
 def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales) -> dict[str, float]:
@@ -570,44 +428,3 @@ def load(
     """``open(source, **open_options).load(...)`` in one call; see :meth:`LoRA.load`."""
     with open(source, **open_options) as lora:
         return lora.load(splits=splits, modules=modules, keys=keys, device=device, dtype=dtype, scales=scales)
-
-
-def pull(
-    source: str | os.PathLike[str] | Store,
-    dest: str | os.PathLike[str],
-    *,
-    splits: Iterable[str] | None = None,
-    modules: Iterable[str] | None = None,
-    progress: Progress | None = None,
-    **open_options: Any,
-) -> PullReport:
-    """Copy a packed LoRA (or only some splits or modules of it) into the local folder ``dest``.
-
-    The copy holds the manifest and the selected shards, each verified before it is written, so
-    ``dest`` opens and loads offline. Shards already in ``dest`` (checked against their digests:
-    a damaged one is fetched again and replaced) or in the cache are not fetched. A copy of only
-    some splits is recorded as partial (``refs/partial``), so :func:`verify` checks what it holds
-    and does not count the rest as lost.
-    """
-    check_dest(dest)
-    target = LocalStore(dest)
-    with open(source, **open_options) as lora:
-        chosen, _ = lora._select(splits, modules, None)
-        unique = list({m.shard: m for m in chosen}.values())
-        missing = [m for m in unique if not _intact(target, m)]
-        report = lora._copy(missing, lambda m, data: target.set(shard_key(m.shard), data), progress)
-        manifest = lora.manifest
-        with target.batch():
-            target.set(manifest_key(manifest.id), manifest.to_bytes())
-            point_latest(target, manifest)
-        whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)
-        mark_partial(target, manifest, partial=not whole)
-    return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
-
-
-def _intact(store: Store, module: Module) -> bool:
-    try:
-        read_shard(store, module)
-    except LorachunkError:
-        return False
-    return True

@@ -20,6 +20,7 @@ import zstandard
 from lorachunk._codec import Segment
 from lorachunk._digest import ALGORITHMS, digest, split_digest
 from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
+from lorachunk._keys import ADAPTER_WEIGHTS
 from lorachunk._layout import as_names, auto_splits, matching
 from lorachunk._merkle import merkle_root
 from lorachunk._safetensors import DTYPE_BITS, MAX_HEADER_BYTES, TensorInfo, encode_header, parse_header
@@ -62,7 +63,7 @@ MAX_FILES: Final = 64
 MAX_FILES_BYTES: Final = 1024 * 1024
 _FILE_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 #: unpack --format peft writes the verified weights under this name; no packed file may take it.
-_RESERVED_FILES: Final = frozenset({"adapter_model.safetensors"})
+_RESERVED_FILES: Final = frozenset({ADAPTER_WEIGHTS})
 #: Names (of modules, splits, tensors, the source) hold no control characters: they are shown in
 #: terminals and logs, where such a character could rewrite what the reader sees.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -6,7 +6,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import BinaryIO, Final
 from lorachunk._codec import BytePlaneZstd, Codec
 from lorachunk._digest import DEFAULT_ALGORITHM, new_hasher
 from lorachunk._exceptions import FormatError, ManifestError, UsageError
-from lorachunk._keys import shard_key
+from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, shard_key
 from lorachunk._layout import auto_splits, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
@@ -41,14 +41,11 @@ from lorachunk._safetensors import (
     read_header_length,
 )
 from lorachunk._shard import encode_module
-from lorachunk._threads import CHUNK_BYTES, bounded_map, cpu_threads
+from lorachunk._threads import CHUNK_BYTES, Progress, bounded_map, cpu_threads
 from lorachunk.storage import LocalStore, Store
 from lorachunk.storage._local import open_regular
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "Progress", "pack"]
-
-#: ``progress(done, total)`` in bytes of the source (pack) or output (unpack).
-Progress = Callable[[int, int], None]
+__all__ = ["pack"]
 
 #: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
 #: fsync of each large shard), so a few help on any disk.
@@ -141,10 +138,6 @@ def _remove_empty_folders(root: Path) -> None:
     for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
         with suppress(OSError):
             os.rmdir(folder)
-
-
-ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
-ADAPTER_CONFIG: Final = "adapter_config.json"
 
 
 def _adapter_folder(folder: Path) -> tuple[Path, dict[str, str]]:

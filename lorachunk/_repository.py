@@ -36,6 +36,7 @@ __all__ = [
     "check_dest",
     "decode_module",
     "list_manifest_ids",
+    "manifest_objects",
     "mark_partial",
     "parse_manifest",
     "partial_ids",
@@ -46,26 +47,33 @@ __all__ = [
 ]
 
 
-def write_manifest(store: Store, manifest: Manifest) -> str:
-    """Store ``manifest`` and point ``refs/latest`` at it; return its id."""
+def manifest_objects(manifest: Manifest) -> list[tuple[str, bytes]]:
+    """What storing ``manifest`` as a store's latest writes, in the order it must be written:
+    the manifest, the latest's copy, then the ref (so the two refs name the same manifest once a
+    write is done). Every writer (pack, compose, pull, push) writes these and only these.
+
+    Raises :class:`ManifestError` for a manifest over what a reader accepts.
+    """
     stored = manifest.to_bytes()
     if len(stored) > MAX_STORED_MANIFEST_BYTES or zstandard.frame_content_size(stored) > MAX_MANIFEST_BYTES:
         raise ManifestError(
             f"the manifest is over what a reader accepts ({MAX_STORED_MANIFEST_BYTES} bytes stored, "
             f"{MAX_MANIFEST_BYTES} decompressed)"
         )
-    manifest_id = manifest.id
-    key = manifest_key(manifest_id)
-    if not store.exists(key):
-        store.set(key, stored)
-    point_latest(store, manifest)
-    return manifest_id
+    return [
+        (manifest_key(manifest.id), stored),
+        (LATEST_MANIFEST, stored),
+        (LATEST, f"{manifest.id}\n".encode()),
+    ]
 
 
-def point_latest(store: Store, manifest: Manifest) -> None:
-    """Make ``manifest`` (already stored) the store's latest: its copy, then the ref."""
-    store.set(LATEST_MANIFEST, manifest.to_bytes())
-    store.set(LATEST, f"{manifest.id}\n".encode())
+def write_manifest(store: Store, manifest: Manifest) -> str:
+    """Store ``manifest`` and make it the store's latest; return its id."""
+    for index, (key, value) in enumerate(manifest_objects(manifest)):
+        if index == 0 and store.exists(key):
+            continue  # named by its digest: the same bytes are there
+        store.set(key, value)
+    return manifest.id
 
 
 def partial_ids(store: Store) -> set[str]:

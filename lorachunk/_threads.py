@@ -14,11 +14,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, TypeVar
 
-__all__ = ["CHUNK_BYTES", "bounded_map", "cpu_threads"]
+__all__ = ["CHUNK_BYTES", "Progress", "bounded_map", "cpu_threads"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
+#: ``progress(done, total)``, in bytes: of the source (pack), the output (unpack) or the shards
+#: fetched (pull, prefetch).
+Progress = Callable[[int, int], None]
 #: Bytes of items one task takes at least, when items are grouped by size.
 CHUNK_BYTES: Final = 1024 * 1024
 

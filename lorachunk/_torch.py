@@ -25,9 +25,9 @@ from typing import Final
 import torch
 
 from lorachunk._codec import BytePlaneZstd, Codec, plane_groups, tiled_itemsize
-from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
+from lorachunk._shard import decode_checked
 
 __all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "require_dtypes", "scale_", "scale_bytes"]
 
@@ -156,8 +156,7 @@ class CPUPlacer(Placer):
     def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
         buffer = torch.empty(module.raw_size, dtype=torch.uint8)
         view = _bytes_view(buffer) if module.raw_size else memoryview(bytearray())
-        self.codec.decode(memoryview(stored), module.segments, module.frames, view)
-        check(module.raw, view, what=f"module {module.name!r} after decoding")
+        decode_checked(self.codec, module, stored, view)
         # Tensors are made here, on the worker: with many tiny tensors the per-tensor torch calls
         # cost more than decoding, and the consuming thread would otherwise do them all alone.
         return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))

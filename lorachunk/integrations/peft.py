@@ -27,7 +27,7 @@ except ImportError as exc:
 
 import lorachunk
 from lorachunk._exceptions import ManifestError, UsageError
-from lorachunk._pack import ADAPTER_CONFIG as CONFIG
+from lorachunk._keys import ADAPTER_CONFIG as CONFIG
 from lorachunk.storage import Store
 
 if TYPE_CHECKING:

@@ -1,0 +1,227 @@
+"""The load pipeline: plan → fetch (from the cache or the store) → verify → decode → place.
+
+:class:`CachePolicy` decides once, when a LoRA is opened, what its loads take from and keep in
+the cache; :class:`Pipeline` runs the steps for one LoRA. torch is met only through the placer
+(:mod:`lorachunk._torch`), which the caller makes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from lorachunk._cache import Cache
+from lorachunk._digest import check
+from lorachunk._exceptions import IntegrityError
+from lorachunk._manifest import Manifest, Module
+from lorachunk._repository import read_shard
+from lorachunk._threads import Progress, bounded_map
+from lorachunk.storage import Store
+from lorachunk.storage._url import is_remote
+
+if TYPE_CHECKING:
+    from lorachunk import _torch
+
+__all__ = ["PARALLEL_MIN_BYTES", "CachePolicy", "Pipeline"]
+
+_R = TypeVar("_R")
+#: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
+PARALLEL_MIN_BYTES = 128 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """What loads of one LoRA take from and keep in the cache.
+
+    ``shards``: fetched shards are kept (for remote stores: a local folder is already as close
+    as the cache). ``decoded``: decoded modules are kept and served, per module after a partial
+    load and as one bundle per LoRA after a full one. Writes are best effort (a cache that cannot
+    be written warns once and is left alone) except where the caller requires them.
+    """
+
+    cache: Cache | None
+    shards: bool
+    decoded: bool
+
+    @classmethod
+    def of(cls, cache: Cache | None, store: Store) -> CachePolicy:
+        return cls(cache, cache is not None and is_remote(store), cache is not None and cache.decoded)
+
+    def decoded_cache(self, placer: _torch.Placer) -> Cache | None:
+        """The cache of decoded modules, when this placer's buffers are host bytes it can keep."""
+        return self.cache if self.decoded and placer.keeps_host_bytes else None
+
+    def bundle_size(self, manifest: Manifest, chosen: Sequence[Module]) -> int | None:
+        """The size of the bundle a load of ``chosen`` would write (a full load whose bundle fits
+        the cache's size limit), else None."""
+        size = manifest.raw_size
+        limit = self.cache.max_size if self.cache is not None else None
+        full = len(chosen) == len(manifest.modules)
+        return size if full and (limit is None or size <= limit) else None
+
+    def after_load(self) -> None:
+        """Prune to the cache's size limit, if it has one."""
+        cache = self.cache
+        if cache is not None:
+            cache.keep(cache.enforce_limit)
+
+
+class Pipeline:
+    """Fetch, verify, decode and place the modules of one manifest from one store."""
+
+    def __init__(self, store: Store, manifest: Manifest, policy: CachePolicy, *, concurrency: int) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.policy = policy
+        self.concurrency = concurrency
+        self.remote = is_remote(store)
+        self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
+        self._lock = threading.Lock()
+        self.fetched = 0
+        self.fetched_bytes = 0
+
+    def fetch(self, module: Module, *, required: bool = False) -> bytes:
+        """The verified stored bytes of ``module``'s shard, from the cache or the store.
+
+        ``required`` keeps what is fetched in the cache whatever the store, and makes a cache
+        that cannot be written an error (``prefetch``); otherwise the policy decides, best effort."""
+        cache = self.policy.cache
+        keep = cache is not None and (required or self.policy.shards)
+        if cache is not None and keep:
+            cached = cache.get(module.shard, size=module.stored_size)
+            if cached is not None:
+                return cached
+        data = read_shard(self.store, module, where=f" from {self.store!r}")
+        with self._lock:
+            self.fetched += 1
+            self.fetched_bytes += len(data)
+        if cache is not None and keep:
+            if required:
+                cache.put(module.shard, data)
+            else:
+                cache.keep(lambda: cache.put(module.shard, data))
+        return data
+
+    def copy(
+        self,
+        chosen: Sequence[Module],
+        sink: Callable[[Module, bytes], None],
+        progress: Progress | None,
+        *,
+        required: bool,
+    ) -> tuple[int, int]:
+        """Fetch each distinct shard of ``chosen`` and hand it to ``sink``; return (fetched, bytes)."""
+        before = (self.fetched, self.fetched_bytes)
+        chosen = list({m.shard: m for m in chosen}.values())
+        total = sum(m.stored_size for m in chosen)
+        done = 0
+
+        def fetched(module: Module) -> tuple[Module, bytes]:
+            return module, self.fetch(module, required=required)
+
+        for module, data in self.map(fetched, plan(chosen)):
+            sink(module, data)
+            done += module.stored_size
+            if progress is not None:
+                progress(done, total)
+        self.policy.after_load()
+        return self.fetched - before[0], self.fetched_bytes - before[1]
+
+    def staged(
+        self, placer: _torch.Placer, chosen: Sequence[Module], wanted: frozenset[str] | None
+    ) -> Iterator[_torch.Staged]:
+        """Fetch and decode ``chosen``, yielding each module as it is ready.
+
+        Threads pay off for network fetches and for large modules (zstd and big copies release
+        the GIL); for the many tiny modules of a local LoRA they only fight over the GIL, so
+        those are done in this thread. See docs/loading.md for the measurements.
+        """
+        decoded = self.policy.decoded_cache(placer)
+        if decoded is None:
+            yield from self._decoded(placer, chosen, wanted, None, None)
+            return
+        root, size = self.manifest.root, self.manifest.raw_size
+        bundle = decoded.get_bundle(root, size)
+        if bundle is not None:
+            whole = memoryview(bundle)
+            for index, module in enumerate(chosen):
+                offset = self._offsets[module.name]
+                view = whole[offset : offset + module.raw_size]
+                try:
+                    check(module.raw, view, what=f"module {module.name!r} in the cache's bundle")
+                except IntegrityError:
+                    decoded.drop_bundle(root)  # damaged on disk: decode the rest as if it never was
+                    yield from self._decoded(placer, chosen[index:], wanted, decoded, None)
+                    return
+                yield placer.adopt(module, view, wanted)
+            return
+        bundle_size = self.policy.bundle_size(self.manifest, chosen)
+        if bundle_size is None:
+            yield from self._decoded(placer, chosen, wanted, decoded, None)
+            return
+        # A full load writes all decoded modules into one file, so later loads map it once. The
+        # manifest goes into the cache too: it is what `cache verify` checks the bundle against.
+        manifest = self.manifest
+        decoded.keep(lambda: decoded.put(manifest.id, manifest.to_bytes(), kind="manifests"))
+        with decoded.bundle_writer(root, bundle_size) as write:
+            yield from self._decoded(placer, chosen, wanted, decoded, write)
+
+    def _decoded(
+        self,
+        placer: _torch.Placer,
+        chosen: Sequence[Module],
+        wanted: frozenset[str] | None,
+        decoded: Cache | None,
+        write: Callable[[int, bytes | memoryview], None] | None,
+    ) -> Iterator[_torch.Staged]:
+        """:meth:`staged` without a bundle: each module from the per-module cache or decoded.
+        With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
+        on_cpu = placer.device.type == "cpu"
+
+        def pooled(module: Module) -> bool:
+            if decoded is not None and decoded.contains(module.raw, kind="raw"):
+                return False  # a memory map and a hash: cheaper than a hand-off to a thread
+            # The consuming thread does the device work, so on a GPU every decode goes to the pool.
+            return self.remote or not on_cpu or module.raw_size >= PARALLEL_MIN_BYTES
+
+        def stage(module: Module, data: bytes) -> _torch.Staged:
+            staged = placer.stage(module, data, wanted)
+            if decoded is not None and write is None:
+                decoded.keep(lambda: decoded.put_raw(module.raw, staged.buffer.numpy().data))
+            return staged
+
+        def kept(staged: _torch.Staged) -> _torch.Staged:
+            if write is not None and staged.module.raw_size:
+                write(self._offsets[staged.module.name], staged.buffer.numpy().data)
+            return staged
+
+        def work(module: Module) -> Callable[[], _torch.Staged]:
+            """What the worker does, and the rest (decoding a small module) for the consumer."""
+            raw = decoded.get_raw(module.raw, module.raw_size) if decoded is not None else None
+            if raw is not None:
+                adopted = placer.adopt(module, raw, wanted)
+                return lambda: adopted
+            data = self.fetch(module)
+            if module.raw_size >= PARALLEL_MIN_BYTES or not on_cpu:
+                staged = stage(module, data)
+                return lambda: staged
+            return lambda: stage(module, data)
+
+        order = plan(chosen)
+        to_pool = [pooled(m) for m in order]
+        for module, in_pool in zip(order, to_pool, strict=True):
+            if not in_pool:
+                yield kept(work(module)())
+        for rest in self.map(work, [m for m, in_pool in zip(order, to_pool, strict=True) if in_pool]):
+            yield kept(rest())
+
+    def map(self, fn: Callable[[Module], _R], items: Sequence[Module]) -> Iterator[_R]:
+        """``fn`` over ``items`` on ``concurrency`` threads, as they complete."""
+        return bounded_map(fn, items, threads=self.concurrency, ordered=False)
+
+
+def plan(modules: Sequence[Module]) -> list[Module]:
+    """Largest shards first, so the long transfers start early and the tail is short."""
+    return sorted(modules, key=lambda m: -m.stored_size)
