@@ -39,7 +39,7 @@ from lorachunk._unpack import unpack
 from lorachunk._verify import VerifyReport, verify
 
 if TYPE_CHECKING:
-    from lorachunk._hub import PushResult, push
+    from lorachunk._push import PushResult, push
 
 try:
     __version__ = version("lorachunk")
@@ -87,7 +87,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The Hub client loads on first use: ``import lorachunk`` stays light.
     if name in {"push", "PushResult"}:
-        from lorachunk import _hub
+        from lorachunk import _push
 
-        return getattr(_hub, name)
+        return getattr(_push, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

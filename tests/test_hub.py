@@ -247,7 +247,7 @@ def test_subfolder_and_cli(hub: HubServer, tmp_path: Path, capsys: pytest.Captur
 
 
 def test_hub_url_parsing() -> None:
-    from lorachunk._hub import parse_hf_url
+    from lorachunk.storage._hub import parse_hf_url
 
     assert parse_hf_url("hf://datasets/me/x@v1.0/a/b") == {
         "repo_id": "me/x",

@@ -14,9 +14,9 @@ from lorachunk.storage._memory import MemoryStore
 from lorachunk.storage._url import open_store
 
 if TYPE_CHECKING:
-    from lorachunk._hub import HubStore
     from lorachunk.storage._fsspec import FsspecStore
     from lorachunk.storage._http import HTTPStore
+    from lorachunk.storage._hub import HubStore
 
 __all__ = ["ByteRange", "FsspecStore", "HTTPStore", "HubStore", "LocalStore", "MemoryStore", "Store", "open_store"]
 
@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
 
         return HTTPStore
     if name == "HubStore":
-        from lorachunk._hub import HubStore
+        from lorachunk.storage._hub import HubStore
 
         return HubStore
     if name == "FsspecStore":

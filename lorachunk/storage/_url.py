@@ -47,7 +47,7 @@ def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = Non
 
         return HTTPStore(text, **(pooled | options))  # the caller's concurrency= wins
     if scheme == "hf":
-        from lorachunk._hub import HubStore, parse_hf_url
+        from lorachunk.storage._hub import HubStore, parse_hf_url
 
         parsed = parse_hf_url(text)
         return HubStore(

@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: read packed LoRAs from a repo, push them to one. The only module importing huggingface_hub.
+"""The Hugging Face Hub: read packed LoRAs from a repo, write to one. The only module importing huggingface_hub.
 
 A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``shards/``), at
 its root or under a path, so a clone is a valid :class:`~lorachunk.storage.LocalStore` and several
@@ -6,17 +6,15 @@ LoRAs or versions share one repo's shards.
 
 Reading resolves the revision to a commit once, then fetches every object of that commit through
 :class:`~lorachunk.storage.HTTPStore` (concurrent, resumable, verified by the loader) from the
-Hub's ``resolve`` URLs. Pushing is one ``create_commit`` holding the manifest and the shards the
-repo lacks; huggingface_hub does the upload.
+Hub's ``resolve`` URLs. :class:`HubRepo` is the write side, for ``lorachunk.push``: one
+``create_commit`` holding the files given; huggingface_hub does the upload.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -41,21 +39,17 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
-from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
-from lorachunk._manifest import Manifest
-from lorachunk._repository import read_manifest, read_shard
+from lorachunk._keys import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES
 from lorachunk.storage._base import ByteRange, Store, check_key
 from lorachunk.storage._http import HTTPStore, is_network_error
-from lorachunk.storage._local import LocalStore
 
-__all__ = ["HubStore", "PushResult", "parse_hf_url", "push"]
+__all__ = ["REPO_ID", "Commit", "HubRepo", "HubStore", "parse_hf_url"]
 
-_REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+REPO_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REPO_TYPES: Final = ("model", "dataset")
 #: The first object read (the latest manifest's copy, else the ref) is read up to one byte past
 #: the manifest limit: enough for the reader to refuse an oversized one, and no more.
 _FIRST_LIMIT: Final = MAX_STORED_MANIFEST_BYTES + 1
-CARD: Final = "README.md"
 
 
 #: huggingface_hub 1.x is built on httpx and 2.x on httpx2; the transport errors it lets through
@@ -74,7 +68,7 @@ def _endpoint(endpoint: str | None) -> str:
 
 
 def _check_repo(repo_id: str, repo_type: str) -> None:
-    if not _REPO_ID.match(repo_id) or ".." in repo_id:
+    if not REPO_ID.match(repo_id) or ".." in repo_id:
         raise UsageError(f"invalid Hub repo id {repo_id!r}; expected 'namespace/name'")
     if repo_type not in _REPO_TYPES:
         raise UsageError(f"repo_type must be one of {_REPO_TYPES}, got {repo_type!r}")
@@ -275,177 +269,73 @@ class HubStore(Store):
         return f"HubStore({self.source!r})"
 
 
-# -- push ------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True, slots=True)
-class PushResult:
-    """What :func:`push` did. ``uploaded`` counts the shards sent; ``skipped`` those the repo had."""
+class Commit:
+    """A commit made on the Hub: its id and where to see it (the pull request, if it opened one)."""
 
-    repo_id: str
-    commit: str
-    commit_url: str
+    oid: str
+    url: str
     pr_url: str | None
-    manifest_id: str
-    root: str
-    uploaded: int
-    uploaded_bytes: int
-    skipped: int
-    card_written: bool
 
 
-@contextmanager
-def _packed(src: str | os.PathLike[str], pack_options: dict[str, Any]) -> Iterator[LocalStore]:
-    """``src`` as a packed folder: as is, or packed into a temporary one if it is a file or a
-    PEFT adapter folder."""
-    path = Path(src)
-    if path.is_dir() and not (path / ADAPTER_WEIGHTS).is_file():
-        if pack_options:
-            raise UsageError(f"{src} is already packed; pack options apply to .safetensors files only")
-        yield LocalStore(path)
-        return
-    if not path.exists():
-        raise UsageError(f"{src}: no such file or folder")
-    from lorachunk._pack import pack
+class HubRepo:
+    """A Hub repo (one branch, optionally a folder in it) to write into: the write side of
+    :class:`HubStore`. Every huggingface_hub error becomes a lorachunk one."""
 
-    with tempfile.TemporaryDirectory(prefix="lorachunk-push-") as tmp:
-        pack(path, tmp, **pack_options)
-        yield LocalStore(tmp)
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None = None,
+        repo_type: str = "model",
+        token: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        if _offline():
+            raise StoreUnavailableError("cannot write to the Hub with HF_HUB_OFFLINE set")
+        _check_repo(repo_id, repo_type)
+        self.repo_id = repo_id
+        self.repo_type = repo_type
+        self.revision = revision or constants.DEFAULT_REVISION
+        self._api = HfApi(endpoint=_endpoint(endpoint), token=token)
+        kind = "" if repo_type == "model" else f"{repo_type}s/"
+        self.name = f"hf://{kind}{repo_id}@{self.revision}"
 
-
-def push(
-    src: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    repo_type: str = "model",
-    path: str | None = None,
-    manifest: str | None = None,
-    private: bool | None = None,
-    create_pr: bool = False,
-    message: str | None = None,
-    update_card: bool = False,
-    token: str | None = None,
-    endpoint: str | None = None,
-    **pack_options: Any,
-) -> PushResult:
-    """Publish a packed LoRA (or a ``.safetensors`` file, packed on the fly) to a Hub repo.
-
-    The repo (and the branch ``revision``) is created if missing. One commit adds the manifest,
-    ``refs/latest`` and only the shards the repo does not hold yet (their names are their
-    digests, so the repo's listing says which), and a model card when the repo has none (or
-    with ``update_card``).
-
-    ``manifest`` picks one of several manifests in a packed folder (default: its latest);
-    ``pack_options`` (``splits=``, ``level=``, ``hash=``) apply when ``src`` is a file.
-
-    Raises :class:`AuthenticationError` when the token may not write, :class:`RepositoryNotFoundError`
-    for a missing revision, :class:`IntegrityError` when a local shard does not match the manifest.
-    """
-    if _offline():
-        raise StoreUnavailableError("cannot push with HF_HUB_OFFLINE set")
-    _check_repo(repo_id, repo_type)
-    prefix = f"{check_key(path.strip('/'))}/" if path and path.strip("/") else ""
-    revision = revision or constants.DEFAULT_REVISION
-    api = HfApi(endpoint=_endpoint(endpoint), token=token)
-    what = f"hf://{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}@{revision}"
-    with _packed(src, pack_options) as store:
-        packed = read_manifest(store, manifest)
+    def files(self, *, private: bool | None = None) -> set[str]:
+        """Make the repo (and the branch) if missing; return the paths of the files it holds."""
+        api, repo_id, kind = self._api, self.repo_id, self.repo_type
         try:
-            api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-            if revision != constants.DEFAULT_REVISION:
-                api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-            present = {
-                entry.path
-                for entry in api.list_repo_tree(repo_id, recursive=True, revision=revision, repo_type=repo_type)
-                if isinstance(entry, RepoFile)
-            }
+            api.create_repo(repo_id, repo_type=kind, private=private, exist_ok=True)
+            if self.revision != constants.DEFAULT_REVISION:
+                api.create_branch(repo_id, branch=self.revision, repo_type=kind, exist_ok=True)
+            tree = api.list_repo_tree(repo_id, recursive=True, revision=self.revision, repo_type=kind)
+            return {entry.path for entry in tree if isinstance(entry, RepoFile)}
         except Exception as exc:
-            _raise(exc, what)
-        operations, uploaded_bytes, skipped = [], 0, 0
-        for module in {m.shard: m for m in packed.modules}.values():
-            key = shard_key(module.shard)
-            if prefix + key in present:
-                skipped += 1
-                continue
-            read_shard(store, module)  # checked against the manifest before it leaves
-            # Uploaded from the file, not from memory: a LoRA of any size pushes in ~1 shard of RAM.
-            operations.append(CommitOperationAdd(prefix + key, store.path(key)))
-            uploaded_bytes += module.stored_size
-        uploaded = len(operations)
-        first: list[CommitOperationAdd] = []
-        if prefix + manifest_key(packed.id) not in present:
-            first.append(CommitOperationAdd(prefix + manifest_key(packed.id), packed.to_bytes()))
-            operations += first
-            uploaded_bytes += len(packed.to_bytes())
-        # The latest's copy is the manifest's bytes again. huggingface_hub would upload an object
-        # twice when two files of one commit hold it, so the manifest goes up first (below); the
-        # copy then finds its LFS object on the Hub and sends nothing.
-        operations.append(CommitOperationAdd(prefix + LATEST_MANIFEST, packed.to_bytes()))
-        operations.append(CommitOperationAdd(prefix + LATEST, f"{packed.id}\n".encode()))
-        card = CARD not in present or update_card
-        if card:
-            operations.append(CommitOperationAdd(CARD, model_card(packed, repo_id, path=prefix.rstrip("/")).encode()))
-        summary = message or f"lorachunk: push {packed.source.name} ({uploaded} new shards)"
+            _raise(exc, self.name)
+
+    def commit(
+        self,
+        files: list[tuple[str, bytes | Path]],
+        *,
+        message: str,
+        create_pr: bool = False,
+        upload_first: int = 0,
+    ) -> Commit:
+        """One commit adding ``files`` (repo path, then bytes or a local file to upload from).
+
+        The first ``upload_first`` are uploaded before the commit: huggingface_hub uploads an
+        object twice when two files of one commit hold it, so a file whose bytes another one
+        repeats goes first, and the other then finds its object on the Hub and sends nothing.
+        """
+        operations = [CommitOperationAdd(path, content) for path, content in files]
+        api, repo_id, kind = self._api, self.repo_id, self.repo_type
         try:
-            if first:
-                api.preupload_lfs_files(repo_id, first, revision=revision, create_pr=create_pr, repo_type=repo_type)
+            if upload_first:
+                first = operations[:upload_first]
+                api.preupload_lfs_files(repo_id, first, revision=self.revision, create_pr=create_pr, repo_type=kind)
             info = api.create_commit(
-                repo_id, operations, commit_message=summary, revision=revision, create_pr=create_pr, repo_type=repo_type
+                repo_id, operations, commit_message=message, revision=self.revision, create_pr=create_pr, repo_type=kind
             )
         except Exception as exc:
-            _raise(exc, what)
-    return PushResult(
-        repo_id=repo_id,
-        commit=info.oid,
-        commit_url=str(info.commit_url),
-        pr_url=info.pr_url,
-        manifest_id=packed.id,
-        root=packed.root,
-        uploaded=uploaded,
-        uploaded_bytes=uploaded_bytes,
-        skipped=skipped,
-        card_written=card,
-    )
-
-
-_BASE_MODEL_KEYS: Final = ("base_model", "base_model_name_or_path", "modelspec.base_model", "ss_sd_model_name")
-
-
-def model_card(manifest: Manifest, repo_id: str, *, path: str = "") -> str:
-    """A model card: front matter with the ``lorachunk`` tag (and the base model when the
-    file's metadata names a Hub repo), the splits with their sizes, the root, and how to load."""
-    metadata = manifest.source.metadata or {}
-    base = next((v for k in _BASE_MODEL_KEYS if _REPO_ID.match(v := metadata.get(k, ""))), None)
-    front = ["---", "tags:", "- lorachunk", "- lora"] + ([f"base_model: {base}"] if base else []) + ["---"]
-    sizes = {m.name: m.stored_size for m in manifest.modules}
-    rows = [
-        f"| `{s.name}` | {s.kind} | {len(s.modules)} | {sum(sizes[n] for n in s.modules) / 1e6:.2f} MB |"
-        for s in manifest.splits
-    ]
-    source = f"hf://{repo_id}" + (f"/{path}" if path else "")
-    example = next((s.name for s in manifest.splits if s.kind != "all"), None)
-    load = f'lora.load(splits=["{example}"])' if example else "lora.load()"
-    return "\n".join(
-        [
-            *front,
-            "",
-            f"# {manifest.source.name}",
-            "",
-            "Packed with [lorachunk](https://pypi.org/project/lorachunk/): per-module shards, each",
-            "verified against a Merkle manifest, so you can fetch and load only the part you need.",
-            "",
-            f"Root: `{manifest.root}` ({len(manifest.modules)} modules, {manifest.source.size / 1e6:.2f} MB unpacked)",
-            "",
-            "| split | kind | modules | stored |",
-            "|---|---|---:|---:|",
-            *rows,
-            "",
-            "```python",
-            "import lorachunk",
-            f'lora = lorachunk.open("{source}", root="{manifest.root}")',
-            f"state_dict = {load}",
-            "```",
-            "",
-        ]
-    )
+            _raise(exc, self.name)
+        return Commit(info.oid, str(info.commit_url), info.pr_url)
