@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lorachunk
-from lorachunk._cache import parse_size
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
@@ -33,6 +33,21 @@ SPLIT_KINDS = {
     "part": "composed from",
     "user": "yours",
 }
+
+
+def parse_size(text: str) -> int:
+    """``"500MB"``, ``"2GiB"``, ``"10k"`` or plain bytes → bytes."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    value = text.strip().lower().removesuffix("b")
+    number = value.rstrip("kmgti")
+    unit = value[len(number) :]
+    try:
+        size = float(number) * units[unit]
+    except (KeyError, ValueError):
+        size = math.nan
+    if not 0 <= size < math.inf:
+        raise lorachunk.UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB (0 or more)")
+    return int(size)
 
 
 def _size(n: int) -> str:
