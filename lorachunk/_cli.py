@@ -12,16 +12,13 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import lorachunk
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
-from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
-from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
+from lorachunk._info import info_dict, unpacked
 from lorachunk._threads import Progress
-from lorachunk.storage import MemoryStore, Store
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 #: How `info` names each kind of split, in the order it lists them (docs/splits.md).
@@ -106,73 +103,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def info_dict(dest: str, selector: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
-    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give
-    (``progress`` follows that pack, which takes seconds for a file of gigabytes)."""
-    if _unpacked(dest):
-        if selector is not None:
-            raise lorachunk.UsageError(f"{dest} is not packed, so it has no manifests to choose from")
-        memory = MemoryStore()
-        lorachunk.pack(dest, memory, progress=progress)
-        return _info(memory, None) | {"packed": False}
-    with as_store(dest) as store:
-        return _info(store, selector) | {"packed": True}
-
-
-def _unpacked(dest: str) -> bool:
-    path = Path(dest)
-    if path.is_file():
-        return True
-    return path.is_dir() and (path / ADAPTER_WEIGHTS).is_file() and not (path / LATEST).exists()
-
-
-def _info(store: Store, selector: str | None) -> dict[str, Any]:
-    manifest_id = resolve(store, selector)
-    manifest = read_manifest(store, manifest_id)
-    manifest_bytes = len(read_stored_manifest(store, manifest_key(manifest_id)))
-    all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
-    shards: dict[str, int] = {}
-    referenced = 0
-    for other in all_ids:
-        for module in read_manifest(store, other).modules if other != manifest_id else manifest.modules:
-            shards[module.shard] = module.stored_size
-            referenced += module.stored_size
-    return {
-        "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
-        "root": manifest.root,
-        "manifest": manifest_id,
-        "format": manifest.format,
-        "hash": manifest.hash,
-        "codec": dict(manifest.codec),
-        "modules": len(manifest.modules),
-        "tensors": sum(len(m.tensors) for m in manifest.modules),
-        "raw_bytes": manifest.raw_size,
-        "stored_bytes": manifest.stored_size,
-        "manifest_bytes": manifest_bytes,
-        "ratio": round(manifest.source.size / max(1, manifest.stored_size + manifest_bytes), 4),
-        "metadata_keys": len(manifest.metadata or {}),
-        "files": sorted(manifest.files),
-        "splits": [
-            {
-                "name": split.name,
-                "kind": split.kind,
-                "modules": len(split.modules),
-                "stored_bytes": sum(manifest.module(n).stored_size for n in split.modules),
-                "raw_bytes": sum(manifest.module(n).raw_size for n in split.modules),
-                "root": split.root,
-            }
-            for split in manifest.splits
-        ],
-        "store": {
-            "manifests": len(all_ids),
-            "referenced_stored_bytes": referenced,
-            "unique_stored_bytes": sum(shards.values()),
-        },
-    }
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    with _progress(_unpacked(args.dest), "pack in memory") as progress:
+    with _progress(unpacked(args.dest), "pack in memory") as progress:
         info = info_dict(args.dest, args.manifest, progress=progress)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))

@@ -1,0 +1,81 @@
+"""info: what a packed LoRA holds (modules, splits, sizes, roots, what its store shares), or what
+packing a file would store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorachunk._exceptions import UsageError
+from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
+from lorachunk._pack import pack
+from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
+from lorachunk._threads import Progress
+from lorachunk.storage import MemoryStore, Store
+
+__all__ = ["info_dict", "unpacked"]
+
+
+def info_dict(dest: str, selector: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
+    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give
+    (``progress`` follows that pack, which takes seconds for a file of gigabytes)."""
+    if unpacked(dest):
+        if selector is not None:
+            raise UsageError(f"{dest} is not packed, so it has no manifests to choose from")
+        memory = MemoryStore()
+        pack(dest, memory, progress=progress)
+        return _info(memory, None) | {"packed": False}
+    with as_store(dest) as store:
+        return _info(store, selector) | {"packed": True}
+
+
+def unpacked(dest: str) -> bool:
+    path = Path(dest)
+    if path.is_file():
+        return True
+    return path.is_dir() and (path / ADAPTER_WEIGHTS).is_file() and not (path / LATEST).exists()
+
+
+def _info(store: Store, selector: str | None) -> dict[str, Any]:
+    manifest_id = resolve(store, selector)
+    manifest = read_manifest(store, manifest_id)
+    manifest_bytes = len(read_stored_manifest(store, manifest_key(manifest_id)))
+    all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
+    shards: dict[str, int] = {}
+    referenced = 0
+    for other in all_ids:
+        for module in read_manifest(store, other).modules if other != manifest_id else manifest.modules:
+            shards[module.shard] = module.stored_size
+            referenced += module.stored_size
+    return {
+        "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
+        "root": manifest.root,
+        "manifest": manifest_id,
+        "format": manifest.format,
+        "hash": manifest.hash,
+        "codec": dict(manifest.codec),
+        "modules": len(manifest.modules),
+        "tensors": sum(len(m.tensors) for m in manifest.modules),
+        "raw_bytes": manifest.raw_size,
+        "stored_bytes": manifest.stored_size,
+        "manifest_bytes": manifest_bytes,
+        "ratio": round(manifest.source.size / max(1, manifest.stored_size + manifest_bytes), 4),
+        "metadata_keys": len(manifest.metadata or {}),
+        "files": sorted(manifest.files),
+        "splits": [
+            {
+                "name": split.name,
+                "kind": split.kind,
+                "modules": len(split.modules),
+                "stored_bytes": sum(manifest.module(n).stored_size for n in split.modules),
+                "raw_bytes": sum(manifest.module(n).raw_size for n in split.modules),
+                "root": split.root,
+            }
+            for split in manifest.splits
+        ],
+        "store": {
+            "manifests": len(all_ids),
+            "referenced_stored_bytes": referenced,
+            "unique_stored_bytes": sum(shards.values()),
+        },
+    }
