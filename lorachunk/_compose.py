@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import BinaryIO, Final
 
 from lorachunk._codec import BytePlaneZstd
+from lorachunk._entries import order_runs
 from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._keys import shard_key
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
-from lorachunk._manifest import Manifest, Module, Source, TensorEntry, order_runs
+from lorachunk._manifest import Manifest, Module, Source, TensorEntry
 from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk._shard import decode_checked, encode_module

@@ -14,6 +14,7 @@ from typing import BinaryIO, Final
 
 from lorachunk._codec import BytePlaneZstd, Codec
 from lorachunk._digest import DEFAULT_ALGORITHM, new_hasher
+from lorachunk._entries import order_runs
 from lorachunk._exceptions import FormatError, ManifestError, UsageError
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, shard_key
 from lorachunk._layout import auto_splits, module_of, user_splits
@@ -29,7 +30,6 @@ from lorachunk._manifest import (
     TensorEntry,
     check_files,
     check_name,
-    order_runs,
 )
 from lorachunk._repository import as_store, check_dest, write_manifest
 from lorachunk._safetensors import (
