@@ -22,6 +22,7 @@ os.environ["LORACHUNK_THREADS"] = "1"
 
 import numpy as np
 import zstandard
+from _timing import best, best_of_each, machine
 
 import lorachunk
 from lorachunk._codec import Codec, codec_from_config, plane_groups
@@ -30,11 +31,9 @@ from lorachunk._manifest import Module
 from lorachunk._pack import _IO_THREADS
 from lorachunk._repository import read_shard
 from lorachunk.storage import LocalStore
+from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import best, best_of_each, machine  # noqa: E402
 
 ZIPNN_DTYPE = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,17 +30,16 @@ from typing import Any
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import torch
+from _timing import machine
 from diffusers import UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
+from test_diffusers import tiny_pipe
 
 import lorachunk
 from lorachunk.integrations.diffusers import load_lora
+from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import machine  # noqa: E402
-from test_diffusers import tiny_pipe  # noqa: E402
 
 SDXL_UNET = {
     "sample_size": 128,

@@ -3,7 +3,7 @@
     python benchmarks/gpu.py
 
 1. Runs ``pytest -m gpu`` (lorachunk's CUDA path against safetensors, every fixture).
-2. On a synthetic SDXL-shaped LoRA (~230 MB F16, tests/synth.py), best of five after one warm-up,
+2. On a synthetic SDXL-shaped LoRA (~230 MB F16, lorachunk/testing/synth.py), best of five after one warm-up,
    each ending in ``torch.cuda.synchronize()``:
    ``safetensors.torch.load_file(device="cuda")``; fastsafetensors if it is installed;
    ``lorachunk.load(device="cuda")`` (byte planes decoded into pinned buffers, copied on a side
@@ -19,14 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import best as timing_best
 from safetensors.torch import load_file
 
 import lorachunk
+from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import best as timing_best  # noqa: E402
 
 
 def best(fn: Callable[[], object]) -> float:

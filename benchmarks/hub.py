@@ -1,4 +1,4 @@
-"""Hub push and pull against the test Hub (tests/hub_server.py) driven by the real huggingface_hub client.
+"""Hub push and pull against the test Hub (lorachunk/testing/hub_server.py) driven by the real huggingface_hub client.
 
     python benchmarks/hub.py            # about 3 minutes
 
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,17 +25,16 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import numpy as np
 import torch  # noqa: F401 - imported before any timing
+from _timing import machine
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.numpy import load_file, save_file
 
 import lorachunk
+from lorachunk.testing import synth
+from lorachunk.testing.http_server import Link
+from lorachunk.testing.hub_server import HubServer, serve_hub
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import machine  # noqa: E402
-from http_server import Link  # noqa: E402
-from hub_server import HubServer, serve_hub  # noqa: E402
 
 TOKEN = "hf_benchmark"
 

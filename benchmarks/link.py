@@ -3,7 +3,7 @@
     python benchmarks/link.py           # about 4 minutes
     python benchmarks/link.py --quick   # the fast link only
 
-The test server (tests/http_server.py) serves, on 127.0.0.1, the packed folder and the original
+The test server (lorachunk/testing/http_server.py) serves, on 127.0.0.1, the packed folder and the original
 ``.safetensors`` through one shared token bucket (the link's bandwidth) and delays every
 response by the round-trip time; the slow link also drops 1% of responses part way. For the
 split nearest 10% of the modules of each file, side by side:
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import struct
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,15 +32,14 @@ from pathlib import Path
 
 import httpx
 import torch  # noqa: F401 - imported before any timing, so the first lorachunk run does not pay for it
+from _timing import machine
 
 import lorachunk
 from lorachunk._keys import LATEST_MANIFEST, shard_key
+from lorachunk.testing import synth
+from lorachunk.testing.http_server import FolderServer, Link, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import machine  # noqa: E402
-from http_server import FolderServer, Link, serve  # noqa: E402
 
 LINKS = {
     "10 Mbit/s, 100 ms": Link(bandwidth=10e6 / 8, delay=0.1),

@@ -18,20 +18,18 @@ modules after the first load, so a load maps them and checks their xxh3), and *d
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from _timing import best_of_each, machine
 from safetensors.torch import load_file
 
 import lorachunk
+from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import best_of_each, machine  # noqa: E402
 
 PAGE = 4096
 

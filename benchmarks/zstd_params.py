@@ -12,22 +12,20 @@ quotes the run that chose ``BytePlaneZstd.PLANE_PARAMS`` and the manifest level.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import zstandard
+from _timing import best, machine
 
 import lorachunk
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._repository import decode_module, read_manifest
 from lorachunk.storage import LocalStore
+from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import synth  # noqa: E402
-from _timing import best, machine  # noqa: E402
 
 CANDIDATES = {
     "level 3": BytePlaneZstd(level=3),

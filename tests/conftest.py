@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from http_server import FolderServer, serve
-from hub_server import HubServer, serve_hub
+
+from lorachunk.testing.http_server import FolderServer, serve
+from lorachunk.testing.hub_server import HubServer, serve_hub
 
 DATA = Path(__file__).parent / "data"
 FIXTURES = sorted((DATA / "loras").glob("*.safetensors"))

@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import synth
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk.testing import synth
 
 
 def test_all_is_sorted_and_complete() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA
-from http_server import FolderServer
 from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk.testing.http_server import FolderServer
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
 

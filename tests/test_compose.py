@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-import synth
 import torch
 from conftest import DATA
-from hub_server import HubServer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,6 +17,8 @@ from lorachunk import Take
 from lorachunk._cli import main as cli
 from lorachunk._compose import METADATA_KEY, parse_take
 from lorachunk._keys import shard_key
+from lorachunk.testing import synth
+from lorachunk.testing.hub_server import HubServer
 
 
 @pytest.fixture

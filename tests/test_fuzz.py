@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import synth
 import zstandard
 from conftest import DATA
 from hypothesis import HealthCheck, event, given, settings
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 import lorachunk
 from lorachunk._codec import BytePlaneZstd, Segment
 from lorachunk._manifest import Manifest
+from lorachunk.testing import synth
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2, 2**65) | st.text(max_size=6),

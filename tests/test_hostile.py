@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import zstandard
 from conftest import DATA, HUB_TOKEN
-from http_server import FolderServer, serve
-from hub_server import serve_hub
 
 import lorachunk
 from lorachunk import _manifest
@@ -26,6 +24,8 @@ from lorachunk._repository import write_manifest
 from lorachunk._threads import cpu_threads
 from lorachunk.storage import ByteRange, LocalStore
 from lorachunk.storage._http import _retry_after
+from lorachunk.testing.http_server import FolderServer, serve
+from lorachunk.testing.hub_server import serve_hub
 
 LORAS = DATA / "loras"
 SAM = LORAS / "sam_lora_rank16.safetensors"

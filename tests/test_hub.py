@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, HUB_TOKEN
-from hub_server import HubServer
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
-from store_contract import Put, StoreTests
 
 import lorachunk
 from lorachunk._cli import main as cli
 from lorachunk._keys import LATEST_MANIFEST, manifest_key, shard_key
 from lorachunk.storage import HubStore, Store
+from lorachunk.testing import Put, StoreTests
+from lorachunk.testing.hub_server import HubServer
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
@@ -272,7 +272,7 @@ def test_push_of_a_copy_of_a_clone_is_a_local_store(hub: HubServer, tmp_path: Pa
 
 def test_token_stays_with_the_hub_on_cdn_redirects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hub answers LFS files with a redirect to its CDN; the token must not follow it."""
-    from hub_server import serve_hub
+    from lorachunk.testing.hub_server import serve_hub
 
     with serve_hub(token=HUB_TOKEN, cdn=True) as cdn_hub:
         monkeypatch.setenv("HF_ENDPOINT", cdn_hub.url)
@@ -290,7 +290,7 @@ def test_token_stays_with_the_hub_on_cdn_redirects(tmp_path: Path, monkeypatch: 
 
 def test_tree_listing_follows_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hub pages long listings (Link headers); push and listing must see every page."""
-    from hub_server import serve_hub
+    from lorachunk.testing.hub_server import serve_hub
 
     with serve_hub(token=HUB_TOKEN, page_size=5) as paged:
         monkeypatch.setenv("HF_ENDPOINT", paged.url)

@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import synth
 from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
 from lorachunk._keys import LATEST_MANIFEST
+from lorachunk.testing import synth
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import synth
 
 import lorachunk
 from lorachunk._layout import auto_splits, block_of, component_of, module_of, transformer_block_of
+from lorachunk.testing import synth
 
 
 @pytest.mark.parametrize(

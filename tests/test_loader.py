@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import synth
 import torch
 from conftest import DATA, s3_options
-from http_server import FolderServer
 from safetensors.torch import load_file
 
 import lorachunk
@@ -25,6 +23,8 @@ from lorachunk import _torch
 from lorachunk._keys import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
 from lorachunk._safetensors import DTYPE_BITS
 from lorachunk.storage import open_store
+from lorachunk.testing import synth
+from lorachunk.testing.http_server import FolderServer
 
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
 DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
@@ -480,7 +480,7 @@ def test_a_bare_string_is_one_split_or_pattern(falcon: Path, tmp_path: Path) -> 
 
 
 def test_scales_multiply_the_delta(tmp_path: Path) -> None:
-    import synth
+    from lorachunk.testing import synth
 
     path = synth.sdxl(tmp_path / "x.safetensors", kohya_names=True, scale=0.05, rank=4)
     lorachunk.pack(path, tmp_path / "s")
@@ -747,7 +747,7 @@ def test_no_cache_option(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_load_equals_cpu(tmp_path: Path) -> None:
-    import synth
+    from lorachunk.testing import synth
 
     path = synth.sdxl(tmp_path / "x.safetensors", scale=0.1, rank=8, dtype="BF16", text_encoders=True)
     lorachunk.pack(path, tmp_path / "s")
@@ -775,7 +775,7 @@ def test_gpu_load_of_every_fixture(fixture_lora: Path, tmp_path: Path) -> None:
 def test_gpu_load_over_http_with_few_threads(served: FolderServer, tmp_path: Path) -> None:
     """Remote shards of mixed sizes through a small pool: staging slots must never deadlock,
     and a cast on the device must give what a cast on the CPU gives."""
-    import synth
+    from lorachunk.testing import synth
 
     path = synth.sdxl(tmp_path / "x.safetensors", scale=0.1, rank=16, dtype="BF16", text_encoders=True)
     lorachunk.pack(path, served.root)

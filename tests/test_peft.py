@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import HubServer
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorachunk
 from lorachunk._cli import main as cli
 from lorachunk.integrations.peft import load_adapter
+from lorachunk.testing.hub_server import HubServer
 
 TOKENS = torch.tensor([[1, 5, 9, 42, 7, 3]])
 

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import synth
 from safetensors.numpy import load_file
 
 import lorachunk
 from lorachunk._layout import module_of
+from lorachunk.testing import synth
 
 # Per real fixture: modules, and splits that must exist with their module counts.
 EXPECTED = {

@@ -6,12 +6,12 @@ import math
 import tempfile
 from pathlib import Path
 
-import synth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorachunk
 from lorachunk._safetensors import DTYPE_BITS
+from lorachunk.testing import synth
 
 SHAPES = st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple)
 # Any key but those with control characters (C0, DEL, C1), which pack refuses: names are shown in

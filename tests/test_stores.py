@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 from conftest import DATA, s3_options
-from http_server import FolderServer
-from store_contract import Put, StoreTests
 
 import lorachunk
 from lorachunk.storage import ByteRange, FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
 from lorachunk.storage import _local as local_module
+from lorachunk.testing import Put, StoreTests
+from lorachunk.testing.http_server import FolderServer
 
 NEEDS_SYNCFS = pytest.mark.skipif(
     local_module._syncfs() is None, reason="LocalStore batches writes only where syncfs exists (Linux)"

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from http_server import Link, running
+from lorachunk.testing.http_server import Link, running
 
 _API = re.compile(
     r"^/api/(models|datasets)/([^/]+/[^/]+?)(?:/(revision|preupload|commit|tree|paths-info|branch)(?:/([^/]+)(.*))?)?$"
