@@ -6,9 +6,11 @@ import os
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import lorachunk
 from lorachunk.testing.http_server import FolderServer, serve
 from lorachunk.testing.hub_server import HubServer, serve_hub
 
@@ -83,3 +85,30 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         yield server
+
+
+SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
+DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
+ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
+
+
+def shard_gets(server: FolderServer) -> list[str]:
+    return [r.path for r in server.gets("/shards/")]
+
+
+@pytest.fixture
+def published(served: FolderServer) -> Iterator[tuple[FolderServer, lorachunk.Manifest]]:
+    """The attention-processor LoRA packed into the folder the server serves."""
+    manifest = lorachunk.pack(ATTN, served.root)
+    yield served, manifest
+
+
+def open_http(server: FolderServer, tmp_path: Path, **options: Any) -> lorachunk.LoRA:
+    defaults: dict[str, Any] = {"cache": tmp_path / "cache", "retries": 3, "backoff": 0.01, "timeout": 5.0}
+    return lorachunk.open(server.url, **(defaults | options))
+
+
+def assert_cache_clean(cache: Path) -> None:
+    """Every object in the cache hashes to its name, and no temp file is left."""
+    assert lorachunk.Cache(cache).verify() == []
+    assert not [p for p in cache.rglob(".*") if p.is_file()]
