@@ -18,6 +18,7 @@ import lorachunk
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 from lorachunk._info import info_dict, unpacked
+from lorachunk._layout import is_adapter
 from lorachunk._threads import Progress
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
@@ -27,6 +28,9 @@ SPLIT_KINDS = {
     "b-lora": "B-LoRA",
     "block": "block",
     "block-weight": "LoRA Block Weight",
+    "layer": "layer",
+    "family": "attn/mlp",
+    "projection": "projection",
     "part": "composed from",
     "user": "yours",
 }
@@ -45,6 +49,12 @@ def parse_size(text: str) -> int:
     if not 0 <= size < math.inf:
         raise lorachunk.UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB (0 or more)")
     return int(size)
+
+
+NOT_AN_ADAPTER = (
+    "note: no tensor has an adapter's name (lora_A, lora_down, hada_, lokr_ …): this looks like a "
+    "model checkpoint, not a LoRA; it is packed all the same"
+)
 
 
 def _size(n: int) -> str:
@@ -80,6 +90,19 @@ def _progress(enabled: bool, description: str, *, shards: bool = False) -> Itera
         yield update
 
 
+def _layers_option(value: str | None) -> list[int] | None:
+    """``--layers 0-15`` or ``0,2,5-7`` → the layer indices."""
+    if value is None:
+        return None
+    layers: list[int] = []
+    for part in value.split(","):
+        first, sep, last = part.strip().partition("-")
+        if not first.isascii() or not first.isdigit() or (sep and (not last.isascii() or not last.isdigit())):
+            raise lorachunk.UsageError(f"--layers wants indices and ranges like 0-15 or 0,2,5-7, got {value!r}")
+        layers.extend(range(int(first), int(last) + 1) if sep else [int(first)])
+    return layers
+
+
 def _split_option(values: Sequence[str]) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {}
     for value in values:
@@ -100,6 +123,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
         print(f"packed {manifest.source.name}: {counts}")
         print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in shards into {args.dest}")
         print(f"root {manifest.root}")
+        if not is_adapter(manifest.owners):
+            print(NOT_AN_ADAPTER)
     return EXIT_OK
 
 
@@ -124,6 +149,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{info['ratio']:.2f}x compression"
     )
     print(f"modules   {info['modules']}")
+    if not info["adapter"]:
+        print(f"kind      {NOT_AN_ADAPTER.removeprefix('note: ')}")
     if info["files"]:
         print(f"files     {', '.join(info['files'])} (packed with the tensors, pinned by the root)")
     if info["splits"]:
@@ -186,6 +213,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             args.output,
             splits=args.split or None,
             modules=args.module or None,
+            layers=_layers_option(args.layers),
             manifest=args.manifest,
             root=args.root,
             concurrency=args.concurrency,
@@ -291,6 +319,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
             args.output,
             splits=args.split,
             modules=args.module,
+            layers=_layers_option(args.layers),
             manifest=args.manifest,
             format=args.format,
             progress=progress,
@@ -359,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--module", action="append", default=[], metavar="GLOB", help="only modules matching GLOB (repeatable)"
     )
+    p.add_argument("--layers", metavar="RANGE", help="only these layers of a transformer adapter, e.g. 0-15 or 0,2,5-7")
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -369,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--module", action="append", default=[], metavar="GLOB", help="only modules matching GLOB (repeatable)"
     )
+    p.add_argument("--layers", metavar="RANGE", help="only these layers of a transformer adapter, e.g. 0-15 or 0,2,5-7")
     p.add_argument("--manifest", help="manifest id (default: the source's latest)")
     p.add_argument("--root", help="fail unless the manifest's Merkle root is this one")
     p.add_argument("--concurrency", type=int, help="shards fetched at once (default: 16 remote, CPU count local)")

@@ -8,6 +8,7 @@ from typing import Any
 
 from lorachunk._exceptions import UsageError
 from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
+from lorachunk._layout import is_adapter
 from lorachunk._pack import pack
 from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
 from lorachunk._threads import Progress
@@ -61,6 +62,7 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "manifest_bytes": manifest_bytes,
         "ratio": round(manifest.source.size / max(1, manifest.stored_size + manifest_bytes), 4),
         "metadata_keys": len(manifest.metadata or {}),
+        "adapter": is_adapter(manifest.owners),
         "files": sorted(manifest.files),
         "splits": [
             {

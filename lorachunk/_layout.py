@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from numbers import Real
 from typing import Final
@@ -19,7 +19,10 @@ __all__ = [
     "auto_splits",
     "block_of",
     "component_of",
+    "is_adapter",
+    "layer_of",
     "module_of",
+    "natural_key",
     "scale_targets",
     "transformer_block_of",
     "user_splits",
@@ -31,6 +34,9 @@ _MODULE_RULES: Final = tuple(
     for pattern in (
         # kohya, LyCORIS (LoCon, LoHa, LoKr, full diff), DoRA
         r"^(?P<m>.+)\.(?:lora_down|lora_up|lora_mid)\.weight$",
+        # kohya's underscore variant (…_to_k_lora_down.weight, …_to_k_alpha): names without dots
+        r"^(?P<m>[^.]+?)_(?:lora_down|lora_up|lora_mid)\.weight$",
+        r"^(?P<m>[^.]+?)_alpha$",
         r"^(?P<m>.+)\.(?:alpha|dora_scale|diff|diff_b)$",
         r"^(?P<m>.+)\.hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)$",
         r"^(?P<m>.+)\.lokr_(?:w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$",
@@ -48,6 +54,14 @@ _MODULE_RULES: Final = tuple(
     )
 )
 _PARAMETER_SUFFIX: Final = re.compile(r"^(?P<m>.+)\.(?:weight|bias)$")
+
+
+def is_adapter(keys: Iterable[str]) -> bool:
+    """Whether any of ``keys`` has the name of an adapter tensor (``lora_A``, ``lora_down``,
+    ``hada_``, ``lokr_`` …, or a textual-inversion embedding): false for a plain checkpoint."""
+    return any(
+        any(rule.match(key) for rule in _MODULE_RULES) or component_of(module_of(key)) == "embeddings" for key in keys
+    )
 
 
 def module_of(key: str) -> str:
@@ -99,10 +113,12 @@ def component_of(module: str) -> str | None:
 
 # UNet blocks in diffusers names (dots) and kohya names (underscores), and in the original
 # LDM names (input_blocks / middle_block / output_blocks).
+# kohya's prefix is lora_unet_; some writers add the diffusers component again (lora_unet_unet_…).
+_UNET: Final = r"(?:lora_unet_(?:unet_)?|unet\.)"
 _DIFFUSERS_BLOCK: Final = re.compile(
-    r"^(?:lora_unet_|unet\.)?(?P<dir>down|up)_blocks[._](?P<i>\d+)[._](?P<kind>attentions|resnets|downsamplers|upsamplers)[._](?P<j>\d+)"
+    rf"^{_UNET}?(?P<dir>down|up)_blocks[._](?P<i>\d+)[._](?P<kind>attentions|resnets|downsamplers|upsamplers)[._](?P<j>\d+)"
 )
-_DIFFUSERS_MID: Final = re.compile(r"^(?:lora_unet_|unet\.)?mid_block[._]")
+_DIFFUSERS_MID: Final = re.compile(rf"^{_UNET}?mid_block[._]")
 _LDM_BLOCK: Final = re.compile(
     r"^(?:lora_unet_|unet\.|diffusion_model\.)?(?P<dir>input|output)_blocks[._](?P<n>\d+)[._]"
 )
@@ -170,14 +186,71 @@ def transformer_block_of(module: str) -> tuple[str, str] | None:
 # B-LoRA (Frenkel et al., 2024): on SDXL, up_blocks.0.attentions.0 carries content and
 # up_blocks.0.attentions.1 carries style.
 _BLORA: Final = (
-    ("content", re.compile(r"^(?:lora_unet_|unet\.)?up_blocks[._]0[._]attentions[._]0[._]")),
-    ("style", re.compile(r"^(?:lora_unet_|unet\.)?up_blocks[._]0[._]attentions[._]1[._]")),
+    ("content", re.compile(rf"^{_UNET}?up_blocks[._]0[._]attentions[._]0[._]")),
+    ("style", re.compile(rf"^{_UNET}?up_blocks[._]0[._]attentions[._]1[._]")),
 )
+
+
+# Adapters of transformer models (LLMs, encoders, ViTs) in PEFT's dotted names: the stack of
+# layers, whatever the model calls it (Llama …layers.N, GPT-2 …h.N, BERT …layer.N, T5 …block.N,
+# SAM …blocks.N), the family of the target module, the projection, and the parts around the stack.
+_LAYER: Final = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(?P<n>\d+)\.")
+_SIDE: Final = re.compile(r"(?:^|\.)(?P<side>encoder|decoder)\.")
+_FAMILIES: Final = (
+    (
+        "attn",
+        re.compile(
+            r"(?:^|\.)(?:self_attn|attn|attention|self_attention|SelfAttention|EncDecAttention|cross_attn|crossattention)(?:\.|$)"
+        ),
+    ),
+    (
+        "mlp",
+        re.compile(r"(?:^|\.)(?:mlp|ffn|feed_forward|intermediate|output|DenseReluDense|block_sparse_moe)(?:\.|$)"),
+    ),
+)
+_PARTS: Final = (
+    (
+        "embeddings",
+        re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|wpe|word_embeddings|position_embeddings|shared|embeddings)$"),
+    ),
+    ("heads", re.compile(r"(?:^|\.)(?:lm_head|embed_out|classifier|score|qa_outputs|pooler|cls)(?:\.|$)")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index of the transformer layer a module sits in (``…layers.3.…`` → 3), or None."""
+    match = _LAYER.search(module)
+    return int(match["n"]) if match else None
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers in names by value: ``blocks.7`` before ``blocks.12``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
+def _transformer_splits(modules: list[str], add: Callable[[str, str, str], None]) -> None:
+    """Layer, family, projection and part splits for modules of no diffusion component."""
+    # An encoder-decoder model (T5, BART) numbers each stack from 0: its layer splits say which.
+    sides = {match["side"] for m in modules if (match := _SIDE.search(m)) and layer_of(m) is not None}
+    both = sides == {"encoder", "decoder"}
+    for module in modules:
+        layer = layer_of(module)
+        if layer is None:
+            for name, rule in _PARTS:
+                if rule.search(module):
+                    add(name, "component", module)
+            continue
+        side = _SIDE.search(module) if both else None
+        add(f"{side['side']}.layers.{layer}" if side else f"layers.{layer}", "layer", module)
+        family = next((name for name, rule in _FAMILIES if rule.search(module)), None)
+        if family is not None:
+            add(family, "family", module)
+        add(module.rpartition(".")[2], "projection", module)
 
 
 def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
     """Splits every LoRA gets: by component, by UNet or transformer block, by block-weight id,
-    and B-LoRA's.
+    B-LoRA's, and for adapters of transformer models by layer, family and projection.
 
     Returns ``{name: (kind, modules)}``; empty splits are left out.
     """
@@ -190,6 +263,7 @@ def auto_splits(modules: Iterable[str]) -> dict[str, tuple[str, list[str]]]:
     def add(name: str, kind: str, module: str) -> None:
         splits.setdefault(name, (kind, []))[1].append(module)
 
+    _transformer_splits([m for m in modules if component_of(m) is None], add)
     for module in modules:
         component = component_of(module)
         if component == "unet" and dit:
@@ -248,7 +322,7 @@ def user_splits(patterns: Mapping[str, Iterable[str]], modules: Iterable[str]) -
 _SCALE_RULES: Final = tuple(
     re.compile(pattern)
     for pattern in (
-        r"\.lora_up\.weight$",  # kohya, LoCon, DoRA (the direction; the magnitude stays)
+        r"[._]lora_up\.weight$",  # kohya (and its underscore variant), LoCon, DoRA (the direction; the magnitude stays)
         r"\.lora_B(?:\.[^.]+)?\.(?:weight|bias)$",  # PEFT
         r"\.lora_embedding_B(?:\.[^.]+)?$",
         r"\.lora(?:_linear_layer)?\.up\.(?:weight|bias)$",  # diffusers

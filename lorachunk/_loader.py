@@ -18,7 +18,7 @@ from lorachunk._codec import codec_from_config
 from lorachunk._digest import split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names, finite_scales, matching, scale_targets
-from lorachunk._manifest import Manifest, Module, Split, select_modules
+from lorachunk._manifest import Manifest, Module, Split, layer_splits, select_modules
 from lorachunk._pipeline import CachePolicy, Pipeline
 from lorachunk._repository import parse_manifest, read_manifest
 from lorachunk._threads import Progress, cpu_threads
@@ -147,29 +147,25 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         *,
         splits: Iterable[str] | None = None,
         modules: Iterable[str] | None = None,
+        layers: Iterable[int] | None = None,
         keys: Iterable[str] | None = None,
     ) -> list[Module]:
         """The modules a selection names, in manifest order: what :meth:`load` with the same
         options fetches. Nothing is fetched."""
-        return self._select(splits, modules, keys)[0]
+        return self._select(splits, modules, layers, keys)[0]
 
     def _select(
-        self, splits: Iterable[str] | None, modules: Iterable[str] | None, keys: Iterable[str] | None
+        self,
+        splits: Iterable[str] | None,
+        modules: Iterable[str] | None,
+        layers: Iterable[int] | None,
+        keys: Iterable[str] | None,
     ) -> tuple[list[Module], frozenset[str] | None]:
-        wanted_keys = None if keys is None else frozenset(as_names(keys))
-        self._check_pinned(as_names(splits or ()))
-        chosen = select_modules(self._manifest, splits=splits or (), modules=modules or ())
-        if wanted_keys is None:
-            return chosen, None
-        missing = sorted(wanted_keys - self._by_key.keys())
-        if missing:
-            raise UsageError(f"no tensor {missing[0]!r} in this LoRA ({len(missing)} unknown key(s))")
-        named = {self._by_key[k].name for k in wanted_keys}
-        if splits is None and modules is None:
-            chosen = [m for m in self._manifest.modules if m.name in named]
-        else:
-            chosen = [m for m in chosen if m.name in named]
-        return chosen, wanted_keys
+        layers = None if layers is None else list(layers)
+        by_layer = layer_splits(self._manifest, layers) if layers is not None else []
+        self._check_pinned([*as_names(splits or ()), *by_layer])
+        chosen = select_modules(self._manifest, splits=splits or (), modules=modules or (), layers=layers, keys=keys)
+        return chosen, None if keys is None else frozenset(as_names(keys))
 
     def _check_pinned(self, names: Iterable[str]) -> None:
         """With only a root pinned, a split whose members the root does not pin (a rewritten one,
@@ -189,6 +185,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         *,
         splits: Iterable[str] | None = None,
         modules: Iterable[str] | None = None,
+        layers: Iterable[int] | None = None,
         keys: Iterable[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
@@ -196,9 +193,11 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
 
-        Selection: ``splits`` (names), ``modules`` (globs over module names) and ``keys`` (tensor
-        keys), each a list or one string, narrow what is loaded; with none of them, everything.
-        ``keys`` intersects the other two when given with them.
+        Selection: ``splits`` (names), ``modules`` (globs over module names), ``layers`` (layer
+        indices of a transformer adapter, e.g. ``range(0, 16)`` for a pipeline stage) and ``keys``
+        (tensor keys), each a list or one string. Names within an option add up; options narrow
+        each other; with none of them, everything. An option that keeps nothing is a
+        :class:`UsageError` naming it (docs/loading.md).
 
         ``device`` is ``"cpu"``, ``"cuda[:N]"`` (shards go straight to the GPU) or any other
         device torch has, such as ``"mps"`` (decoded on the host, then copied).
@@ -212,7 +211,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         """
         from lorachunk import _torch
 
-        chosen, wanted = self._select(splits, modules, keys)
+        chosen, wanted = self._select(splits, modules, layers, keys)
         self._check_pinned(name for name in (scales or {}) if name in self.splits)
         _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
         factors = _scale_factors(self._manifest, chosen, scales or {})
@@ -233,6 +232,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         *,
         splits: Iterable[str] | None = None,
         modules: Iterable[str] | None = None,
+        layers: Iterable[int] | None = None,
         keys: Iterable[str] | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
@@ -246,7 +246,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         Example: ``lorachunk.open("lora.lcs").load(splits=["unet"], scales={"unet": 0.8})``
         """
         got = dict(
-            self.iter_tensors(splits=splits, modules=modules, keys=keys, device=device, dtype=dtype, scales=scales)
+            self.iter_tensors(
+                splits=splits, modules=modules, layers=layers, keys=keys, device=device, dtype=dtype, scales=scales
+            )
         )
         return {key: got[key] for key in self._by_key if key in got}
 
@@ -255,13 +257,15 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         *,
         splits: Iterable[str] | None = None,
         modules: Iterable[str] | None = None,
+        layers: Iterable[int] | None = None,
         keys: Iterable[str] | None = None,
         progress: Progress | None = None,
     ) -> PullReport:
         """Fetch and verify the selected shards into the cache without making tensors."""
         if self.cache is None:
             raise UsageError("prefetch needs a cache; open the LoRA with cache=True or a cache folder")
-        return self.copy(self.select(splits=splits, modules=modules, keys=keys), lambda m, data: None, progress)
+        chosen = self.select(splits=splits, modules=modules, layers=layers, keys=keys)
+        return self.copy(chosen, lambda m, data: None, progress)
 
     def copy(
         self,
@@ -419,6 +423,7 @@ def load(
     *,
     splits: Iterable[str] | None = None,
     modules: Iterable[str] | None = None,
+    layers: Iterable[int] | None = None,
     keys: Iterable[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
@@ -427,4 +432,6 @@ def load(
 ) -> dict[str, torch.Tensor]:
     """``open(source, **open_options).load(...)`` in one call; see :meth:`LoRA.load`."""
     with open(source, **open_options) as lora:
-        return lora.load(splits=splits, modules=modules, keys=keys, device=device, dtype=dtype, scales=scales)
+        return lora.load(
+            splits=splits, modules=modules, layers=layers, keys=keys, device=device, dtype=dtype, scales=scales
+        )

@@ -44,7 +44,7 @@ MAX_SPLIT_ENTRIES: Final = 8 * MAX_MODULES
 MAX_JSON_VALUES: Final = 2_000_000
 #: Split kinds that pack derives from module names (lorachunk._layout.auto_splits); splits of
 #: every other kind (``user``, compose's ``part``) are pinned by a leaf of the root instead.
-AUTO_KINDS: Final = frozenset({"component", "block", "block-weight", "b-lora"})
+AUTO_KINDS: Final = frozenset({"component", "block", "block-weight", "b-lora", "layer", "family", "projection"})
 MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
 #: Small text files that travel with the tensors (a PEFT ``adapter_config.json``, a README).
 MAX_FILES: Final = 64

@@ -23,6 +23,7 @@ def pull(
     *,
     splits: Iterable[str] | None = None,
     modules: Iterable[str] | None = None,
+    layers: Iterable[int] | None = None,
     progress: Progress | None = None,
     **open_options: Any,
 ) -> PullReport:
@@ -37,7 +38,7 @@ def pull(
     check_dest(dest)
     target = LocalStore(dest)
     with open(source, **open_options) as lora:
-        unique = list({m.shard: m for m in lora.select(splits=splits, modules=modules)}.values())
+        unique = list({m.shard: m for m in lora.select(splits=splits, modules=modules, layers=layers)}.values())
         missing = [m for m in unique if not _intact(target, m)]
         sink = lambda m, data: target.set(shard_key(m.shard), data)  # noqa: E731
         report = lora.copy(missing, sink, progress, required=False)

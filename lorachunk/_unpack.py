@@ -28,6 +28,7 @@ def unpack(
     *,
     splits: Iterable[str] = (),
     modules: Iterable[str] = (),
+    layers: Iterable[int] | None = None,
     manifest: str | None = None,
     format: Literal["safetensors", "peft"] = "safetensors",
     progress: Progress | None = None,
@@ -48,7 +49,9 @@ def unpack(
         raise UsageError(f"format must be 'safetensors' or 'peft', got {format!r}")
     with as_store(dest) as store:
         if format == "safetensors":
-            return _unpack(store, Path(out), splits=splits, modules=modules, manifest=manifest, progress=progress)
+            return _unpack(
+                store, Path(out), splits=splits, modules=modules, layers=layers, manifest=manifest, progress=progress
+            )
         folder = Path(out)
         loaded = read_manifest(store, manifest)
         if ADAPTER_CONFIG not in loaded.files:
@@ -61,7 +64,15 @@ def unpack(
             raise StoreError(f"cannot make {folder}: {exc.strerror or exc}") from exc
         if folder.is_symlink() or not folder.is_dir():
             raise UsageError(f"{folder} is not a folder; --format peft writes a folder")
-        _unpack(store, folder / ADAPTER_WEIGHTS, splits=splits, modules=modules, manifest=loaded.id, progress=progress)
+        _unpack(
+            store,
+            folder / ADAPTER_WEIGHTS,
+            splits=splits,
+            modules=modules,
+            layers=layers,
+            manifest=loaded.id,
+            progress=progress,
+        )
         for name, text in loaded.files.items():
             try:
                 write_atomic(folder / name, text.encode())
@@ -76,11 +87,12 @@ def _unpack(
     *,
     splits: Iterable[str],
     modules: Iterable[str],
+    layers: Iterable[int] | None,
     manifest: str | None,
     progress: Progress | None,
 ) -> Path:
     loaded = read_manifest(store, manifest)
-    chosen = select_modules(loaded, splits=splits, modules=modules)
+    chosen = select_modules(loaded, splits=splits, modules=modules, layers=layers)
     whole = len(chosen) == len(loaded.modules)
     wanted = {t.key for m in chosen for t in m.tensors}
     order = [t for t in loaded.file_order() if t.key in wanted]
