@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA
 
 from lorachunk._cli import main as cli
-from lorachunk._docs import api_reference, cli_reference
+from lorachunk._docs import api_reference, cli_reference, with_splits_tables
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = "regenerate with: python -m lorachunk._docs docs/"
@@ -23,6 +23,12 @@ def test_cli_reference_is_current() -> None:
 
 def test_api_reference_is_current() -> None:
     assert (DOCS / "api.md").read_text() == api_reference(), REGENERATE
+
+
+def test_splits_tables_are_current() -> None:
+    text = (DOCS / "splits.md").read_text()
+    assert with_splits_tables(text) == text, REGENERATE
+    assert "`layers.1` | layer" in text and "`q_proj` | projection" in text
 
 
 def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
