@@ -17,7 +17,7 @@ from typing import Any
 import lorachunk
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
-from lorachunk._info import info_dict, unpacked
+from lorachunk._info import info_dict, ls_dicts, unpacked
 from lorachunk._layout import is_adapter
 from lorachunk._threads import Progress
 
@@ -172,6 +172,23 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"store     {store['manifests']} manifests reference {_size(store['referenced_stored_bytes'])} of shards; "
             f"{_size(store['unique_stored_bytes'])} stored once (dedup saves {_size(saved)})"
         )
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = ls_dicts(args.dest)
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return EXIT_OK
+    width = max(len(row["source"]) for row in rows)
+    for row in rows:
+        mark = "*" if row["latest"] else " "
+        when = (row["written"] or "")[:16].replace("T", " ")
+        print(
+            f"{mark} {row['manifest'].partition(':')[2][:12]}  {row['source']:<{width}}  {row['root']}  "
+            f"{_size(row['stored_bytes']):>9} stored, {_size(row['shared_bytes']):>9} shared  {when}".rstrip()
+        )
+    print(f"{_count(len(rows), 'LoRA')}; * is the latest")
     return EXIT_OK
 
 
@@ -370,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("--json", action="store_true", help="machine-readable output (fields in docs/cli.md)")
 
+    p = command("ls", cmd_ls, "list every LoRA (manifest) in a store: source, root, size, what it shares, the latest")
+    p.add_argument("dest", metavar="SOURCE", help=source_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = command("verify", cmd_verify, "re-hash every manifest and shard in a store; exit 1 naming each bad one")
     p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("--json", action="store_true", help="print what was checked as JSON")
@@ -438,8 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--take",
         action="append",
         required=True,
-        metavar="NAME=SOURCE[:SPLIT]",
-        help="a part: the split SPLIT (default: all) of the packed LoRA at SOURCE (repeatable)",
+        metavar="NAME=SOURCE[#MANIFEST][:SPLIT]",
+        help="a part: the split SPLIT (default: all) of the packed LoRA at SOURCE, its latest or MANIFEST (repeatable)",
     )
     p.add_argument("--scale", action="append", default=[], metavar="NAME=F", help="bake strength F into a part")
     p.add_argument("--prefer", action="append", default=[], metavar="NAME", help="this part wins shared modules")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -38,18 +39,32 @@ METADATA_KEY: Final = "lorachunk.composed_from"
 
 @dataclass(frozen=True, slots=True)
 class Take:
-    """One part of a composed LoRA: the split ``split`` (or all) of the packed LoRA at ``source``."""
+    """One part of a composed LoRA: the split ``split`` (or all) of the packed LoRA at ``source``,
+    its latest or the manifest ``manifest`` (an id or unique hex prefix)."""
 
     name: str
     source: str | os.PathLike[str] | Store
     split: str | None = None
+    manifest: str | None = None
+
+
+_TAKE_MANIFEST: Final = re.compile(r"^((?:[a-z0-9-]+:)?[0-9a-f]+)(?::(.+))?$")
 
 
 def parse_take(text: str) -> Take:
-    """``NAME=SOURCE[:SPLIT]`` → :class:`Take`. A URL's own colons are not taken for the split."""
+    """``NAME=SOURCE[#MANIFEST][:SPLIT]`` → :class:`Take`. A URL's own colons are not taken for
+    the split; ``#`` (not ``@``, which ``hf://`` URLs use for the revision) names a manifest."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise UsageError(f"--take wants NAME=SOURCE[:SPLIT], got {text!r}")
+        raise UsageError(f"--take wants NAME=SOURCE[#MANIFEST][:SPLIT], got {text!r}")
+    source, hash_sign, tail = rest.partition("#")
+    if hash_sign:
+        match = _TAKE_MANIFEST.match(tail)
+        if not source or match is None:
+            raise UsageError(
+                f"--take wants NAME=SOURCE#MANIFEST[:SPLIT] with a manifest id or hex prefix, got {text!r}"
+            )
+        return Take(name, source, match[2], match[1])
     source, colon, split = rest.rpartition(":")
     if not colon or not source or "/" in split:  # "/" after the last colon: a URL, no split
         return Take(name, rest)
@@ -163,7 +178,7 @@ def compose(
 
 def _open(stack: ExitStack, take: Take) -> _Part:
     store = stack.enter_context(as_store(take.source))
-    manifest = read_manifest(store)
+    manifest = read_manifest(store, take.manifest)
     chosen = manifest.split(take.split).modules if take.split else [m.name for m in manifest.modules]
     return _Part(take, store, manifest, [manifest.module(n) for n in chosen])
 

@@ -3,6 +3,8 @@ packing a file would store."""
 
 from __future__ import annotations
 
+from contextlib import suppress
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,9 @@ from lorachunk._layout import is_adapter
 from lorachunk._pack import pack
 from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
 from lorachunk._threads import Progress
-from lorachunk.storage import MemoryStore, Store
+from lorachunk.storage import LocalStore, MemoryStore, Store
 
-__all__ = ["info_dict", "unpacked"]
+__all__ = ["info_dict", "ls_dicts", "unpacked"]
 
 
 def info_dict(dest: str, selector: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
@@ -81,3 +83,38 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
             "unique_stored_bytes": sum(shards.values()),
         },
     }
+
+
+def ls_dicts(dest: str) -> list[dict[str, Any]]:
+    """Every LoRA (manifest) in a store: its source, root, sizes, the stored bytes it shares with
+    the others, when it was written (local folders only) and whether it is the latest."""
+    with as_store(dest) as store:
+        latest = resolve(store, None)
+        ids = list_manifest_ids(store) if store.supports_listing else [latest]
+        manifests = [read_manifest(store, i) for i in ids]
+        users: dict[str, int] = {}
+        for manifest in manifests:
+            for shard in {m.shard for m in manifest.modules}:
+                users[shard] = users.get(shard, 0) + 1
+        rows = []
+        for manifest_id, manifest in zip(ids, manifests, strict=True):
+            sizes = {m.shard: m.stored_size for m in manifest.modules}
+            written = None
+            if isinstance(store, LocalStore):
+                with suppress(OSError):
+                    mtime = (store.root / manifest_key(manifest_id)).stat().st_mtime
+                    written = datetime.fromtimestamp(mtime, tz=timezone.utc).isoformat(timespec="seconds")
+            rows.append(
+                {
+                    "manifest": manifest_id,
+                    "latest": manifest_id == latest,
+                    "source": manifest.source.name,
+                    "root": manifest.root,
+                    "modules": len(manifest.modules),
+                    "size": manifest.source.size,
+                    "stored_bytes": sum(sizes.values()),
+                    "shared_bytes": sum(size for shard, size in sizes.items() if users[shard] > 1),
+                    "written": written,
+                }
+            )
+    return sorted(rows, key=lambda row: (row["written"] or "", row["manifest"]))

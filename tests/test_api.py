@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
@@ -180,3 +181,18 @@ def test_cli_unpack_split(falcon: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
     assert all(k.startswith("lora_te_") for k in load_file(tmp_path / "te.safetensors"))
+
+
+def test_cli_ls_lists_every_lora_of_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "s"
+    four = lorachunk.pack(DATA / "loras" / "smart_falcon_4_lokr.safetensors", store)
+    eight = lorachunk.pack(DATA / "loras" / "smart_falcon_8_lokr.safetensors", store)
+    lorachunk.compose(store, [lorachunk.Take("te", store, "text_encoder")])  # shares eight's text encoder
+    assert main(["ls", str(store), "--json"]) == 0
+    rows = {row["manifest"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {four.id, eight.id} | {lorachunk.read_manifest(store).id}
+    assert [row["latest"] for row in rows.values()].count(True) == 1 and not rows[eight.id]["latest"]
+    assert rows[four.id]["shared_bytes"] == 0 < rows[eight.id]["shared_bytes"] < rows[eight.id]["stored_bytes"]
+    assert rows[four.id]["root"] == four.root and rows[four.id]["written"]
+    assert main(["ls", str(store)]) == 0
+    assert "3 LoRAs; * is the latest" in capsys.readouterr().out

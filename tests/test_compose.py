@@ -162,3 +162,18 @@ def test_pushing_a_composition_next_to_its_sources_uploads_only_the_manifest(
     assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the manifest
     got = lorachunk.load("hf://me/loras")
     assert got.keys() == _keys(a, "style") | _keys(b, "content")
+
+
+def test_a_take_names_a_manifest_of_a_shared_store(tmp_path: Path) -> None:
+    """In a store of several LoRAs, --take SOURCE#MANIFEST:SPLIT takes the split of that one, not the latest."""
+    shared = tmp_path / "shared"
+    older = lorachunk.pack(DATA / "loras" / "smart_falcon_4_lokr.safetensors", shared)
+    lorachunk.pack(DATA / "loras" / "smart_falcon_8_lokr.safetensors", shared)
+    prefix = older.id.partition(":")[2][:10]
+    take = parse_take(f"te={shared}#{prefix}:text_encoder")
+    assert (take.source, take.manifest, take.split) == (str(shared), prefix, "text_encoder")
+    assert parse_take(f"te={shared}#{older.id}").manifest == older.id
+    composed = lorachunk.compose(tmp_path / "out", [take])
+    assert {m.shard for m in composed.modules} == {older.module(n).shard for n in older.split("text_encoder").modules}
+    with pytest.raises(lorachunk.UsageError, match="SOURCE#MANIFEST"):
+        parse_take(f"te={shared}#not-hex:x")
