@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from lorachunk._exceptions import ManifestError
+from lorachunk._json import parse_json
 from lorachunk._keys import ADAPTER_WEIGHTS
 
 __all__ = [
@@ -76,12 +77,7 @@ def load_json(text: bytes) -> dict[str, Any]:
     values = text.count(b",") + text.count(b"[") + text.count(b"{")
     if values > MAX_JSON_VALUES:
         raise ManifestError(f"manifest holds over {MAX_JSON_VALUES} JSON values")
-    try:
-        raw = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"manifest is not JSON: {exc}") from exc
-    except RecursionError as exc:  # arrays or objects nested thousands deep: no manifest is
-        raise ManifestError("manifest JSON is nested too deep") from exc
+    raw = parse_json(text, error=ManifestError, what="manifest", parse_constant=_refuse_constant)
     if not isinstance(raw, dict):
         raise ManifestError("manifest is not a JSON object")
     try:
@@ -91,13 +87,6 @@ def load_json(text: bytes) -> dict[str, Any]:
     if canonical != text:
         raise ManifestError("manifest is not in canonical form")
     return raw
-
-
-def _parse_int(text: str) -> int:
-    # Sizes and offsets fit in 64 bits; thousands of digits would cost quadratic time to convert.
-    if len(text.lstrip("-")) > 20:
-        raise ManifestError(f"integer of {len(text)} digits in the manifest")
-    return int(text)
 
 
 def _refuse_constant(name: str) -> object:

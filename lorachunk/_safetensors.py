@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from lorachunk._exceptions import FormatError
+from lorachunk._json import parse_json
 
 __all__ = ["DTYPE_BITS", "MAX_HEADER_BYTES", "SafetensorsLayout", "TensorInfo", "encode_header", "parse_header"]
 
@@ -116,12 +117,7 @@ _OTHER_FORMATS: Final = (
 
 def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:
     """Parse and validate a header whose data area holds ``data_length`` bytes."""
-    try:
-        raw = json.loads(header, object_pairs_hook=_unique_keys, parse_int=_parse_int)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"not a safetensors file: header is not JSON ({exc})") from exc
-    except RecursionError as exc:  # arrays or objects nested thousands deep: no header is
-        raise FormatError("not a safetensors file: header JSON is nested too deep") from exc
+    raw = parse_json(header, error=FormatError, what="not a safetensors file: header", object_pairs_hook=_unique_keys)
     if not isinstance(raw, dict):
         raise FormatError("not a safetensors file: header is not a JSON object")
     try:  # a lone surrogate (\ud800) parses, but no file or manifest can hold it as UTF-8
@@ -173,14 +169,6 @@ def _tensor(key: str, entry: object) -> TensorInfo:
     if end - begin != expected:
         raise FormatError(f"tensor {key!r}: {dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}")
     return TensorInfo(key=key, dtype=dtype, shape=tuple(shape), offset=begin, length=end - begin)
-
-
-def _parse_int(text: str) -> int:
-    # Offsets and sizes fit in 64 bits (the safetensors library reads them as u64); thousands of
-    # digits would cost quadratic time, and Python refuses over 4300 with a bare ValueError.
-    if len(text.lstrip("-")) > 20:
-        raise FormatError(f"not a safetensors file: an integer of {len(text)} digits in the header")
-    return int(text)
 
 
 def _is_count(value: object) -> bool:

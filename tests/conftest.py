@@ -5,6 +5,7 @@ import os
 # Before huggingface_hub is imported anywhere: uploads to the test Hub take the plain LFS path.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,18 @@ def _doctest_tmp_path(doctest_namespace: dict[str, object], tmp_path: Path) -> N
     doctest_namespace["tmp_path"] = tmp_path
 
 
+@contextmanager
+def serving(root: Path) -> Iterator[FolderServer]:
+    """A real HTTP server on 127.0.0.1 serving the new folder ``root``."""
+    root.mkdir()
+    with serve(root) as server:
+        yield server
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[FolderServer]:
     """A real HTTP server on 127.0.0.1 serving ``tmp_path / "www"``."""
-    root = tmp_path / "www"
-    root.mkdir()
-    with serve(root) as server:
+    with serving(tmp_path / "www") as server:
         yield server
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import DATA, HUB_TOKEN
+from conftest import DATA, HUB_TOKEN, serving
 
 import lorachunk
 from lorachunk import _manifest
@@ -24,7 +24,7 @@ from lorachunk._repository import write_manifest
 from lorachunk._threads import cpu_threads
 from lorachunk.storage import ByteRange, LocalStore
 from lorachunk.storage._http import _retry_after
-from lorachunk.testing.http_server import FolderServer, serve
+from lorachunk.testing.http_server import FolderServer
 from lorachunk.testing.hub_server import serve_hub
 
 LORAS = DATA / "loras"
@@ -37,9 +37,7 @@ SECRET = "-----BEGIN OPENSSH PRIVATE KEY----- do not publish"
 @pytest.fixture
 def elsewhere(tmp_path: Path) -> Iterator[FolderServer]:
     """A second server: another origin (another port) serving the same files."""
-    root = tmp_path / "www2"
-    root.mkdir()
-    with serve(root) as server:
+    with serving(tmp_path / "www2") as server:
         yield server
 
 

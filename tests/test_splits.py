@@ -79,6 +79,12 @@ def test_a_pipeline_stage_loads_its_layers_only(tmp_path: Path) -> None:
         assert len(lora.load(layers=range(12, 24), splits=["q_proj"])) == 12 * 2  # options narrow each other
         with pytest.raises(lorachunk.UsageError, match="no layer 30 in this LoRA"):
             lora.load(layers=[30])
+        zeroed = lora.load(layers=[0, 1], scales={"layers.0": 0.0, "v_proj": 0.5})  # scales by the new splits
+        # The last matching entry wins: layer 0's v_proj is halved, its q_proj zeroed.
+        assert all(not t.any() for k, t in zeroed.items() if ".layers.0." in k and "q_proj.lora_B" in k)
+        plain = lora.load(layers=[1])
+        v_up = next(k for k in plain if "v_proj.lora_B" in k)
+        assert np.allclose(zeroed[v_up].numpy(), plain[v_up].numpy() * 0.5, atol=1e-6)
     out = tmp_path / "stage.safetensors"
     assert main(["unpack", str(tmp_path / "qwen"), "-o", str(out), "--layers", "0-11", "-q"]) == 0
     assert len(lorachunk.pack(out, lorachunk.storage.MemoryStore()).modules) == 24
