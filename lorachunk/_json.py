@@ -32,9 +32,7 @@ def parse_json(
         return int(digits)
 
     try:
-        return json.loads(
-            text, parse_int=parse_int, object_pairs_hook=object_pairs_hook, parse_constant=parse_constant
-        )
+        return json.loads(text, parse_int=parse_int, object_pairs_hook=object_pairs_hook, parse_constant=parse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{what} is not JSON ({exc})") from exc
     except RecursionError as exc:  # arrays or objects nested thousands deep: nothing real is
