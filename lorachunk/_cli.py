@@ -202,6 +202,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if report.missing:
             held = ", ".join(report.complete_splits) or "none"
             print(f"partial copy: {_count(report.missing, 'shard')} not pulled; splits held whole: {held}")
+        if report.unreferenced or report.temp_files:
+            print(
+                f"left over: {_count(report.unreferenced, 'shard')} no manifest names and "
+                f"{_count(report.temp_files, 'temp file')} of writes that never finished (harmless; not removed)"
+            )
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_REF_BYTES",
     "MAX_STORED_MANIFEST_BYTES",
     "PARTIAL",
+    "SHARDS",
     "manifest_id_of",
     "manifest_key",
     "shard_key",
@@ -40,6 +41,7 @@ LATEST: Final = "refs/latest"
 LATEST_MANIFEST: Final = "refs/latest.json.zst"
 PARTIAL: Final = "refs/partial"
 MANIFESTS: Final = "manifests/"
+SHARDS: Final = "shards/"
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
 MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
@@ -49,7 +51,7 @@ MAX_REF_BYTES: Final = 1024
 
 def shard_key(digest: str) -> str:
     hexpart = hex_of(digest)
-    return f"shards/{hexpart[:2]}/{hexpart}"
+    return f"{SHARDS}{hexpart[:2]}/{hexpart}"
 
 
 def manifest_key(manifest_id: str) -> str:

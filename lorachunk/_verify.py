@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from lorachunk._digest import digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
-from lorachunk._keys import LATEST, LATEST_MANIFEST
+from lorachunk._keys import LATEST, LATEST_MANIFEST, SHARDS, shard_key
 from lorachunk._manifest import Manifest, Module
 from lorachunk._repository import (
     as_store,
@@ -22,7 +22,7 @@ from lorachunk._repository import (
     resolve,
 )
 from lorachunk._threads import bounded_map, cpu_threads
-from lorachunk.storage import Store
+from lorachunk.storage import LocalStore, Store
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -33,6 +33,11 @@ class VerifyReport:
 
     A partial copy (``lorachunk pull --split``) holds only some shards: ``missing`` counts those
     it was never given, and ``complete_splits`` names the splits it holds whole.
+
+    ``unreferenced`` counts shards no manifest names and ``temp_files`` the hidden temp files of
+    writes that never finished (a pack killed with ``kill -9``; a failed pack in a store whose
+    writes show at once). Neither is damage: writers never delete what another may have committed,
+    so such leftovers stay until removed on purpose (stores that can list only).
     """
 
     manifests: int
@@ -40,6 +45,8 @@ class VerifyReport:
     stored_bytes: int
     missing: int = 0
     complete_splits: tuple[str, ...] = ()
+    unreferenced: int = 0
+    temp_files: int = 0
 
 
 def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
@@ -117,4 +124,27 @@ def _verify(store: Store) -> VerifyReport:
         }
     )
     present = [m for shard, (_, m) in unique.items() if shard not in absent]
-    return VerifyReport(len(manifests), len(present), sum(m.stored_size for m in present), len(absent), tuple(complete))
+    return VerifyReport(
+        len(manifests),
+        len(present),
+        sum(m.stored_size for m in present),
+        len(absent),
+        tuple(complete),
+        _unreferenced(store, {shard_key(shard) for shard in unique}),
+        _temp_files(store),
+    )
+
+
+def _unreferenced(store: Store, named: set[str]) -> int:
+    if not store.supports_listing:
+        return 0
+    return sum(1 for key in store.list_prefix(SHARDS) if key not in named)
+
+
+def _temp_files(store: Store) -> int:
+    """Hidden temp files under a local folder (listing skips them: readers never see them)."""
+    if not isinstance(store, LocalStore) or not store.root.is_dir():
+        return 0
+    return sum(
+        1 for _, _, names in os.walk(store.root) for name in names if name.startswith(".") and name.endswith(".tmp")
+    )

@@ -16,6 +16,8 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk.storage import LocalStore
+from lorachunk.storage._local import create_temp
 
 LORAS = DATA / "loras"
 BIG = LORAS / "smart_falcon_16_lokr.safetensors"
@@ -175,3 +177,19 @@ def test_files_honour_the_umask(umask_022: None, tmp_path: Path) -> None:
     os.umask(0o077)
     lorachunk.unpack(tmp_path / "store", tmp_path / "private.safetensors")
     assert stat.S_IMODE((tmp_path / "private.safetensors").stat().st_mode) == 0o600
+
+
+def test_verify_reports_what_writers_left_over(
+    falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A writer killed with kill -9 leaves a hidden temp file; one that failed in a store whose
+    writes show at once leaves a shard no manifest names. Neither is damage, and both are counted."""
+    store = tmp_path / "store"
+    lorachunk.pack(falcon, store)
+    handle, _ = create_temp(store / "shards" / "ab" / ("ab" + "0" * 30))  # as a killed writer leaves it
+    handle.close()
+    LocalStore(store).set("shards/cd/cd" + "1" * 30, b"an orphan")
+    report = lorachunk.verify(store)
+    assert (report.unreferenced, report.temp_files) == (1, 1)
+    assert main(["verify", str(store)]) == 0
+    assert "left over: 1 shard no manifest names and 1 temp file" in capsys.readouterr().out
