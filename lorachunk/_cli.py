@@ -18,7 +18,7 @@ import lorachunk
 from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 from lorachunk._info import info_dict, ls_dicts, unpacked
-from lorachunk._layout import is_adapter
+from lorachunk._layout import is_adapter, natural_key
 from lorachunk._threads import Progress
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
@@ -160,7 +160,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         order = list(SPLIT_KINDS)
         ranked = sorted(
             zip(labels, info["splits"], strict=True),
-            key=lambda pair: (order.index(pair[1]["kind"]) if pair[1]["kind"] in order else 9, pair[1]["name"]),
+            key=lambda pair: (
+                order.index(pair[1]["kind"]) if pair[1]["kind"] in order else 9,
+                natural_key(pair[1]["name"]),
+            ),
         )
         for label, s in ranked:
             noun = "module" if s["modules"] == 1 else "modules"

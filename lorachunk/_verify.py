@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from lorachunk._digest import digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
 from lorachunk._keys import LATEST, LATEST_MANIFEST, SHARDS, shard_key
+from lorachunk._layout import natural_key
 from lorachunk._manifest import Manifest, Module
 from lorachunk._repository import (
     as_store,
@@ -121,7 +122,8 @@ def _verify(store: Store) -> VerifyReport:
             if manifest.id in partial
             for split in manifest.splits
             if not any(manifest.module(n).shard in absent for n in split.modules)
-        }
+        },
+        key=natural_key,
     )
     present = [m for shard, (_, m) in unique.items() if shard not in absent]
     return VerifyReport(

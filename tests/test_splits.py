@@ -123,7 +123,7 @@ def test_kohya_underscore_variant_is_grouped_and_split_like_kohya(tmp_path: Path
     assert np.allclose(scaled[up].float().numpy(), original[up].float().numpy() * 0.5, atol=1e-3)
 
 
-def test_splits_are_listed_in_numeric_order(tmp_path: Path) -> None:
+def test_splits_are_listed_in_numeric_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sorted(["blocks.12", "blocks.7", "blocks.16", "IN10", "IN02"], key=natural_key) == [
         "IN02",
         "IN10",
@@ -134,6 +134,16 @@ def test_splits_are_listed_in_numeric_order(tmp_path: Path) -> None:
     manifest = lorachunk.pack(_peft(tmp_path / "qwen.safetensors", QWEN), lorachunk.storage.MemoryStore())
     layers = [s.name for s in manifest.splits if s.kind == "layer"]
     assert layers.index("layers.2") < layers.index("layers.10")
+    rng = np.random.default_rng(3)
+    flux: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for block in (12, 7, 20, 16):  # Flux double blocks, diffusers names (synthetic)
+        down, up = synth.lora_pair(rng, 4, 4, 2, "F16")
+        flux[f"transformer.transformer_blocks.{block}.attn.to_q.lora_A.weight"] = ("F16", (2, 4), down)
+        flux[f"transformer.transformer_blocks.{block}.attn.to_q.lora_B.weight"] = ("F16", (4, 2), up)
+    lorachunk.pack(synth.write(tmp_path / "flux.safetensors", flux, None), tmp_path / "flux")
+    assert main(["info", str(tmp_path / "flux")]) == 0
+    shown = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "transformer_blocks." in line]
+    assert shown == [f"transformer.transformer_blocks.{n}" for n in (7, 12, 16, 20)]
 
 
 def test_options_narrow_each_other_and_an_empty_one_says_so(falcon: Path, tmp_path: Path) -> None:
