@@ -17,10 +17,11 @@ from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
-from lorachunk._layout import as_names, finite_scales, matching, scale_targets
-from lorachunk._manifest import Manifest, Module, Split, layer_splits, select_modules
+from lorachunk._layout import as_names
+from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._pipeline import CachePolicy, Pipeline
 from lorachunk._repository import parse_manifest, read_manifest
+from lorachunk._select import layer_splits, scale_factors, select_modules
 from lorachunk._threads import Progress, cpu_threads
 from lorachunk.storage import Store, open_store
 from lorachunk.storage._url import is_remote
@@ -214,7 +215,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         chosen, wanted = self._select(splits, modules, layers, keys)
         self._check_pinned(name for name in (scales or {}) if name in self.splits)
         _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
-        factors = _scale_factors(self._manifest, chosen, scales or {})
+        factors = scale_factors(self._manifest, chosen, scales or {})
         placer = _torch.make_placer(self._codec, device, dtype)
         try:
             for item in self._pipeline.staged(placer, chosen, wanted):
@@ -297,26 +298,6 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
     def __repr__(self) -> str:
         return f"<LoRA {self._manifest.source.name!r} root={self.root} modules={len(self._manifest.modules)}>"
-
-
-def _scale_factors(manifest: Manifest, chosen: Sequence[Module], scales: Scales) -> dict[str, float]:
-    """Tensor key → factor. Modules with no delta (textual-inversion tokens) are left alone; a
-    pattern whose modules carry no delta at all is an error, as is one that matches nothing."""
-    split_names = {s.name for s in manifest.splits}
-    factors: dict[str, float] = {}
-    for pattern, factor in finite_scales(scales).items():
-        if pattern in split_names:
-            matched = set(manifest.split(pattern).modules)
-        else:
-            matched = set(matching((m.name for m in manifest.modules), pattern))
-            if not matched:
-                raise UsageError(f"scale {pattern!r} names no split and matches no module")
-        targets = {m.name: scale_targets(t.key for t in m.tensors) for m in manifest.modules if m.name in matched}
-        if not any(targets.values()):
-            raise UsageError(f"scale {pattern!r}: none of its modules has a tensor of a known layout to scale")
-        for module in chosen:
-            factors.update(dict.fromkeys(targets.get(module.name, ()), factor))
-    return factors
 
 
 def _read_manifest(store: Store, selector: str | None, cache: Cache | None, root: str | None) -> Manifest:

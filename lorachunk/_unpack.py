@@ -12,9 +12,10 @@ from typing import BinaryIO, Literal
 from lorachunk._codec import codec_from_config
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, UsageError
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, shard_key
-from lorachunk._manifest import Manifest, Module, select_modules
+from lorachunk._manifest import Manifest, Module
 from lorachunk._repository import as_store, decode_module, partial_ids, read_manifest
 from lorachunk._safetensors import encode_header
+from lorachunk._select import select_modules
 from lorachunk._threads import Progress, bounded_map, cpu_threads
 from lorachunk.storage import Store
 from lorachunk.storage._local import create_temp, write_atomic
