@@ -19,7 +19,7 @@ from lorachunk._digest import split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names
 from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._pipeline import CachePolicy, Pipeline
+from lorachunk._pipeline import Pipeline
 from lorachunk._repository import parse_manifest, read_manifest
 from lorachunk._select import layer_splits, scale_factors, select_modules
 from lorachunk._threads import Progress, cpu_threads
@@ -92,7 +92,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self._pinned_by_root = pinned_by_root
         self._codec = codec_from_config(manifest.codec)
         self._by_key = manifest.owners
-        self._pipeline = Pipeline(store, manifest, CachePolicy.of(cache, store), concurrency=concurrency)
+        self._pipeline = Pipeline(store, manifest, cache, concurrency=concurrency)
 
     @property
     def fetched(self) -> int:

@@ -46,8 +46,8 @@ class CachePolicy:
     decoded: bool
 
     @classmethod
-    def of(cls, cache: Cache | None, store: Store) -> CachePolicy:
-        return cls(cache, cache is not None and is_remote(store), cache is not None and cache.decoded)
+    def of(cls, cache: Cache | None, *, remote: bool) -> CachePolicy:
+        return cls(cache, cache is not None and remote, cache is not None and cache.decoded)
 
     def decoded_cache(self, placer: _torch.Placer) -> Cache | None:
         """The cache of decoded modules, when this placer's buffers are host bytes it can keep."""
@@ -71,12 +71,12 @@ class CachePolicy:
 class Pipeline:
     """Fetch, verify, decode and place the modules of one manifest from one store."""
 
-    def __init__(self, store: Store, manifest: Manifest, policy: CachePolicy, *, concurrency: int) -> None:
+    def __init__(self, store: Store, manifest: Manifest, cache: Cache | None, *, concurrency: int) -> None:
         self.store = store
         self.manifest = manifest
-        self.policy = policy
-        self.concurrency = concurrency
         self.remote = is_remote(store)
+        self.policy = CachePolicy.of(cache, remote=self.remote)
+        self.concurrency = concurrency
         self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
         self._lock = threading.Lock()
         self.fetched = 0

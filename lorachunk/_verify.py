@@ -133,7 +133,7 @@ def _verify(store: Store) -> VerifyReport:
         len(absent),
         tuple(complete),
         _unreferenced(store, {shard_key(shard) for shard in unique}),
-        _temp_files(store),
+        store.temp_files() if isinstance(store, LocalStore) else 0,
     )
 
 
@@ -141,12 +141,3 @@ def _unreferenced(store: Store, named: set[str]) -> int:
     if not store.supports_listing:
         return 0
     return sum(1 for key in store.list_prefix(SHARDS) if key not in named)
-
-
-def _temp_files(store: Store) -> int:
-    """Hidden temp files under a local folder (listing skips them: readers never see them)."""
-    if not isinstance(store, LocalStore) or not store.root.is_dir():
-        return 0
-    return sum(
-        1 for _, _, names in os.walk(store.root) for name in names if name.startswith(".") and name.endswith(".tmp")
-    )

@@ -285,5 +285,14 @@ class LocalStore(Store):
                 if key.startswith(prefix):
                     yield key
 
+    def temp_files(self) -> int:
+        """How many hidden temp files of writes that never finished (a writer killed with
+        ``kill -9``) the folder holds; :meth:`list_prefix` skips them, so no reader sees them."""
+        if not self.root.is_dir():
+            return 0
+        return sum(
+            1 for _, _, names in os.walk(self.root) for name in names if name.startswith(".") and name.endswith(".tmp")
+        )
+
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
