@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ["LORACHUNK_THREADS"] = "1"
@@ -26,9 +25,8 @@ from _timing import best, best_of_each, machine
 
 import lorachunk
 from lorachunk._codec import Codec, codec_from_config, plane_groups
-from lorachunk._keys import manifest_key, shard_key
+from lorachunk._keys import manifest_key, pack_key
 from lorachunk._manifest import Module
-from lorachunk._pack import _IO_THREADS
 from lorachunk._repository import read_shard
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
@@ -78,7 +76,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
     manifest_bytes = len(store.get(manifest_key(_latest(store))))
     stored = manifest.stored_size + manifest_bytes
     shards = [(m, read_shard(store, m)) for m in manifest.modules]
-    unique = {shard_key(m.shard): blob for m, blob in shards}
+    objects = {pack_key(pack): store.get(pack_key(pack)) for pack in manifest.packs}
     codec = codec_from_config(manifest.codec)
     raws = [_decoded(codec, module, blob) for module, blob in shards]
 
@@ -91,11 +89,12 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
     pack_s, z3_s, encode_s = best_of_each([pack_fresh, lambda: z3.compress(data), encode_only], repeat=3)
 
     def write_only() -> None:
-        # The shard files written as pack writes them (in one batch, on the same number of I/O
-        # threads) with no encoding: what the file system alone costs.
+        # The pack objects written as pack writes them (in one batch) with no encoding: what the
+        # file system alone costs.
         target = LocalStore(next(dests))
-        with target.batch(), ThreadPoolExecutor(_IO_THREADS) as io:
-            list(io.map(lambda item: target.set(*item), unique.items()))
+        with target.batch():
+            for key, blob in objects.items():
+                target.set(key, blob)
 
     write_s = best(write_only, repeat=3)
     z3_frame = z3.compress(data)

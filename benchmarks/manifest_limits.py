@@ -49,7 +49,8 @@ def _manifest(modules: int, tensors_per_module: int, *, entries: int | None = No
             entries_of.append(TensorEntry(f"{name}.t{t}", "F16", (4,), 8 * t, 8))
             keys.append(entries_of[-1])
         d = digest("xxh3-128", name.encode())
-        built.append(Module(name, d, d, 10, 8 * tensors_per_module, (10,), tuple(entries_of)))
+        # Each record in a pack of its own: the largest pack table a manifest within the caps has.
+        built.append(Module(name, d, d, 10, 8 * tensors_per_module, (10,), tuple(entries_of), pack=d))
     names = [m.name for m in built]
     if entries is None:
         splits = auto_splits(names)
@@ -61,7 +62,10 @@ def _manifest(modules: int, tensors_per_module: int, *, entries: int | None = No
     probe = Source("x.safetensors", 0, "sha256:" + "0" * 64, None, order, 8, None)
     header = len(encode_header([t for m in sorted(built, key=lambda m: m.name) for t in m.tensors], None))
     source = Source("x.safetensors", header + raw, probe.sha256, None, order, 8, None)
-    return Manifest.build(hash="xxh3-128", codec={"id": "bpz", "level": 3}, source=source, modules=built, splits=splits)
+    packs = {m.pack: m.stored_size for m in built if m.pack is not None}
+    return Manifest.build(
+        hash="xxh3-128", codec={"id": "bpz", "level": 3}, source=source, modules=built, splits=splits, packs=packs
+    )
 
 
 def _case(name: str) -> tuple[bytes, str | None]:

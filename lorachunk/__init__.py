@@ -34,6 +34,7 @@ from lorachunk._loader import LoRA, PullReport, load, open
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
 from lorachunk._pack import pack
 from lorachunk._pull import pull
+from lorachunk._repack import RepackReport, repack
 from lorachunk._repository import read_manifest
 from lorachunk._unpack import unpack
 from lorachunk._verify import VerifyReport, verify
@@ -61,6 +62,7 @@ __all__ = [
     "Module",
     "PullReport",
     "PushResult",
+    "RepackReport",
     "RepositoryNotFoundError",
     "ShardNotFoundError",
     "Source",
@@ -79,6 +81,7 @@ __all__ = [
     "pull",
     "push",
     "read_manifest",
+    "repack",
     "unpack",
     "verify",
 ]

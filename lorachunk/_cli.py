@@ -22,6 +22,7 @@ from lorachunk._commands import (
     cmd_pack,
     cmd_pull,
     cmd_push,
+    cmd_repack,
     cmd_unpack,
     cmd_verify,
 )
@@ -29,6 +30,8 @@ from lorachunk._digest import ALGORITHMS
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
 
 __all__ = ["EXIT_OK", "EXIT_STORE", "EXIT_USAGE", "EXIT_VERIFY", "build_parser", "main"]
+
+_PACK_SIZE_HELP = "MiB of module records per pack object, 1-128 (default 16; a smaller LoRA is one pack)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("pack", cmd_pack, "pack a .safetensors LoRA into a folder of verified, compressed shards")
+    p = command("pack", cmd_pack, "pack a .safetensors LoRA into a folder of verified, compressed module records")
     p.add_argument("src", metavar="SRC", help="the .safetensors file, or a PEFT adapter folder")
     p.add_argument("dest", metavar="DEST", help="the store folder (created if missing; several LoRAs may share one)")
     p.add_argument(
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="zstd level 1-22; below 16 (default 3) fast, 16 and up 1-2%% smaller on tiny-tensor LoRAs, far slower",
     )
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
+    p.add_argument("--pack-size", type=int, default=16, metavar="MIB", help=_PACK_SIZE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     source_help = "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL"
@@ -76,9 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = command("verify", cmd_verify, "re-hash every manifest and shard in a store; exit 1 naming each bad one")
+    p = command("verify", cmd_verify, "re-hash every manifest, pack and record in a store; exit 1 naming each bad one")
     p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("--json", action="store_true", help="print what was checked as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    p = command("repack", cmd_repack, "rewrite a store: each LoRA in as few packs as it can, lorachunk/1 made /2")
+    p.add_argument("dest", metavar="FOLDER", help="the store (a folder, or an fsspec URL that can be written)")
+    p.add_argument("--pack-size", type=int, default=16, metavar="MIB", help=_PACK_SIZE_HELP)
+    p.add_argument("--prune", action="store_true", help="then delete the replaced manifests and what no manifest names")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")

@@ -112,12 +112,19 @@ def _split_option(values: Sequence[str]) -> dict[str, list[str]]:
 def cmd_pack(args: argparse.Namespace) -> int:
     with _progress(not args.quiet, "pack") as progress:
         manifest = lorachunk.pack(
-            args.src, args.dest, splits=_split_option(args.split), level=args.level, hash=args.hash, progress=progress
+            args.src,
+            args.dest,
+            splits=_split_option(args.split),
+            level=args.level,
+            hash=args.hash,
+            pack_size=_mib(args.pack_size),
+            progress=progress,
         )
     if not args.quiet:
         counts = f"{_count(len(manifest.modules), 'module')}, {_count(len(manifest.splits), 'split')}"
         print(f"packed {manifest.source.name}: {counts}")
-        print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in shards into {args.dest}")
+        packs = _count(len(manifest.packs), "pack")
+        print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in {packs} into {args.dest}")
         print(f"root {manifest.root}")
         if not is_adapter(manifest.owners):
             print(NOT_AN_ADAPTER)
@@ -141,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"format    {info['format']}, codec {shown_codec}, hash {info['hash']}")
     print(
         f"stored    {_size(info['stored_bytes'] + info['manifest_bytes'])} "
-        f"(shards {_size(info['stored_bytes'])} + manifest {_size(info['manifest_bytes'])}), "
+        f"({_count(info['packs'], 'pack')} {_size(info['stored_bytes'])} + manifest {_size(info['manifest_bytes'])}), "
         f"{info['ratio']:.2f}x compression"
     )
     print(f"modules   {info['modules']}")
@@ -168,7 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if store["manifests"] > 1:
         saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]
         print(
-            f"store     {store['manifests']} manifests reference {_size(store['referenced_stored_bytes'])} of shards; "
+            f"store     {store['manifests']} manifests reference {_size(store['referenced_stored_bytes'])} of records; "
             f"{_size(store['unique_stored_bytes'])} stored once (dedup saves {_size(saved)})"
         )
     return EXIT_OK
@@ -196,17 +203,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
     elif not args.quiet:
-        counts = f"{_count(report.manifests, 'manifest')}, {_count(report.shards, 'shard')}"
+        counts = f"{_count(report.manifests, 'manifest')}, {_count(report.shards, 'module record')}"
         print(f"ok: {counts}, {_size(report.stored_bytes)} verified")
         if report.missing:
             held = ", ".join(report.complete_splits) or "none"
-            print(f"partial copy: {_count(report.missing, 'shard')} not pulled; splits held whole: {held}")
+            print(f"partial copy: {_count(report.missing, 'record')} not pulled; splits held whole: {held}")
         if report.unreferenced or report.temp_files:
             print(
-                f"left over: {_count(report.unreferenced, 'shard')} no manifest names and "
-                f"{_count(report.temp_files, 'temp file')} of writes that never finished (harmless; not removed)"
+                f"left over: {_count(report.unreferenced, 'object')} no manifest names and "
+                f"{_count(report.temp_files, 'temp file')} of writes that never finished "
+                "(harmless; `lorachunk repack --prune` removes the objects)"
             )
     return EXIT_OK
+
+
+def cmd_repack(args: argparse.Namespace) -> int:
+    report = lorachunk.repack(args.dest, pack_size=_mib(args.pack_size), prune=args.prune)
+    if not args.quiet:
+        print(
+            f"repacked {_count(report.manifests, 'manifest')}: {report.rewritten} rewritten "
+            f"({report.converted} from lorachunk/1), {_count(report.packs_written, 'pack')} "
+            f"({_size(report.bytes_written)}) written"
+        )
+        if args.prune:
+            print(f"pruned {_count(report.deleted, 'object')} ({_size(report.deleted_bytes)}) no manifest names")
+    return EXIT_OK
+
+
+def _mib(value: int) -> int:
+    """``--pack-size`` in bytes; the library checks the range."""
+    if not 1 <= value <= 128:
+        raise lorachunk.UsageError(f"--pack-size must be 1 to 128 (MiB), got {value}")
+    return value * 1024 * 1024
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,7 +272,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         print(
-            f"pulled {_count(report.shards, 'shard')} into {args.output}: {report.fetched} fetched "
+            f"pulled {_count(report.shards, 'record')} into {args.output}: {report.fetched} fetched "
             f"({_size(report.fetched_bytes)}), {report.cached} from the cache or already there"
         )
     return EXIT_OK

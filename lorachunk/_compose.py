@@ -23,12 +23,14 @@ from typing import BinaryIO, Final
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._entries import order_runs
 from lorachunk._exceptions import StoreError, UsageError
-from lorachunk._keys import shard_key
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry
-from lorachunk._repository import as_store, check_dest, read_manifest, read_shard, write_manifest
+from lorachunk._packs import layout_order
+from lorachunk._repository import as_store, check_dest, fetch_records, read_manifest, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk._shard import decode_checked, encode_module
+from lorachunk._threads import cpu_threads
+from lorachunk._writer import Writer, held_records
 from lorachunk.storage import Store
 
 __all__ = ["Take", "compose", "parse_take"]
@@ -128,29 +130,25 @@ def compose(
         raws = _Spool()
         stack.callback(raws.close)
         file_order: list[TensorEntry] = []
-        with out.batch():  # one flush for all new shards, before the manifest names them
-            for part in parts:
-                factor = scales.get(part.take.name)
-                for module in part.modules:
-                    if owner[module.name] is not part:
-                        continue
-                    stored = read_shard(part.store, module)  # checked once, then decoded and copied
-                    raw = bytearray(module.raw_size)
-                    decode_checked(codec, module, stored, memoryview(raw), what=f" of take {part.take.name!r}")
-                    if factor is None or factor == 1.0:
-                        if not out.exists(shard_key(module.shard)):
-                            out.set(shard_key(module.shard), stored)
-                    else:
-                        _scale(raw, module, factor)
-                        # The scaled module replaces the taken one.
-                        module, stored = encode_module(  # noqa: PLW2901
-                            module.name, raw, module.tensors, codec=codec, algorithm=algorithm
-                        )
-                        out.set(shard_key(module.shard), stored)
-                    modules[module.name] = module
-                    raws.add(module.name, raw)
-                by_key = {t.key: t for m in part.modules if owner[m.name] is part for t in m.tensors}
-                file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
+        records: dict[str, bytes] = {}
+        for part in parts:
+            factor = scales.get(part.take.name)
+            owned = [m for m in part.modules if owner[m.name] is part]
+            for module, stored in fetch_records(part.store, owned, part.manifest.packs, threads=cpu_threads()):
+                # Checked once, then decoded (the composed file's sha256 needs the raw bytes).
+                raw = bytearray(module.raw_size)
+                decode_checked(codec, module, stored, memoryview(raw), what=f" of take {part.take.name!r}")
+                if factor is not None and factor != 1.0:
+                    _scale(raw, module, factor)
+                    # The scaled module replaces the taken one.
+                    module, stored = encode_module(  # noqa: PLW2901
+                        module.name, raw, module.tensors, codec=codec, algorithm=algorithm
+                    )
+                modules[module.name] = module
+                records[module.name] = stored
+                raws.add(module.name, raw)
+            by_key = {t.key: t for m in owned for t in m.tensors}
+            file_order += [by_key[t.key] for t in part.manifest.file_order() if t.key in by_key]
         metadata = {
             METADATA_KEY: json.dumps(
                 [
@@ -169,10 +167,17 @@ def compose(
         splits: dict[str, tuple[str, list[str]]] = dict(auto_splits(modules))
         for part in parts:
             splits[part.take.name] = ("part", [m.name for m in part.modules if owner[m.name] is part])
-        manifest = Manifest.build(
-            hash=algorithm, codec=codec.get_config(), source=source, modules=modules.values(), splits=splits
-        )
-        write_manifest(out, manifest)
+        # Records ``dest`` holds (a take from the same store, an earlier compose) stay where they
+        # are: composing over them writes a manifest only.
+        with out.batch():  # one flush for all new packs, before the manifest names them
+            writer = Writer(out, algorithm=algorithm, held=held_records(out, algorithm=algorithm))
+            for module_name, group in layout_order(modules, splits):
+                writer.add(modules[module_name], records[module_name], group)
+            placed, packs = writer.finish()
+            manifest = Manifest.build(
+                hash=algorithm, codec=codec.get_config(), source=source, modules=placed, splits=splits, packs=packs
+            )
+            write_manifest(out, manifest)
     return manifest
 
 

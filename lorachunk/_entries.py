@@ -9,7 +9,7 @@ from typing import Any
 from lorachunk._codec import Segment
 from lorachunk._digest import split_digest
 from lorachunk._exceptions import ManifestError
-from lorachunk._manifest_json import MAX_SHARD_RAW_BYTES, canonical_json, check_name, count, product, typed
+from lorachunk._manifest_json import MAX_SHARD_RAW_BYTES, canonical_json, check_name, count, product, shown, typed
 from lorachunk._safetensors import DTYPE_BITS, TensorInfo
 
 __all__ = ["Module", "Source", "Split", "TensorEntry", "module_from_json", "order_runs"]
@@ -20,7 +20,12 @@ TensorEntry = TensorInfo
 
 @dataclass(frozen=True, slots=True)
 class Module:
-    """One shard: the tensors of one LoRA module and the digests that pin them."""
+    """One module: its tensors, the digests that pin them, and where its stored record lies.
+
+    ``shard`` and ``stored_size`` describe the record (the raw bytes encoded by the codec);
+    ``raw`` and ``raw_size`` the raw bytes. In ``lorachunk/2`` the record sits in the pack
+    ``pack`` at ``offset``; in ``lorachunk/1`` (``pack`` None) it is an object of its own.
+    """
 
     name: str
     shard: str
@@ -29,6 +34,8 @@ class Module:
     raw_size: int
     frames: tuple[int, ...]
     tensors: tuple[TensorEntry, ...]
+    pack: str | None = None
+    offset: int = 0
     #: Where each tensor sits in the raw bytes, for the codec. Kept, not derived on each call:
     #: a LoRA of tiny tensors decodes hundreds of modules in a few milliseconds.
     segments: tuple[Segment, ...] = field(init=False, repr=False, compare=False)
@@ -37,6 +44,7 @@ class Module:
         object.__setattr__(self, "segments", tuple(Segment(t.offset, t.length, t.itemsize) for t in self.tensors))
 
     def to_json(self) -> dict[str, Any]:
+        """The entry as ``lorachunk/1`` writes it (no place: the record is an object of its own)."""
         return {
             "name": self.name,
             "shard": self.shard,
@@ -48,8 +56,21 @@ class Module:
         }
 
     def leaf(self) -> bytes:
-        """The Merkle leaf data: the canonical JSON of the whole module entry."""
+        """The ``lorachunk/1`` Merkle leaf: the canonical JSON of the whole entry, so that root
+        depends on how the module was encoded."""
         return canonical_json(self.to_json())
+
+    def content_leaf(self) -> bytes:
+        """The Merkle leaf of roots from ``lorachunk/2`` on: what the module is (name, tensor
+        table, raw digest), not how or where it is stored, so no re-encoding or repack moves it."""
+        return canonical_json(
+            {
+                "name": self.name,
+                "raw": self.raw,
+                "raw_size": self.raw_size,
+                "tensors": [t.to_json() for t in self.tensors],
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +130,9 @@ def order_runs(flat_keys: Sequence[str], file_keys: Sequence[str]) -> tuple[tupl
     return tuple((a, b) for a, b in runs)
 
 
-def module_from_json(raw: dict[str, Any], algorithm: str) -> Module:
-    """A module entry of a manifest using ``algorithm``, checked field by field."""
+def module_from_json(raw: dict[str, Any], algorithm: str, packs: Sequence[str] | None = None) -> Module:
+    """A module entry of a manifest using ``algorithm``, checked field by field. ``packs`` (the
+    manifest's pack table, ``lorachunk/2``) is what its ``pack`` index points into."""
     tensors = tuple(
         TensorEntry(
             key=check_name(typed(t["key"], str), "tensor key"),
@@ -132,6 +154,8 @@ def module_from_json(raw: dict[str, Any], algorithm: str) -> Module:
         raw_size=count(raw["raw_size"]),
         frames=tuple(count(f) for f in typed(raw["frames"], list)),
         tensors=tensors,
+        pack=None if packs is None else _pack_of(raw, packs),
+        offset=0 if packs is None else count(raw["offset"]),
     )
     for value in (module.shard, module.raw):
         if split_digest(value)[0] != algorithm:
@@ -153,3 +177,10 @@ def module_from_json(raw: dict[str, Any], algorithm: str) -> Module:
     if position != module.raw_size:
         raise ManifestError(f"module {module.name!r}: tensors cover {position} of {module.raw_size} raw bytes")
     return module
+
+
+def _pack_of(raw: dict[str, Any], packs: Sequence[str]) -> str:
+    index = count(raw["pack"])
+    if index >= len(packs):
+        raise ManifestError(f"module {shown(raw.get('name'))}: pack {index} is not in the pack table")
+    return packs[index]

@@ -55,6 +55,7 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "root": manifest.root,
         "manifest": manifest_id,
         "format": manifest.format,
+        "packs": len(manifest.packs),
         "hash": manifest.hash,
         "codec": dict(manifest.codec),
         "modules": len(manifest.modules),

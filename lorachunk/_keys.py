@@ -1,13 +1,15 @@
-"""Where things live in a store of format lorachunk/1 (docs/format.md), and the limits on them.
+"""Where things live in a store (docs/format.md), and the limits on them.
 
 ::
 
     refs/latest                       text: the manifest id last packed into this store
     refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
-    refs/partial                      text: ids of manifests this copy holds only some shards of
+    refs/partial                      text: ids of manifests this copy holds only some modules of
                                       (written by ``lorachunk pull --split``), one per line
     manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
-    shards/<first 2 hex>/<hex>        a shard, named by the digest of its stored bytes
+    packs/<hex>                       lorachunk/2: module records back to back, named by the
+                                      digest of the pack's bytes
+    shards/<first 2 hex>/<hex>        lorachunk/1: one module's record, named by its digest
 
 Names only: no store is touched here.
 """
@@ -26,10 +28,13 @@ __all__ = [
     "MANIFESTS",
     "MAX_REF_BYTES",
     "MAX_STORED_MANIFEST_BYTES",
+    "PACKS",
     "PARTIAL",
     "SHARDS",
     "manifest_id_of",
     "manifest_key",
+    "pack_id_of",
+    "pack_key",
     "shard_key",
 ]
 
@@ -42,6 +47,7 @@ LATEST_MANIFEST: Final = "refs/latest.json.zst"
 PARTIAL: Final = "refs/partial"
 MANIFESTS: Final = "manifests/"
 SHARDS: Final = "shards/"
+PACKS: Final = "packs/"
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
 MAX_STORED_MANIFEST_BYTES: Final = 64 * 1024 * 1024
@@ -61,3 +67,12 @@ def manifest_key(manifest_id: str) -> str:
 def manifest_id_of(key: str) -> str:
     """The manifest id a key under ``manifests/`` names."""
     return from_hex(key[len(MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX))
+
+
+def pack_key(digest: str) -> str:
+    return f"{PACKS}{hex_of(digest)}"
+
+
+def pack_id_of(key: str) -> str:
+    """The pack digest a key under ``packs/`` names."""
+    return from_hex(key[len(PACKS) :])

@@ -1,13 +1,16 @@
 """The manifest: what a packed LoRA holds, pinned by digests and Merkle roots.
 
 A manifest is canonical JSON (sorted keys, no insignificant whitespace, UTF-8), stored as one zstd
-frame. Like a shard, it is named by the digest of its stored bytes (its id), so a reader checks it
-before decompressing and any flipped byte is caught. See docs/format.md for the field-by-field specification.
+frame. Like a pack, it is named by the digest of its stored bytes (its id), so a reader checks it
+before decompressing and any flipped byte is caught. The id pins every byte of one store's copy;
+the root pins the LoRA's content, whatever store, pack layout or codec level holds it. See
+docs/format.md for the field-by-field specification.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -25,6 +28,7 @@ from lorachunk._manifest_json import (
     MAX_FILES_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_MODULES,
+    MAX_PACK_BYTES,
     MAX_SHARD_RAW_BYTES,
     MAX_SPLIT_ENTRIES,
     MAX_TENSORS,
@@ -42,10 +46,12 @@ from lorachunk._safetensors import MAX_HEADER_BYTES, TensorInfo, encode_header, 
 __all__ = [
     "AUTO_KINDS",
     "FORMAT_ID",
+    "FORMAT_V1",
     "MAX_FILES",
     "MAX_FILES_BYTES",
     "MAX_MANIFEST_BYTES",
     "MAX_MODULES",
+    "MAX_PACK_BYTES",
     "MAX_SHARD_RAW_BYTES",
     "MAX_SPLIT_ENTRIES",
     "MAX_TENSORS",
@@ -59,7 +65,8 @@ __all__ = [
     "check_name",
 ]
 
-FORMAT_ID: Final = "lorachunk/1"
+FORMAT_ID: Final = "lorachunk/2"
+FORMAT_V1: Final = "lorachunk/1"
 _MANIFEST_LEVEL: Final = 12
 
 
@@ -76,6 +83,11 @@ class Manifest:
     format: str = FORMAT_ID
     #: Small text files packed with the tensors (name → text), e.g. PEFT's ``adapter_config.json``.
     files: Mapping[str, str] = field(default_factory=dict)
+    #: ``lorachunk/2``: every pack the modules lie in, digest → size in bytes, in table order.
+    packs: Mapping[str, int] = field(default_factory=dict)
+    #: The ``lorachunk/1`` root of the store this was converted from (by ``repack``, records
+    #: unchanged), which the module entries still prove: a root pinned before keeps working.
+    v1_root: str | None = None
     _by_name: dict[str, Module] = field(default_factory=dict, init=False, repr=False, compare=False)
     _stored: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
     # Derived tables, built on first use: a manifest is immutable, and a program that opens one
@@ -95,20 +107,43 @@ class Manifest:
         modules: Iterable[Module],
         splits: Mapping[str, tuple[str, Iterable[str]]],
         files: Mapping[str, str] | None = None,
+        packs: Mapping[str, int] | None = None,
+        format: str = FORMAT_ID,
+        v1_root: str | None = None,
     ) -> Manifest:
-        """Assemble a manifest, sorting modules and computing every root."""
+        """Assemble a manifest, sorting modules and computing every root.
+
+        ``packs`` lists the packs the modules lie in (``lorachunk/2``); ``format`` is
+        ``lorachunk/1`` only to read old manifests, whose roots are over encoded entries.
+        """
         files = dict(sorted((files or {}).items()))
         check_files(files)
         ordered = tuple(sorted(modules, key=lambda m: m.name))
         # A module sits in several splits; its leaf is serialised once (this dominates reading a manifest).
-        leaves = {m.name: m.leaf() for m in ordered}
+        leaves = {m.name: m.leaf() if format == FORMAT_V1 else m.content_leaf() for m in ordered}
         built = []
         # Listed with their numbers in order (blocks.7 before blocks.12); JSON sorts them anyway.
         for name, (kind, members) in sorted(splits.items(), key=lambda item: natural_key(item[0])):
             names = tuple(sorted(set(members)))
             built.append(Split(name, kind, names, merkle_root(hash, [leaves[n] for n in names])))
         root = merkle_root(hash, list(leaves.values()) + _extra_leaves(files, built))
-        return cls(hash, dict(codec), source, ordered, tuple(built), root, files=files)
+        # Packs sorted by digest: the table is a function of where the records are, not of the
+        # order a writer happened to make or meet the packs in.
+        table = dict(sorted((packs or {}).items()))
+        return cls(hash, dict(codec), source, ordered, tuple(built), root, format, files, table, v1_root)
+
+    @property
+    def roots(self) -> frozenset[str]:
+        """Every root this manifest proves: its own, the content root of a ``lorachunk/1``
+        manifest (what the same LoRA packed today has) and a converted store's ``v1_root``."""
+        if "roots" not in self._derived:
+            found = {self.root} | ({self.v1_root} if self.v1_root else set())
+            if self.format == FORMAT_V1:
+                leaves = [m.content_leaf() for m in self.modules]
+                found.add(merkle_root(self.hash, leaves + _extra_leaves(self.files, self.splits)))
+            self._derived["roots"] = frozenset(found)
+        roots: frozenset[str] = self._derived["roots"]
+        return roots
 
     def split_pinned(self, name: str) -> bool:
         """Whether the root pins what the split ``name`` selects.
@@ -193,15 +228,20 @@ class Manifest:
         return sum(m.raw_size for m in self.modules)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body = {
             "format": self.format,
             "hash": self.hash,
             "codec": dict(self.codec),
             "source": self.source.to_json(),
-            "modules": [m.to_json() for m in self.modules],
             "splits": {s.name: s.to_json() for s in self.splits},
             "root": self.root,
         } | ({"files": dict(self.files)} if self.files else {})
+        if self.format == FORMAT_V1:
+            return body | {"modules": [m.to_json() for m in self.modules]}
+        index = {pack: i for i, pack in enumerate(self.packs)}
+        modules = [m.to_json() | {"pack": index[m.pack], "offset": m.offset} for m in self.modules]  # type: ignore[index]
+        packs = [{"id": pack, "size": size} for pack, size in self.packs.items()]
+        return body | {"modules": modules, "packs": packs} | ({"v1_root": self.v1_root} if self.v1_root else {})
 
     def canonical(self) -> bytes:
         return canonical_json(self.to_json())
@@ -244,14 +284,19 @@ class Manifest:
     @classmethod
     def from_json(cls, text: bytes, *, root: str | None = None) -> Manifest:
         raw = load_json(text)
-        if root is not None and raw.get("root") != root:
+        # Compared before any table is built; a lorachunk/1 manifest may also answer to the
+        # content root, known only once its tables are.
+        if root is not None and root not in (raw.get("root"), raw.get("v1_root")) and raw.get("format") != FORMAT_V1:
             raise IntegrityError(f"manifest root is {shown(raw.get('root'))}, expected {root}")
         try:
-            return _parse(raw)
+            manifest = _parse(raw)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             if isinstance(exc, (ManifestError, IntegrityError)):
                 raise
             raise ManifestError(f"malformed manifest: {exc!r}") from exc
+        if root is not None and root not in manifest.roots:
+            raise IntegrityError(f"manifest root is {manifest.root}, expected {root}")
+        return manifest
 
 
 def _extra_leaves(files: Mapping[str, str], splits: Iterable[Split]) -> list[bytes]:
@@ -267,16 +312,22 @@ def _extra_leaves(files: Mapping[str, str], splits: Iterable[Split]) -> list[byt
 
 def _parse(raw: dict[str, Any]) -> Manifest:
     fmt = raw["format"]
-    if fmt != FORMAT_ID:
-        raise ManifestError(f"manifest format {fmt!r} is not supported by this reader, which reads {FORMAT_ID!r}")
+    if fmt not in (FORMAT_V1, FORMAT_ID):
+        raise ManifestError(
+            f"manifest format {shown(fmt)} is not supported by this reader, which reads {FORMAT_V1!r} and {FORMAT_ID!r}"
+        )
     algorithm = typed(raw["hash"], str)
     if algorithm not in ALGORITHMS:
         raise ManifestError(f"unknown hash algorithm {shown(algorithm)}")
     _check_counts(raw)
-    modules = tuple(module_from_json(m, algorithm) for m in raw["modules"])
+    packs = None if fmt == FORMAT_V1 else _pack_table(raw["packs"], algorithm)
+    pack_ids = None if packs is None else list(packs)
+    modules = tuple(module_from_json(m, algorithm, pack_ids) for m in raw["modules"])
     names = [m.name for m in modules]
     if names != sorted(set(names)):
         raise ManifestError("module names must be unique and sorted")
+    if packs is not None:
+        _check_places(modules, packs)
     src = typed(raw["source"], dict)
     check_name(typed(src["name"], str), "source name")
     metadata = src["metadata"]
@@ -305,6 +356,11 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         missing = sorted(set(members) - known)
         if missing:
             raise ManifestError(f"split {name!r} names modules that do not exist: {missing[:3]}")
+    v1_root = raw.get("v1_root")
+    if v1_root is not None:
+        if fmt == FORMAT_V1:
+            raise ManifestError("a lorachunk/1 manifest has no v1_root")
+        split_digest(typed(v1_root, str))
     manifest = Manifest.build(
         hash=algorithm,
         codec=typed(raw["codec"], dict),
@@ -312,20 +368,83 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         modules=modules,
         splits=splits,
         files={typed(k, str): typed(v, str) for k, v in typed(raw.get("files", {}), dict).items()},
+        packs=packs,
+        format=fmt,
+        v1_root=v1_root,
     )
     _check_source(manifest)
     if manifest.root != raw["root"]:
         # Packed before the root pinned user splits: its own root still holds, but those
         # splits are pinned only by the manifest id (Manifest.split_pinned).
         legacy = merkle_root(algorithm, [m.leaf() for m in manifest.modules] + _extra_leaves(manifest.files, ()))
-        if legacy != raw["root"]:
+        if fmt != FORMAT_V1 or legacy != raw["root"]:
             raise IntegrityError(f"manifest root {shown(raw['root'])} does not match its modules ({manifest.root})")
         manifest = dataclasses.replace(manifest, root=legacy)
         manifest._derived["legacy_root"] = True
+    if v1_root is not None and v1_root not in _v1_roots(manifest):
+        raise IntegrityError(f"manifest v1_root {shown(v1_root)} does not match its modules' records")
     for split in manifest.splits:
         if split.root != splits_raw[split.name]["root"]:
             raise IntegrityError(f"split {split.name!r}: root does not match its modules")
     return manifest
+
+
+def _v1_roots(manifest: Manifest) -> tuple[str, str]:
+    """The ``lorachunk/1`` roots the module entries give: with the leaf for user splits, and
+    without it (packed before that leaf existed)."""
+    leaves = [m.leaf() for m in manifest.modules]
+    return (
+        merkle_root(manifest.hash, leaves + _extra_leaves(manifest.files, manifest.splits)),
+        merkle_root(manifest.hash, leaves + _extra_leaves(manifest.files, ())),
+    )
+
+
+def v1_root_of(manifest: Manifest) -> str | None:
+    """The ``lorachunk/1`` root a copy of ``manifest`` with unchanged records keeps proving."""
+    return manifest.root if manifest.format == FORMAT_V1 else manifest.v1_root
+
+
+def _pack_table(value: Any, algorithm: str) -> dict[str, int]:
+    """The pack table: digests of ``algorithm``, each listed once, each within the size limit."""
+    table = typed(value, list)
+    if len(table) > MAX_MODULES:
+        raise ManifestError(f"manifest lists {len(table)} packs; the limit is {MAX_MODULES}")
+    packs: dict[str, int] = {}
+    for entry in table:
+        pack = typed(typed(entry, dict)["id"], str)
+        if split_digest(pack)[0] != algorithm:
+            raise ManifestError(f"pack {shown(pack)} does not use the manifest's {algorithm}")
+        if pack in packs:
+            raise ManifestError(f"pack {pack} is listed twice")
+        if packs and pack < next(reversed(packs)):
+            raise ManifestError(f"pack {pack} is out of order (the table is sorted by digest)")
+        size = count(entry["size"])
+        if size > MAX_PACK_BYTES:
+            raise ManifestError(f"pack {pack}: {size} bytes is over the {MAX_PACK_BYTES}-byte limit")
+        packs[pack] = size
+    return packs
+
+
+def _check_places(modules: Iterable[Module], packs: Mapping[str, int]) -> None:
+    """Every record lies inside its pack, and two records in one pack are the same record (one
+    module stored once for two names) or do not overlap: no module's offset points into another."""
+    by_pack: dict[str, list[Module]] = {}
+    for module in modules:
+        assert module.pack is not None  # parsed with the pack table
+        if module.offset + module.stored_size > packs[module.pack]:
+            raise ManifestError(
+                f"module {module.name!r}: bytes {module.offset}..{module.offset + module.stored_size} "
+                f"lie outside pack {module.pack} ({packs[module.pack]} bytes)"
+            )
+        by_pack.setdefault(module.pack, []).append(module)
+    for pack, held in by_pack.items():
+        held.sort(key=lambda m: (m.offset, m.stored_size))
+        for before, after in itertools.pairwise(held):
+            same = (before.offset, before.stored_size, before.shard) == (after.offset, after.stored_size, after.shard)
+            if not same and after.offset < before.offset + before.stored_size:
+                raise ManifestError(
+                    f"pack {pack}: module {after.name!r} at offset {after.offset} points into module {before.name!r}"
+                )
 
 
 def _check_counts(raw: dict[str, Any]) -> None:

@@ -10,13 +10,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO
 
 from lorachunk._codec import BytePlaneZstd, Codec
 from lorachunk._digest import DEFAULT_ALGORITHM, new_hasher
 from lorachunk._entries import order_runs
 from lorachunk._exceptions import FormatError, ManifestError, UsageError
-from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, shard_key
+from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._layout import auto_splits, module_of, user_splits
 from lorachunk._manifest import (
     FORMAT_ID,
@@ -31,6 +31,7 @@ from lorachunk._manifest import (
     check_files,
     check_name,
 )
+from lorachunk._packs import DEFAULT_PACK_SIZE, layout_order
 from lorachunk._repository import as_store, check_dest, write_manifest
 from lorachunk._safetensors import (
     SafetensorsLayout,
@@ -41,17 +42,12 @@ from lorachunk._safetensors import (
     read_header_length,
 )
 from lorachunk._shard import encode_module
-from lorachunk._threads import CHUNK_BYTES, Progress, bounded_map, cpu_threads
+from lorachunk._threads import Progress, bounded_map, cpu_threads
+from lorachunk._writer import Writer, check_pack_size, held_records
 from lorachunk.storage import LocalStore, Store
 from lorachunk.storage._local import open_regular
 
 __all__ = ["pack"]
-
-#: Threads that write shards. Writing is mostly waiting for the disk (file creation, and the
-#: fsync of each large shard), so a few help on any disk.
-_IO_THREADS: Final = 4
-#: Most shards one writing task takes.
-_WRITE_GROUP: Final = 16
 
 
 def pack(
@@ -61,6 +57,7 @@ def pack(
     splits: Mapping[str, Iterable[str]] | None = None,
     level: int = BytePlaneZstd.DEFAULT_LEVEL,
     hash: str = DEFAULT_ALGORITHM,
+    pack_size: int = DEFAULT_PACK_SIZE,
     progress: Progress | None = None,
 ) -> Manifest:
     """Pack the safetensors file ``src`` into ``dest`` (a folder or a :class:`Store`).
@@ -79,6 +76,10 @@ def pack(
         1-2% smaller on LoRAs of tiny tensors and tens of times slower (docs/format.md).
     hash:
         ``"xxh3-128"`` (fast, catches accidents) or ``"sha256"`` (resists tampering).
+    pack_size:
+        Bytes of module records per pack object (1 to 128 MiB; default 16 MiB). A LoRA smaller
+        than this is one pack. Records ``dest`` already holds (an earlier version of the LoRA)
+        are not written again: the new manifest names them where they are.
 
     Returns the :class:`Manifest`; ``refs/latest`` of the store points at it.
 
@@ -95,6 +96,7 @@ def pack(
     try:  # options are checked before anything is read
         codec = BytePlaneZstd.for_level(level)
         new_hasher(hash)
+        check_pack_size(pack_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     check_dest(dest)
@@ -112,9 +114,14 @@ def pack(
                 # One batch for shards, manifest and ref: in a local folder nothing appears unless
                 # all of it does, and each shard is durable before the manifest names it.
                 with store.batch():
-                    modules = list(
-                        _encode_all(data, layout, grouped, codec=codec, algorithm=hash, store=store, progress=progress)
+                    writer = Writer(
+                        store, algorithm=hash, pack_size=pack_size, held=held_records(store, algorithm=hash)
                     )
+                    order = layout_order(names, all_splits)
+                    _encode_all(
+                        data, layout, grouped, order, codec=codec, algorithm=hash, writer=writer, progress=progress
+                    )
+                    modules, packs = writer.finish()
                     source = _source(path, size, sha256.result(), layout, modules)
                     manifest = Manifest.build(
                         hash=hash,
@@ -123,6 +130,7 @@ def pack(
                         modules=modules,
                         splits=all_splits,
                         files=files,
+                        packs=packs,
                     )
                     write_manifest(store, manifest)
         except BaseException:
@@ -261,7 +269,7 @@ def _group(path: Path, tensors: Sequence[TensorInfo]) -> dict[str, list[TensorIn
     for name, group in grouped.items():
         if (size := sum(t.length for t in group)) > MAX_SHARD_RAW_BYTES:
             raise FormatError(
-                f"{path}: module {name!r} holds {size} bytes; a {FORMAT_ID} shard holds at most {MAX_SHARD_RAW_BYTES}"
+                f"{path}: module {name!r} holds {size} bytes; a {FORMAT_ID} module holds at most {MAX_SHARD_RAW_BYTES}"
             )
     return grouped
 
@@ -270,57 +278,32 @@ def _encode_all(
     data: memoryview,
     layout: SafetensorsLayout,
     grouped: Mapping[str, list[TensorInfo]],
+    order: Sequence[tuple[str, str]],
     *,
     codec: Codec,
     algorithm: str,
-    store: Store,
+    writer: Writer,
     progress: Progress | None,
-) -> list[Module]:
+) -> None:
+    """Encode every module on the CPU threads and hand the records to ``writer`` in ``order``
+    (so that each split is one run of bytes in its pack)."""
     base = layout.data_start
-    modules: list[Module] = []
+    groups = dict(order)
 
-    def encode(item: tuple[str, list[TensorInfo]]) -> tuple[Module, bytes]:
-        name, tensors = item
+    def encode(name: str) -> tuple[Module, bytes]:
         entries, position = [], 0
-        for t in tensors:
+        for t in grouped[name]:
             entries.append(TensorEntry(t.key, t.dtype, t.shape, position, t.length))
             position += t.length
-        return encode_module(name, _module_bytes(data, base, tensors), entries, codec=codec, algorithm=algorithm)
+        return encode_module(name, _module_bytes(data, base, grouped[name]), entries, codec=codec, algorithm=algorithm)
 
-    def groups() -> Iterator[list[tuple[str, bytes]]]:
-        """The shards to write as they are encoded, in groups (small shards go in groups, as
-        modules go to the encoding threads); a key once, so identical modules are stored once."""
-        seen: set[str] = set()
-        group: list[tuple[str, bytes]] = []
-        group_bytes = done = 0
-        size = lambda item: sum(t.length for t in item[1])  # noqa: E731
-        for module, stored in bounded_map(encode, grouped.items(), threads=cpu_threads(), size=size):
-            modules.append(module)
-            key = shard_key(module.shard)
-            if key not in seen:
-                seen.add(key)
-                group.append((key, stored))
-                group_bytes += len(stored)
-            if len(group) >= _WRITE_GROUP or group_bytes >= CHUNK_BYTES:
-                yield group
-                group, group_bytes = [], 0
-            done += module.raw_size
-            if progress is not None:
-                progress(done, layout.data_length)
-        if group:
-            yield group
-
-    def write(shards: list[tuple[str, bytes]]) -> None:
-        for key, stored in shards:
-            if not store.exists(key):
-                store.set(key, stored)
-
-    # Shards are written on their own threads (into the caller's store batch: temp files now,
-    # flushed and renamed at its end): waiting for the disk then overlaps with encoding the next
-    # modules instead of adding to it.
-    for _ in bounded_map(write, groups(), threads=_IO_THREADS, ordered=False):
-        pass
-    return modules
+    done = 0
+    size = lambda name: sum(t.length for t in grouped[name])  # noqa: E731
+    for module, stored in bounded_map(encode, [name for name, _ in order], threads=cpu_threads(), size=size):
+        writer.add(module, stored, groups[module.name])
+        done += module.raw_size
+        if progress is not None:
+            progress(done, layout.data_length)
 
 
 def _module_bytes(data: memoryview, base: int, tensors: Sequence[TensorInfo]) -> memoryview:

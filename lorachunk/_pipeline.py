@@ -7,17 +7,19 @@ the cache; :class:`Pipeline` runs the steps for one LoRA. torch is met only thro
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from lorachunk._cache import Cache
 from lorachunk._digest import check
 from lorachunk._exceptions import IntegrityError
 from lorachunk._manifest import Manifest, Module
-from lorachunk._repository import read_shard
-from lorachunk._threads import Progress, bounded_map
+from lorachunk._packs import DEFAULT_GAP
+from lorachunk._repository import fetch_records
+from lorachunk._threads import Progress, cpu_threads, overlapped
 from lorachunk.storage import Store
 from lorachunk.storage._url import is_remote
 
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PARALLEL_MIN_BYTES", "CachePolicy", "Pipeline"]
 
-_R = TypeVar("_R")
 #: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
 PARALLEL_MIN_BYTES = 128 * 1024
 
@@ -79,30 +80,56 @@ class Pipeline:
         self.concurrency = concurrency
         self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
         self._lock = threading.Lock()
+        self.gap = DEFAULT_GAP
+        #: Records fetched from the store (not the cache), and their bytes.
         self.fetched = 0
         self.fetched_bytes = 0
+        #: Requests sent to the store, and the bytes they carried (records, and the gaps between).
+        self.requests = 0
+        self.transferred = 0
 
-    def fetch(self, module: Module, *, required: bool = False) -> bytes:
-        """The verified stored bytes of ``module``'s shard, from the cache or the store.
+    def records(self, modules: Sequence[Module], *, required: bool = False) -> Iterator[tuple[Module, bytes]]:
+        """The verified stored records of ``modules``, from the cache or the store, as they arrive.
 
-        ``required`` keeps what is fetched in the cache whatever the store, and makes a cache
-        that cannot be written an error (``prefetch``); otherwise the policy decides, best effort."""
+        Records not in the cache are fetched a few requests at a time (many records per request,
+        planned from ``Manifest.packs``). ``required`` keeps what is fetched in the cache whatever
+        the store, and makes a cache that cannot be written an error (``prefetch``); otherwise the
+        policy decides, best effort."""
         cache = self.policy.cache
         keep = cache is not None and (required or self.policy.shards)
-        if cache is not None and keep:
-            cached = cache.get(module.shard, size=module.stored_size)
-            if cached is not None:
-                return cached
-        data = read_shard(self.store, module, where=f" from {self.store!r}")
-        with self._lock:
-            self.fetched += 1
-            self.fetched_bytes += len(data)
-        if cache is not None and keep:
-            if required:
-                cache.put(module.shard, data)
+        missing = []
+        for module in modules:
+            cached = cache.get(module.shard, size=module.stored_size) if cache is not None and keep else None
+            if cached is None:
+                missing.append(module)
             else:
-                cache.keep(lambda: cache.put(module.shard, data))
-        return data
+                yield module, cached
+        seen: set[str] = set()
+        for module, data in fetch_records(
+            self.store,
+            missing,
+            self.manifest.packs,
+            threads=self.concurrency,
+            gap=self.gap,
+            where=f" from {self.store!r}",
+            on_read=self._count_read,
+        ):
+            if module.shard not in seen:
+                seen.add(module.shard)
+                with self._lock:
+                    self.fetched += 1
+                    self.fetched_bytes += len(data)
+                if cache is not None and keep:
+                    if required:
+                        cache.put(module.shard, data)
+                    else:
+                        cache.keep(functools.partial(cache.put, module.shard, data))
+            yield module, data
+
+    def _count_read(self, size: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.transferred += size
 
     def copy(
         self,
@@ -112,16 +139,12 @@ class Pipeline:
         *,
         required: bool,
     ) -> tuple[int, int]:
-        """Fetch each distinct shard of ``chosen`` and hand it to ``sink``; return (fetched, bytes)."""
+        """Fetch each distinct record of ``chosen`` and hand it to ``sink``; return (fetched, bytes)."""
         before = (self.fetched, self.fetched_bytes)
         chosen = list({m.shard: m for m in chosen}.values())
         total = sum(m.stored_size for m in chosen)
         done = 0
-
-        def fetched(module: Module) -> tuple[Module, bytes]:
-            return module, self.fetch(module, required=required)
-
-        for module, data in self.map(fetched, plan(chosen)):
+        for module, data in self.records(chosen, required=required):
             sink(module, data)
             done += module.stored_size
             if progress is not None:
@@ -180,13 +203,8 @@ class Pipeline:
         With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
         on_cpu = placer.device.type == "cpu"
 
-        def pooled(module: Module) -> bool:
-            if decoded is not None and decoded.contains(module.raw, kind="raw"):
-                return False  # a memory map and a hash: cheaper than a hand-off to a thread
-            # The consuming thread does the device work, so on a GPU every decode goes to the pool.
-            return self.remote or not on_cpu or module.raw_size >= PARALLEL_MIN_BYTES
-
-        def stage(module: Module, data: bytes) -> _torch.Staged:
+        def stage(item: tuple[Module, bytes]) -> _torch.Staged:
+            module, data = item
             staged = placer.stage(module, data, wanted)
             if decoded is not None and write is None:
                 decoded.keep(lambda: decoded.put_raw(module.raw, staged.buffer.numpy().data))
@@ -197,31 +215,19 @@ class Pipeline:
                 write(self._offsets[staged.module.name], staged.buffer.numpy().data)
             return staged
 
-        def work(module: Module) -> Callable[[], _torch.Staged]:
-            """What the worker does, and the rest (decoding a small module) for the consumer."""
+        to_fetch = []
+        for module in chosen:
             raw = decoded.get_raw(module.raw, module.raw_size) if decoded is not None else None
-            if raw is not None:
-                adopted = placer.adopt(module, raw, wanted)
-                return lambda: adopted
-            data = self.fetch(module)
-            if module.raw_size >= PARALLEL_MIN_BYTES or not on_cpu:
-                staged = stage(module, data)
-                return lambda: staged
-            return lambda: stage(module, data)
+            if raw is None:
+                to_fetch.append(module)
+            else:  # a memory map and a hash: cheaper than a hand-off to a thread
+                yield kept(placer.adopt(module, raw, wanted))
 
-        order = plan(chosen)
-        to_pool = [pooled(m) for m in order]
-        for module, in_pool in zip(order, to_pool, strict=True):
-            if not in_pool:
-                yield kept(work(module)())
-        for rest in self.map(work, [m for m, in_pool in zip(order, to_pool, strict=True) if in_pool]):
-            yield kept(rest())
+        def inline(item: tuple[Module, bytes]) -> bool:
+            # The consuming thread does the device work, so on a GPU every decode goes to the pool;
+            # small modules decode where they are consumed (threads would only fight over the GIL).
+            return on_cpu and item[0].raw_size < PARALLEL_MIN_BYTES
 
-    def map(self, fn: Callable[[Module], _R], items: Sequence[Module]) -> Iterator[_R]:
-        """``fn`` over ``items`` on ``concurrency`` threads, as they complete."""
-        return bounded_map(fn, items, threads=self.concurrency, ordered=False)
-
-
-def plan(modules: Sequence[Module]) -> list[Module]:
-    """Largest shards first, so the long transfers start early and the tail is short."""
-    return sorted(modules, key=lambda m: -m.stored_size)
+        threads = min(self.concurrency, cpu_threads())
+        for staged in overlapped(stage, self.records(to_fetch), threads=threads, inline=inline):
+            yield kept(staged)

@@ -16,22 +16,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
-from lorachunk._keys import ADAPTER_WEIGHTS, shard_key
+from lorachunk._keys import ADAPTER_WEIGHTS, MANIFESTS, PACKS, pack_key
 from lorachunk._manifest import Manifest
-from lorachunk._repository import manifest_objects, read_manifest, read_shard
+from lorachunk._packs import layout_order
+from lorachunk._repository import fetch_records, manifest_objects, read_manifest
+from lorachunk._threads import cpu_threads
+from lorachunk._writer import Held, Writer, held_records, placed_manifest
 from lorachunk.storage._base import check_key
-from lorachunk.storage._hub import REPO_ID, HubRepo
+from lorachunk.storage._hub import REPO_ID, HubRepo, HubStore
 from lorachunk.storage._local import LocalStore
 
 __all__ = ["CARD", "PushResult", "model_card", "push"]
 
 CARD: Final = "README.md"
+#: A local pack is uploaded whole when the records the repo lacks are at least 1/1.05 of it.
+_MAX_OVERHEAD: Final = 1.05
 
 
 @dataclass(frozen=True, slots=True)
 class PushResult:
-    """What :func:`push` did. ``uploaded`` counts the shards sent; ``skipped`` those the repo had."""
+    """What :func:`push` did. ``uploaded`` counts the packs sent (``uploaded_bytes``: with the
+    manifest); ``skipped`` the records the repo had already, which the new manifest names where
+    they are."""
 
     repo_id: str
     commit: str
@@ -83,9 +91,11 @@ def push(
     """Publish a packed LoRA (or a ``.safetensors`` file, packed on the fly) to a Hub repo.
 
     The repo (and the branch ``revision``) is created if missing. One commit adds the manifest,
-    ``refs/latest`` and only the shards the repo does not hold yet (their names are their
-    digests, so the repo's listing says which), and a model card when the repo has none (or
-    with ``update_card``).
+    ``refs/latest`` and its copy, the packs holding the records the repo lacks, and a model card
+    when the repo has none (or with ``update_card``). Records the repo's manifests already place
+    are not uploaded: the pushed manifest names them where they are (same root, a manifest id of
+    its own). A local pack whose records are nearly all new goes up as it is; the other new
+    records go into new packs.
 
     ``manifest`` picks one of several manifests in a packed folder (default: its latest);
     ``pack_options`` (``splits=``, ``level=``, ``hash=``) apply when ``src`` is a file.
@@ -95,43 +105,95 @@ def push(
     """
     prefix = f"{check_key(path.strip('/'))}/" if path and path.strip("/") else ""
     repo = HubRepo(repo_id, revision=revision, repo_type=repo_type, token=token, endpoint=endpoint)
-    with _packed(src, pack_options) as store:
+    with _packed(src, pack_options) as store, tempfile.TemporaryDirectory(prefix="lorachunk-push-") as tmp:
         packed = read_manifest(store, manifest)
         present = repo.files(private=private)
-        shards: list[tuple[str, bytes | Path]] = []
-        uploaded_bytes = skipped = 0
-        for module in {m.shard: m for m in packed.modules}.values():
-            key = shard_key(module.shard)
-            if prefix + key in present:
-                skipped += 1
-                continue
-            read_shard(store, module)  # checked against the manifest before it leaves
-            # Uploaded from the file, not from memory: a LoRA of any size pushes in ~1 shard of RAM.
-            shards.append((prefix + key, store.path(key)))
-            uploaded_bytes += module.stored_size
-        (manifest_path, stored), *refs = [(prefix + key, value) for key, value in manifest_objects(packed)]
+        held = (
+            _repo_records(repo, prefix, packed.hash, token=token, endpoint=endpoint)
+            if any(key.startswith(f"{prefix}{MANIFESTS}") for key in present)
+            else Held({}, {})
+        )
+        reused = len({m.shard for m in packed.modules if m.shard in held.records})
+        uploads, held = _whole_packs(store, packed, held, present, prefix)
+        # The rest (records of packs mostly held already, or of a lorachunk/1 folder) go into new
+        # packs, made in a folder of their own and uploaded from there.
+        staging = LocalStore(tmp)
+        with staging.batch():
+            writer = Writer(staging, algorithm=packed.hash, held=held)
+            wanted = [m for m in packed.modules if m.shard not in held.records]
+            records = {m.shard: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
+            splits = {s.name: (s.kind, s.modules) for s in packed.splits}
+            for name, group in layout_order((m.name for m in packed.modules), splits):
+                module = packed.module(name)
+                writer.add(module, records.get(module.shard, b""), group)
+            modules, packs = writer.finish()
+        pushed = placed_manifest(packed, modules, packs)
+        uploads += [(prefix + key, staging.path(key)) for key in staging.list_prefix(PACKS)]
+        uploaded_bytes = sum(path.stat().st_size for _, path in uploads)
+        (manifest_path, stored), *refs = [(prefix + key, value) for key, value in manifest_objects(pushed)]
         # The latest's copy repeats the manifest's bytes: the manifest goes up first (upload_first).
         new_manifest = manifest_path not in present
         files: list[tuple[str, bytes | Path]] = [(manifest_path, stored)] if new_manifest else []
-        files += [*shards, *refs]
+        files += [*uploads, *refs]
         uploaded_bytes += len(stored) if new_manifest else 0
         card = CARD not in present or update_card
         if card:
-            files.append((CARD, model_card(packed, repo_id, path=prefix.rstrip("/")).encode()))
-        summary = message or f"lorachunk: push {packed.source.name} ({len(shards)} new shards)"
+            files.append((CARD, model_card(pushed, repo_id, path=prefix.rstrip("/")).encode()))
+        summary = message or f"lorachunk: push {packed.source.name} ({len(uploads)} new packs)"
         commit = repo.commit(files, message=summary, create_pr=create_pr, upload_first=int(new_manifest))
     return PushResult(
         repo_id=repo_id,
         commit=commit.oid,
         commit_url=commit.url,
         pr_url=commit.pr_url,
-        manifest_id=packed.id,
-        root=packed.root,
-        uploaded=len(shards),
+        manifest_id=pushed.id,
+        root=pushed.root,
+        uploaded=len(uploads),
         uploaded_bytes=uploaded_bytes,
-        skipped=skipped,
+        skipped=reused,
         card_written=card,
     )
+
+
+def _repo_records(repo: HubRepo, prefix: str, algorithm: str, *, token: str | None, endpoint: str | None) -> Held:
+    """The records the repo's manifests (under ``prefix``) place in packs it holds."""
+    with HubStore(
+        repo.repo_id,
+        revision=repo.revision,
+        repo_type=repo.repo_type,
+        path=prefix.rstrip("/") or None,
+        token=token,
+        endpoint=endpoint,
+    ) as remote:
+        return held_records(remote, algorithm=algorithm)
+
+
+def _whole_packs(
+    store: LocalStore, packed: Manifest, held: Held, present: set[str], prefix: str
+) -> tuple[list[tuple[str, Path]], Held]:
+    """Local packs to upload as they are (checked against their names first): those the repo
+    lacks whose missing records are nearly all of them (so no upload is over 1.05x the bytes
+    that are new). Returns them and ``held`` with their records, and those of local packs the
+    repo has already, added."""
+    records, sizes = dict(held.records), dict(held.packs)
+    missing: dict[str, int] = {}
+    for module in {m.shard: m for m in packed.modules if m.shard not in records}.values():
+        if module.pack is not None:
+            missing[module.pack] = missing.get(module.pack, 0) + module.stored_size
+    uploads: list[tuple[str, Path]] = []
+    for pack, need in missing.items():
+        key = pack_key(pack)
+        there = prefix + key in present
+        if not there and need * _MAX_OVERHEAD < packed.packs[pack]:
+            continue
+        if not there:
+            check(pack, store.get(key), what=f"pack {key} in {store!r}")  # checked before it leaves
+            uploads.append((prefix + key, store.path(key)))
+        sizes[pack] = packed.packs[pack]
+        for module in packed.modules:
+            if module.pack == pack:
+                records.setdefault(module.shard, (pack, module.offset, module.stored_size))
+    return uploads, Held(records, sizes)
 
 
 _BASE_MODEL_KEYS: Final = ("base_model", "base_model_name_or_path", "modelspec.base_model", "ss_sd_model_name")

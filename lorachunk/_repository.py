@@ -3,10 +3,11 @@ and written through the :class:`~lorachunk.storage.Store` interface, whatever th
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -23,18 +24,24 @@ from lorachunk._keys import (
     MAX_REF_BYTES,
     MAX_STORED_MANIFEST_BYTES,
     PARTIAL,
+    SHARDS,
     manifest_id_of,
     manifest_key,
+    pack_id_of,
+    pack_key,
     shard_key,
 )
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
+from lorachunk._packs import DEFAULT_GAP, Read, Span, plan_reads
 from lorachunk._shard import decode_checked
+from lorachunk._threads import bounded_map
 from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 
 __all__ = [
     "as_store",
     "check_dest",
     "decode_module",
+    "fetch_records",
     "list_manifest_ids",
     "manifest_objects",
     "mark_partial",
@@ -43,6 +50,7 @@ __all__ = [
     "read_manifest",
     "read_shard",
     "read_stored_manifest",
+    "record_key",
     "write_manifest",
 ]
 
@@ -92,10 +100,12 @@ def partial_ids(store: Store) -> set[str]:
     return ids
 
 
-def mark_partial(store: Store, manifest: Manifest, *, partial: bool) -> None:
-    """Record whether ``store`` holds all of ``manifest``'s shards (a pull of some splits does not)."""
+def mark_partial(store: Store, manifest: Manifest | str, *, partial: bool) -> None:
+    """Record whether ``store`` holds all the records of ``manifest`` (or the manifest of that
+    id); a pull of some splits does not."""
+    manifest_id = manifest if isinstance(manifest, str) else manifest.id
     ids = partial_ids(store)
-    updated = ids | {manifest.id} if partial else ids - {manifest.id}
+    updated = ids | {manifest_id} if partial else ids - {manifest_id}
     if updated == ids:
         return
     if updated:
@@ -251,23 +261,127 @@ _PARSED_LOCK = threading.Lock()
 _PARSED_MAX: Final = 32
 
 
-def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
-    """The stored bytes of ``module``'s shard, checked against its digest before any decoding.
+def record_key(module: Module) -> str:
+    """The object holding ``module``'s record: its pack, or (``lorachunk/1``) its own shard."""
+    return pack_key(module.pack) if module.pack is not None else shard_key(module.shard)
 
-    At most one byte more than the manifest declares is read, so an object that keeps coming
-    (a hostile or broken server) costs no more memory than the right one.
+
+def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
+    """The stored bytes of ``module``'s record, checked against its digest before any decoding.
+
+    A record in a pack is one range of it; a ``lorachunk/1`` shard is read to at most one byte
+    more than the manifest declares, so an object that keeps coming (a hostile or broken server)
+    costs no more memory than the right one.
     """
-    key = shard_key(module.shard)
-    what = f"shard {key} (module {module.name!r}){where}"
-    try:
-        data = store.get(key, ByteRange(0, module.stored_size + 1))
-    except StoreError as exc:
-        raise type(exc)(f"{what}: {exc}") from exc
-    if len(data) != module.stored_size:
-        size = f"over {module.stored_size}" if len(data) > module.stored_size else str(len(data))
-        raise IntegrityError(f"{what}: {size} bytes where the manifest declares {module.stored_size}")
-    check(module.shard, data, what=what)
-    return data
+    return next(fetch_records(store, [module], {}, threads=1, where=where, whole=False))[1]
+
+
+def fetch_records(
+    store: Store,
+    modules: Iterable[Module],
+    packs: Mapping[str, int],
+    *,
+    threads: int,
+    gap: int = DEFAULT_GAP,
+    where: str = "",
+    whole: bool = True,
+    on_read: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Module, bytes]]:
+    """The verified records of ``modules`` (every one, whether or not another shares its
+    record), as the requests that carry them complete.
+
+    The requests are planned by :func:`~lorachunk._packs.plan_reads` from ``packs`` (each
+    pack's size): one request carries many records, and a pack read whole is checked against
+    its name. Every record is checked against its digest before it is yielded.
+    ``whole=False`` reads only the records' own bytes. ``on_read(size)`` is told of each
+    request that completes.
+    """
+    by_record: dict[str, list[Module]] = {}
+    for module in modules:
+        if module.stored_size == 0:  # a module of empty tensors: nothing to read
+            check(module.shard, b"", what=f"module {module.name!r}")
+            yield module, b""
+            continue
+        by_record.setdefault(module.shard, []).append(module)
+    if not by_record:
+        return
+    needs: dict[str, tuple[int, list[Span]]] = {}
+    placed: dict[str, list[tuple[int, Module]]] = {}
+    for sharing in by_record.values():
+        module = sharing[0]
+        key = record_key(module)
+        size = module.stored_size if module.pack is None or not whole else packs[module.pack]
+        needs.setdefault(key, (size, []))[1].append(Span(module.offset, module.stored_size))
+        placed.setdefault(key, []).append((module.offset, module))
+    for entries in placed.values():
+        entries.sort(key=lambda entry: entry[0])
+    if whole:
+        reads = plan_reads(needs, gap=gap)
+    else:
+        reads = [
+            Read(key, s.start, s.start + s.length, key.startswith(SHARDS))
+            for key, (_, spans) in needs.items()
+            for s in spans
+        ]
+    partial: dict[str, tuple[bytearray, list[int]]] = {}
+
+    def described(read: Read) -> str:
+        inside = _inside(placed[read.key], read)
+        names = ", ".join(repr(m.name) for m in inside[:2]) + (", …" if len(inside) > 2 else "")
+        kind = "shard" if inside and inside[0].pack is None else "pack"
+        return f"{kind} {read.key} (module{'s' if len(inside) > 1 else ''} {names}){where}"
+
+    def fetch(read: Read) -> tuple[Read, bytes]:
+        v1 = read.key.startswith(SHARDS)
+        # One byte more than an object read whole should hold: a longer one is refused, not read on.
+        extra = 1 if read.whole else 0
+        try:
+            data = store.get(read.key, ByteRange(read.start, read.end + extra))
+        except StoreError as exc:
+            raise type(exc)(f"{described(read)}: {exc}") from exc
+        want = read.end - read.start
+        if len(data) != want:
+            got = f"over {want}" if len(data) > want else str(len(data))
+            problem = (
+                "bytes where the manifest declares" if v1 else "bytes (truncated or wrong) where the manifest declares"
+            )
+            raise IntegrityError(f"{described(read)}: {got} {problem} {want}")
+        if read.whole and not v1:
+            check(pack_id_of(read.key), data, what=f"pack {read.key}{where}")
+        if on_read is not None:
+            on_read(len(data))
+        return read, data
+
+    for read, data in bounded_map(fetch, reads, threads=threads, ordered=False):
+        for module in _inside(placed[read.key], read):
+            start, end = module.offset, module.offset + module.stored_size
+            if read.start <= start and end <= read.end:
+                record = data[start - read.start : end - read.start]
+            else:  # a record longer than one request: put together from its pieces
+                buffer, got = partial.setdefault(module.shard, (bytearray(module.stored_size), [0]))
+                lo, hi = max(start, read.start), min(end, read.end)
+                buffer[lo - start : hi - start] = data[lo - read.start : hi - read.start]
+                got[0] += hi - lo
+                if got[0] < module.stored_size:
+                    continue
+                record = bytes(partial.pop(module.shard)[0])
+            what = f"{'shard' if module.pack is None else 'record in pack ' + read.key} (module {module.name!r}){where}"
+            check(module.shard, record, what=what)
+            for same in by_record[module.shard]:
+                yield same, record
+
+
+def _inside(entries: Sequence[tuple[int, Module]], read: Read) -> list[Module]:
+    """The modules (by record offset) whose records overlap ``read``; records do not overlap."""
+    first = bisect.bisect_left(entries, read.start, key=lambda entry: entry[0])
+    if first and entries[first - 1][0] + entries[first - 1][1].stored_size > read.start:
+        first -= 1
+    found = []
+    for offset, module in entries[first:]:
+        if offset >= read.end:
+            break
+        found.append(module)
+    return found
 
 
 def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:

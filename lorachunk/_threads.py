@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final, TypeVar
 
-__all__ = ["CHUNK_BYTES", "Progress", "bounded_map", "cpu_threads"]
+__all__ = ["CHUNK_BYTES", "Progress", "bounded_map", "cpu_threads", "overlapped"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -77,6 +77,29 @@ def bounded_map(
                     yield from take()
             while pending:
                 yield from take()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def overlapped(
+    fn: Callable[[_T], _R], items: Iterable[_T], *, threads: int, inline: Callable[[_T], bool]
+) -> Iterator[_R]:
+    """``fn`` over ``items`` as they come: those ``inline`` says in the calling thread, the
+    rest on ``threads`` threads (at most two per thread in flight); results as they are ready,
+    roughly in order. For work whose hand-off to a thread costs more than the work itself."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lorachunk") as pool:
+        pending: deque[Future[_R]] = deque()
+        try:
+            for item in items:
+                if inline(item):
+                    yield fn(item)
+                else:
+                    pending.append(pool.submit(fn, item))
+                while pending and (pending[0].done() or len(pending) >= 2 * threads):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()

@@ -11,9 +11,9 @@ from typing import BinaryIO, Literal
 
 from lorachunk._codec import codec_from_config
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, UsageError
-from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS, shard_key
+from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._manifest import Manifest, Module
-from lorachunk._repository import as_store, decode_module, partial_ids, read_manifest
+from lorachunk._repository import as_store, decode_module, partial_ids, read_manifest, record_key
 from lorachunk._safetensors import encode_header
 from lorachunk._select import select_modules
 from lorachunk._threads import Progress, bounded_map, cpu_threads
@@ -140,7 +140,7 @@ def _check_pulled(store: Store, manifest: Manifest, chosen: Sequence[Module]) ->
     """In a partial copy, modules it was never given are a usage error that says how to get them."""
     if manifest.id not in partial_ids(store):
         return
-    absent = {m.name for m in chosen if not store.exists(shard_key(m.shard))}
+    absent = {m.name for m in chosen if not store.exists(record_key(m))}
     if not absent:
         return
     held = [s.name for s in manifest.splits if not absent.intersection(s.modules) and s.modules]

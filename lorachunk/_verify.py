@@ -6,24 +6,26 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorachunk._digest import digest, split_digest
+from lorachunk._codec import codec_from_config
+from lorachunk._digest import check, digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
-from lorachunk._keys import LATEST, LATEST_MANIFEST, SHARDS, shard_key
+from lorachunk._keys import LATEST, LATEST_MANIFEST, PACKS, SHARDS, pack_id_of
 from lorachunk._layout import natural_key
 from lorachunk._manifest import Manifest, Module
 from lorachunk._repository import (
     as_store,
-    decode_module,
     latest_id,
     list_manifest_ids,
     no_lora_error,
     partial_ids,
     read_manifest,
     read_stored_manifest,
+    record_key,
     resolve,
 )
+from lorachunk._shard import decode_checked
 from lorachunk._threads import bounded_map, cpu_threads
-from lorachunk.storage import LocalStore, Store
+from lorachunk.storage import ByteRange, LocalStore, Store
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -32,10 +34,12 @@ __all__ = ["VerifyReport", "verify"]
 class VerifyReport:
     """What :func:`verify` checked: manifests, distinct shards and their stored bytes.
 
-    A partial copy (``lorachunk pull --split``) holds only some shards: ``missing`` counts those
-    it was never given, and ``complete_splits`` names the splits it holds whole.
+    ``shards`` counts the distinct module records checked. A partial copy (``lorachunk pull
+    --split``) holds only some: ``missing`` counts those it was never given, and
+    ``complete_splits`` names the splits it holds whole.
 
-    ``unreferenced`` counts shards no manifest names and ``temp_files`` the hidden temp files of
+    ``unreferenced`` counts objects (packs, ``lorachunk/1`` shards) no manifest names, and
+    ``temp_files`` the hidden temp files of
     writes that never finished (a pack killed with ``kill -9``; a failed pack in a store whose
     writes show at once). Neither is damage: writers never delete what another may have committed,
     so such leftovers stay until removed on purpose (stores that can list only).
@@ -51,11 +55,13 @@ class VerifyReport:
 
 
 def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
-    """Re-check every manifest in ``dest`` and every shard they name (only the latest manifest for
-    stores that cannot list, such as plain HTTP).
+    """Re-check every manifest in ``dest`` and every record they name (only the latest manifest
+    for stores that cannot list, such as plain HTTP).
 
-    Each manifest is checked against its id and its Merkle roots are recomputed; each shard is
-    hashed as stored, decoded, and hashed again as raw bytes; the latest manifest's copy
+    Each manifest is checked against its id and its Merkle roots are recomputed; each pack is
+    read whole and hashed against its name; each record is
+    hashed as stored, decoded, and hashed again as raw bytes (so a damaged pack is reported with
+    every module it damages); the latest manifest's copy
     (``refs/latest.json.zst``) must be the manifest ``refs/latest`` names.
 
     Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
@@ -95,44 +101,69 @@ def _verify(store: Store) -> VerifyReport:
         except LorachunkError as exc:
             problems.append(str(exc))
     problems.extend(_check_latest(store, ids))
-    unique = {m.shard: (manifest, m) for manifest in manifests for m in manifest.modules}
-    # Shards that only partial copies name may be absent; any other absence is damage.
+    # Each object (pack, or lorachunk/1 shard) once, with the records any manifest places in it.
+    objects: dict[str, dict[str, tuple[Manifest, Module]]] = {}
+    for manifest in manifests:
+        for module in manifest.modules:
+            objects.setdefault(record_key(module), {}).setdefault(module.shard, (manifest, module))
+    # Objects that only partial copies name may be absent; any other absence is damage.
     partial = partial_ids(store)
-    whole = {m.shard for manifest in manifests if manifest.id not in partial for m in manifest.modules}
+    whole = {record_key(m) for manifest in manifests if manifest.id not in partial for m in manifest.modules}
 
-    def check_one(item: tuple[Manifest, Module]) -> str | None:
-        manifest, module = item
+    def check_one(key: str) -> tuple[str, list[str] | None]:
+        """The object read whole: a pack against its name, then every record in it against its
+        digest, decoded, and the raw bytes against theirs. None: absent (and allowed to be)."""
+        held = list(objects[key].values())
+        v1 = held[0][1].pack is None
+        size = held[0][1].stored_size if v1 else held[0][0].packs[held[0][1].pack]  # type: ignore[index]
+        kind = "shard" if v1 else "pack"
         try:
-            decode_module(store, manifest, module)
+            data = store.get(key, ByteRange(0, size + 1))
         except ShardNotFoundError as exc:
-            return None if module.shard not in whole else str(exc)
+            return key, None if key not in whole else [str(exc)]
         except LorachunkError as exc:
-            return str(exc)
-        return ""
+            return key, [str(exc)]
+        found = []
+        if len(data) != size:
+            found.append(f"{kind} {key}: {len(data)} bytes where the manifest declares {size}")
+        elif not v1 and digest(split_digest(pack_id_of(key))[0], data) != pack_id_of(key):
+            found.append(f"pack {key}: digest mismatch (its bytes do not hash to its name)")
+        for manifest, module in held:
+            record = data[module.offset : module.offset + module.stored_size]
+            try:
+                if len(record) != module.stored_size:
+                    raise IntegrityError(f"{kind} {key}: module {module.name!r} lies past its end")
+                check(module.shard, record, what=f"{kind} {key} (module {module.name!r})")
+                out = bytearray(module.raw_size)
+                decode_checked(codec_from_config(manifest.codec), module, record, memoryview(out))
+            except LorachunkError as exc:
+                found.append(str(exc))
+        return key, found
 
-    checked = list(bounded_map(check_one, unique.values(), threads=cpu_threads(), size=lambda item: item[1].raw_size))
-    problems.extend(p for p in checked if p)
+    size = lambda key: sum(m.raw_size for _, m in objects[key].values())  # noqa: E731
+    checked = dict(bounded_map(check_one, list(objects), threads=cpu_threads(), size=size))
+    problems.extend(p for found in checked.values() for p in found or ())
     if problems:
         raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
-    absent = {shard for shard, result in zip(unique, checked, strict=True) if result is None}
+    absent = {key for key, result in checked.items() if result is None}
     complete = sorted(
         {
             split.name
             for manifest in manifests
             if manifest.id in partial
             for split in manifest.splits
-            if not any(manifest.module(n).shard in absent for n in split.modules)
+            if not any(record_key(manifest.module(n)) in absent for n in split.modules)
         },
         key=natural_key,
     )
-    present = [m for shard, (_, m) in unique.items() if shard not in absent]
+    present = [m for key, held in objects.items() if key not in absent for _, m in held.values()]
     return VerifyReport(
         len(manifests),
         len(present),
         sum(m.stored_size for m in present),
-        len(absent),
+        sum(len(held) for key, held in objects.items() if key in absent),
         tuple(complete),
-        _unreferenced(store, {shard_key(shard) for shard in unique}),
+        _unreferenced(store, set(objects)),
         store.temp_files() if isinstance(store, LocalStore) else 0,
     )
 
@@ -140,4 +171,4 @@ def _verify(store: Store) -> VerifyReport:
 def _unreferenced(store: Store, named: set[str]) -> int:
     if not store.supports_listing:
         return 0
-    return sum(1 for key in store.list_prefix(SHARDS) if key not in named)
+    return sum(1 for prefix in (PACKS, SHARDS) for key in store.list_prefix(prefix) if key not in named)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import lorachunk
+from lorachunk._repository import record_key
 from lorachunk.testing.http_server import FolderServer, serve
 from lorachunk.testing.hub_server import HubServer, serve_hub
 
@@ -99,13 +100,23 @@ DISNEY = DATA / "loras" / "cloneofsimo_lora_disney.safetensors"
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
 
 
-def shard_gets(server: FolderServer) -> list[str]:
-    return [r.path for r in server.gets("/shards/")]
+def pack_gets(server: FolderServer) -> list[str]:
+    """The requests for packs (each carries many module records)."""
+    return [r.path for r in server.gets("/packs/")]
+
+
+def flip_record(store: Path, module: lorachunk.Module, at: int = 0) -> None:
+    """Flip one bit of ``module``'s stored record where the store ``store`` keeps it."""
+    path = store / record_key(module)
+    data = bytearray(path.read_bytes())
+    data[module.offset + at] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
 def published(served: FolderServer) -> Iterator[tuple[FolderServer, lorachunk.Manifest]]:
-    """The attention-processor LoRA packed into the folder the server serves."""
+    """The attention-processor LoRA packed into the folder the server serves: one pack of 2.8 MB,
+    so a module is read by range and the whole LoRA in one request."""
     manifest = lorachunk.pack(ATTN, served.root)
     yield served, manifest
 

@@ -115,7 +115,7 @@ def test_cli_counts_agree_with_their_nouns(tmp_path: Path, capsys: pytest.Captur
     assert main(["info", str(tmp_path / "s")]) == 0
     assert "B, 1 tensor)\n" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "s")]) == 0
-    assert capsys.readouterr().out.startswith("ok: 1 manifest, 1 shard, ")
+    assert capsys.readouterr().out.startswith("ok: 1 manifest, 1 module record, ")
 
 
 def test_progress_bars_show_on_a_terminal_only(falcon: Path, tmp_path: Path) -> None:

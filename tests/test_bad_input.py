@@ -150,11 +150,11 @@ def test_pack_refuses_what_a_reader_would(falcon: Path, tmp_path: Path, monkeypa
     """A file past the format's limits fails at pack, not at every later read; the limits are
     lowered here, as a file of a million tensors takes a minute to build."""
     monkeypatch.setattr("lorachunk._pack.MAX_TENSORS", 1749)
-    with pytest.raises(lorachunk.FormatError, match="1750 tensors; a lorachunk/1 manifest holds at most 1749"):
+    with pytest.raises(lorachunk.FormatError, match="1750 tensors; a lorachunk/2 manifest holds at most 1749"):
         lorachunk.pack(falcon, tmp_path / "many")
     monkeypatch.undo()
     monkeypatch.setattr("lorachunk._pack.MAX_SHARD_RAW_BYTES", 1000)
-    with pytest.raises(lorachunk.FormatError, match="fc1' holds 1346 bytes; a lorachunk/1 shard holds at most 1000"):
+    with pytest.raises(lorachunk.FormatError, match="fc1' holds 1346 bytes; a lorachunk/2 module holds at most 1000"):
         lorachunk.pack(falcon, tmp_path / "large")
     monkeypatch.undo()
     monkeypatch.setattr("lorachunk._repository.MAX_STORED_MANIFEST_BYTES", 10_000)
@@ -210,11 +210,11 @@ def test_failed_flush_of_the_shards_leaves_nothing(
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
 
 
-def test_disk_full_while_shards_are_written_leaves_nothing(falcon: Path, tmp_path: Path) -> None:
-    """Shards are written on their own threads; a failure among them still undoes the whole pack."""
+def test_disk_full_while_the_pack_is_written_leaves_nothing(falcon: Path, tmp_path: Path) -> None:
+    """A failure writing the pack object undoes the whole pack."""
     dest = tmp_path / "store"
     lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", dest)
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     with pytest.raises(lorachunk.StoreError, match="No space left"):
-        lorachunk.pack(falcon, _FullDisk(dest, room=100))
+        lorachunk.pack(falcon, _FullDisk(dest, room=0))
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ATTN, SAM, assert_cache_clean, open_http, shard_gets
+from conftest import ATTN, SAM, assert_cache_clean, open_http, pack_gets
 from safetensors.torch import load_file
 
 import lorachunk
@@ -23,7 +23,7 @@ def test_warm_cache_skips_the_network(published: tuple[FolderServer, lorachunk.M
     server, manifest = published
     with open_http(server, tmp_path) as lora:
         first = lora.load()
-    assert len(shard_gets(server)) == len({m.shard for m in manifest.modules})
+    assert len(pack_gets(server)) == len(manifest.packs) == 1  # the whole LoRA: its one pack, whole
     server.shutdown()  # a pinned manifest id and a warm cache need no server at all
     with open_http(server, tmp_path, manifest=manifest.id) as lora:
         second = lora.load()
@@ -105,7 +105,7 @@ def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         cold = lora.load()
     assert cache.info().bundles == 1  # a full load: one file for the whole LoRA
-    shutil.rmtree(tmp_path / "s" / "shards")  # a warm load needs no shard at all now
+    shutil.rmtree(tmp_path / "s" / "packs")  # a warm load needs no pack at all now
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         warm = lora.load()
         assert set(lora.load(splits=[split.name])) == {t.key for n in split.modules for t in manifest.module(n).tensors}

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk._repository import record_key
 from lorachunk.testing.http_server import FolderServer
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
@@ -34,13 +35,13 @@ def test_pull_split_then_info_verify_unpack(
     code = main(["pull", server.url, "-o", str(out), "--split", split.name, "--root", manifest.root])
     assert code == 0
     printed = capsys.readouterr().out
-    assert f"pulled {len(split.modules)} shards" in printed
-    assert len(server.gets("/shards/")) == len(split.modules)
+    assert f"pulled {len(split.modules)} records" in printed
+    assert len(server.gets("/packs/")) == 1  # the split is one run of bytes in the pack
     # A partial copy is a normal state: verify checks what it holds and says what it lacks.
     assert main(["verify", str(out)]) == 0
     printed = capsys.readouterr().out
     others = len({m.shard for m in manifest.modules}) - len(split.modules)
-    assert f"partial copy: {others} shards not pulled" in printed
+    assert f"partial copy: {others} records not pulled" in printed
     assert split.name in printed.rpartition("splits held whole:")[2]
     report = lorachunk.verify(out)
     assert (report.shards, report.missing) == (len(split.modules), others)
@@ -49,14 +50,15 @@ def test_pull_split_then_info_verify_unpack(
     err = capsys.readouterr().err
     assert "partial copy" in err and "lorachunk pull" in err
     assert not (tmp_path / "te.safetensors").exists()
-    # A shard damaged in the copy fails verify, and the next pull repairs it.
-    damaged = next(p for p in (out / "shards").rglob("*") if p.is_file())
+    # A pack damaged in the copy fails verify, and the next pull writes it again.
+    (damaged,) = (out / "packs").iterdir()
     damaged.write_bytes(b"rot" + damaged.read_bytes()[3:])
     assert main(["verify", str(out), "-q"]) == 1
     capsys.readouterr()
     assert main(["pull", server.url, "-o", str(out), "--split", split.name, "--no-cache"]) == 0
-    assert ": 1 fetched" in capsys.readouterr().out
+    assert f": {len(split.modules)} fetched" in capsys.readouterr().out
     assert main(["verify", str(out), "-q"]) == 0
+    assert lorachunk.verify(out).unreferenced == 0
     assert main(["pull", server.url, "-o", str(out), "--split", split.name, "--no-cache"]) == 0
     assert f"0 fetched (0 B), {len(split.modules)} from the cache or already there" in capsys.readouterr().out
     assert main(["unpack", str(out), "-o", str(tmp_path / "up.safetensors"), "--split", split.name, "-q"]) == 0
@@ -64,9 +66,9 @@ def test_pull_split_then_info_verify_unpack(
     got = load_file(tmp_path / "up.safetensors")
     assert got and all(k in reference and (reference[k] == t).all() for k, t in got.items())
     # the same split again comes from the cache, not the server
-    before = len(server.gets("/shards/"))
+    before = len(server.gets("/packs/"))
     assert main(["pull", server.url, "-o", str(tmp_path / "copy2"), "--split", split.name, "-q"]) == 0
-    assert len(server.gets("/shards/")) == before
+    assert len(server.gets("/packs/")) == before
 
 
 def test_remote_info_unpack_verify(
@@ -90,7 +92,7 @@ def test_pull_errors_are_clear(
     code = main(["pull", server.url, "-o", str(tmp_path / "c"), "--root", "xxh3-128:" + "0" * 32, "--no-cache"])
     assert code == 1 and "expected xxh3-128:000" in capsys.readouterr().err
     victim = manifest.modules[0]
-    server.inject(f"/shards/{victim.shard[9:11]}/{victim.shard[9:]}", "status", status=503, times=None)
+    server.inject(f"/{record_key(victim)}", "status", status=503, times=None)
     code = main(["pull", server.url, "-o", str(tmp_path / "d"), "--no-cache", "--retries", "1", "-q"])
     err = capsys.readouterr().err
     assert code == 3 and victim.name in err and "503" in err

@@ -16,7 +16,7 @@ import lorachunk
 from lorachunk import Take
 from lorachunk._cli import main as cli
 from lorachunk._compose import METADATA_KEY, parse_take
-from lorachunk._keys import shard_key
+from lorachunk._keys import pack_id_of
 from lorachunk.testing import synth
 from lorachunk.testing.hub_server import HubServer
 
@@ -53,13 +53,20 @@ def test_style_of_one_content_of_the_other(two: tuple[Path, Path], tmp_path: Pat
     assert [(r["name"], r["split"]) for r in recipe] == [("style", "style"), ("content", "content")]
 
 
-def test_shards_already_in_the_store_are_not_copied(two: tuple[Path, Path]) -> None:
+def test_records_already_in_the_store_are_not_copied(two: tuple[Path, Path]) -> None:
     a, b = two
-    before = set(lorachunk.storage.LocalStore(a).list_prefix("shards/"))
+    before = set(lorachunk.storage.LocalStore(a).list_prefix("packs/"))
+    style = lorachunk.read_manifest(lorachunk.storage.LocalStore(a))
     manifest = lorachunk.compose(a, [Take("style", a, "style"), Take("content", b, "content")])
-    added = set(lorachunk.storage.LocalStore(a).list_prefix("shards/")) - before
+    (added,) = set(lorachunk.storage.LocalStore(a).list_prefix("packs/")) - before
     content = lorachunk.read_manifest(lorachunk.storage.LocalStore(b)).split("content").modules
-    assert added == {shard_key(manifest.module(n).shard) for n in content}  # only what a lacked
+    # Only what a lacked went into the one new pack; the style records stay where a had them.
+    assert {manifest.module(n).pack for n in content} == {pack_id_of(added)}
+    assert (a / added).stat().st_size == sum(manifest.module(n).stored_size for n in content)
+    assert all(manifest.module(n).pack == style.module(n).pack for n in manifest.split("style").modules)
+    # Composing it again over records that are all there writes a manifest only.
+    again = lorachunk.compose(a, [Take("style", a, "style", style.id), Take("content", b, "content")])
+    assert again.id == manifest.id and set(lorachunk.storage.LocalStore(a).list_prefix("packs/")) == before | {added}
 
 
 def test_two_takes_of_one_module_need_prefer(two: tuple[Path, Path], tmp_path: Path) -> None:
@@ -156,9 +163,10 @@ def test_pushing_a_composition_next_to_its_sources_uploads_only_the_manifest(
     lorachunk.compose(tmp_path / "mix.lcs", [Take("style", a, "style"), Take("content", b, "content")])
     hub.log.clear()
     result = lorachunk.push(tmp_path / "mix.lcs", "me/loras")
-    assert result.uploaded == 0 and result.uploaded_bytes == len(
-        lorachunk.read_manifest(lorachunk.storage.LocalStore(tmp_path / "mix.lcs")).to_bytes()
-    )
+    pushed = lorachunk.read_manifest("hf://me/loras")
+    # The repo's packs hold every record: the pushed manifest names them there (same root).
+    assert result.uploaded == 0 and result.uploaded_bytes == len(pushed.to_bytes())
+    assert pushed.id == result.manifest_id and pushed.root == lorachunk.read_manifest(tmp_path / "mix.lcs").root
     assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the manifest
     got = lorachunk.load("hf://me/loras")
     assert got.keys() == _keys(a, "style") | _keys(b, "content")

@@ -20,7 +20,7 @@ from lorachunk import _manifest
 from lorachunk._cli import main
 from lorachunk._keys import LATEST, LATEST_MANIFEST, shard_key
 from lorachunk._manifest import Manifest
-from lorachunk._repository import write_manifest
+from lorachunk._repository import record_key, write_manifest
 from lorachunk._threads import cpu_threads
 from lorachunk.storage import ByteRange, LocalStore
 from lorachunk.storage._http import _retry_after
@@ -46,11 +46,11 @@ def test_credential_headers_never_follow_a_redirect_to_another_origin(
 ) -> None:
     lorachunk.pack(falcon, served.root)
     lorachunk.pack(falcon, elsewhere.root)
-    served.inject("/shards/*", "redirect", times=None, location=elsewhere.url)
+    served.inject("/packs/*", "redirect", times=None, location=elsewhere.url)
     secrets = {"X-Api-Key": "k1", "PRIVATE-TOKEN": "k2", "Proxy-Authorization": "k3", "Authorization": "Bearer k4"}
     got = lorachunk.load(served.url, headers=secrets, cache=False)
     assert len(got) == len(lorachunk.read_manifest(served.root).owners)
-    assert elsewhere.gets("/shards/"), "the redirect was followed"
+    assert elsewhere.gets("/packs/"), "the redirect was followed"
     for request in elsewhere.log:
         assert not {name.lower() for name in request.headers} & {name.lower() for name in secrets}
     assert all(r.headers.get("X-Api-Key") == "k1" for r in served.log)  # the store's own origin gets them
@@ -112,9 +112,9 @@ def test_a_linked_ref_is_not_followed_nor_echoed(falcon: Path, tmp_path: Path) -
 def test_a_fifo_under_an_object_name_does_not_hang(falcon: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     manifest = lorachunk.pack(falcon, store)
-    shard = store / shard_key(manifest.modules[0].shard)
-    shard.unlink()
-    os.mkfifo(shard)
+    pack = store / record_key(manifest.modules[0])
+    pack.unlink()
+    os.mkfifo(pack)
     with pytest.raises(lorachunk.StoreError, match="not a regular file"):
         lorachunk.load(store, cache=False)
 
@@ -134,6 +134,7 @@ def _rewrite_splits(store: Path, change: Callable[[dict[str, tuple[str, list[str
         modules=manifest.modules,
         splits=splits,
         files=manifest.files,
+        packs=manifest.packs,
     )
     write_manifest(LocalStore(store), hostile)
     return hostile

@@ -13,7 +13,8 @@ from safetensors.numpy import save_file as save_numpy
 
 import lorachunk
 from lorachunk._cli import main as cli
-from lorachunk._keys import LATEST_MANIFEST, manifest_key, shard_key
+from lorachunk._keys import LATEST_MANIFEST, manifest_key
+from lorachunk._repository import record_key
 from lorachunk.storage import HubStore, Store
 from lorachunk.testing import Put, StoreTests
 from lorachunk.testing.hub_server import HubServer
@@ -47,7 +48,7 @@ def test_push_then_pull_whole_and_one_split(hub: HubServer, tmp_path: Path) -> N
     result = lorachunk.push(ATTN, REPO)
     manifest = lorachunk.read_manifest(lorachunk.storage.LocalStore(_packed(tmp_path, ATTN)))
     assert result.root == manifest.root and result.skipped == 0
-    assert result.uploaded == len({m.shard for m in manifest.modules})
+    assert result.uploaded == len(manifest.packs) == 1
     assert result.card_written
     # Every request carried the token (the LFS upload URL is the server's own, pre-signed in real life).
     assert all(r.authorization == f"Bearer {HUB_TOKEN}" for r in hub.log if "/lfs-upload/" not in r.path)
@@ -59,14 +60,14 @@ def test_push_then_pull_whole_and_one_split(hub: HubServer, tmp_path: Path) -> N
     split = _split_with_fewest_modules(manifest)
     hub.log.clear()
     lorachunk.pull(f"hf://{REPO}", tmp_path / "part", splits=[split.name], cache=False)
-    wanted = {shard_key(manifest.module(n).shard) for n in split.modules}
-    fetched = [p for p in hub.resolved() if p.startswith("shards/")]
-    assert sorted(fetched) == sorted(wanted)
-    # One request brings the manifest and resolves the revision (X-Repo-Commit); the shards are
-    # read at that commit.
+    wanted = {record_key(manifest.module(n)) for n in split.modules}
+    fetched = [p for p in hub.resolved() if p.startswith("packs/")]
+    assert fetched == sorted(wanted) and len(wanted) == 1
+    # 1 + (packs touched) resolve requests: one brings the manifest and resolves the revision
+    # (X-Repo-Commit); the split's records are one range of the pack, read at that commit.
     first, *rest = hub.requests("GET", "/resolve/")
     assert first.path == f"/{REPO}/resolve/main/refs/latest.json.zst"
-    assert sorted(r.path for r in rest) == sorted(f"/{REPO}/resolve/{result.commit}/{key}" for key in wanted)
+    assert [r.path for r in rest] == [f"/{REPO}/resolve/{result.commit}/{key}" for key in wanted]
     part = lorachunk.load(tmp_path / "part", splits=[split.name])
     reference = load_numpy(ATTN)
     assert {k: v.numpy().tobytes() for k, v in part.items()} == {k: reference[k].tobytes() for k in part}
@@ -93,12 +94,25 @@ def test_second_version_uploads_only_the_changed_shard(hub: HubServer, tmp_path:
     save_numpy(tensors, changed)
     hub.log.clear()
     second = lorachunk.push(changed, REPO)
-    assert second.uploaded == 1 and second.skipped == first.uploaded - 1
-    uploads = hub.requests("PUT", "/lfs-upload/")
-    assert len(uploads) == 2  # the new shard and the new manifest; README and refs/latest go inline
     v2 = lorachunk.read_manifest(lorachunk.storage.LocalStore(_packed(tmp_path, changed)))
-    changed_shards = {m.stored_size for m in v2.modules if key in {t.key for t in m.tensors}}
-    assert sum(r.received for r in uploads) == sum(changed_shards) + len(v2.to_bytes())
+    assert first.uploaded == 1 and second.uploaded == 1 and second.skipped == len(v2.modules) - 1
+    uploads = hub.requests("PUT", "/lfs-upload/")
+    assert len(uploads) == 2  # a pack of the changed record and the new manifest; refs go inline
+    pushed = lorachunk.read_manifest(f"hf://{REPO}")
+    assert pushed.root == v2.root and pushed.id == second.manifest_id
+    changed_records = {m.stored_size for m in v2.modules if key in {t.key for t in m.tensors}}
+    assert sum(r.received for r in uploads) == sum(changed_records) + len(pushed.to_bytes())
+    # One commit, of 3 + (new packs) files: the manifest, the two refs and the pack.
+    assert len(hub.requests("POST", "/commit/")) == 1
+    commits = hub.repos[("model", REPO)].commits
+    before, after = commits[first.commit], commits[second.commit]
+    touched = {path for path, entry in after.items() if before.get(path) != entry}
+    assert touched == {f"manifests/{pushed.id[9:]}.json.zst", "refs/latest", "refs/latest.json.zst"} | {
+        f"packs/{pack[9:]}"
+        for pack in pushed.packs
+        if pack not in lorachunk.read_manifest(f"hf://{REPO}@{first.commit}").packs
+    }
+    assert len(touched) == 4
     assert not second.card_written  # the card from the first push is left alone
 
     # Both versions stay loadable, each by its commit.
@@ -173,7 +187,7 @@ def test_missing_repo_revision_and_shard(hub: HubServer) -> None:
     with pytest.raises(lorachunk.RepositoryNotFoundError, match="revision not found"):
         lorachunk.open(f"hf://{REPO}@no-such-branch")
     module = manifest.modules[0]
-    hub.remove(REPO, shard_key(module.shard))
+    hub.remove(REPO, record_key(module))
     with (
         lorachunk.open(f"hf://{REPO}", cache=False, retries=0) as lora,
         pytest.raises(lorachunk.ShardNotFoundError, match=module.name),
@@ -195,8 +209,8 @@ def test_repo_pushed_before_the_latest_copy_is_read_through_the_ref(hub: HubServ
 def test_corrupted_shard_on_the_hub_is_refused_and_not_cached(hub: HubServer, tmp_path: Path) -> None:
     lorachunk.push(SAM, REPO)
     manifest = _manifest(f"hf://{REPO}")
-    module = manifest.modules[0]
-    hub.corrupt(REPO, shard_key(module.shard))
+    module = next(m for m in manifest.modules if m.offset == 0)  # corrupt flips the pack's first byte
+    hub.corrupt(REPO, record_key(module))
     cache = lorachunk.Cache(tmp_path / "cache")
     with pytest.raises(lorachunk.IntegrityError), lorachunk.open(f"hf://{REPO}", cache=cache) as lora:
         lora.load(modules=[module.name])
@@ -283,7 +297,7 @@ def test_token_stays_with_the_hub_on_cdn_redirects(tmp_path: Path, monkeypatch: 
         downloads = cdn_hub.requests("GET", "/cdn/")
     reference = load_numpy(SAM)
     assert {k: v.numpy().tobytes() for k, v in got.items()} == {k: v.tobytes() for k, v in reference.items()}
-    assert len(downloads) == len(reference) // 2 + 1  # every shard and the manifest came from the CDN
+    assert len(downloads) == 2  # the pack and the manifest came from the CDN
     assert all(r.authorization is None for r in downloads)
     assert all(r.authorization == f"Bearer {HUB_TOKEN}" for r in cdn_hub.requests("GET", "/resolve/"))
 
@@ -295,8 +309,9 @@ def test_tree_listing_follows_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with serve_hub(token=HUB_TOKEN, page_size=5) as paged:
         monkeypatch.setenv("HF_ENDPOINT", paged.url)
         monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
-        first = lorachunk.push(SAM, REPO)
-        assert lorachunk.push(SAM, REPO).skipped == first.uploaded  # every shard seen across pages
+        first = lorachunk.push(SAM, REPO, pack_size=1024 * 1024)
+        again = lorachunk.push(SAM, REPO, pack_size=1024 * 1024)
+        assert first.uploaded == 2 and (again.uploaded, again.skipped) == (0, 24)  # every pack seen across pages
         with HubStore(REPO) as store:
-            assert len(list(store.list_prefix("shards/"))) == first.uploaded
-        assert len(paged.requests("GET", "cursor=")) >= first.uploaded // 5
+            assert len(list(store.list_prefix("packs/"))) == first.uploaded
+        assert paged.requests("GET", "cursor=")

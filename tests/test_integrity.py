@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, flip_record
 
 import lorachunk
 from lorachunk._cli import main
 from lorachunk._keys import LATEST_MANIFEST
+from lorachunk._repository import record_key
 from lorachunk.testing import synth
 
 
@@ -51,25 +52,23 @@ def test_every_single_byte_flip_is_caught(tiny_store: Path) -> None:
 
 def test_byte_flips_in_real_store_are_named(falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = tmp_path / "store"
-    lorachunk.pack(falcon, store)
-    shards = [p for p in _objects(store) if "shards" in p.parts]
+    manifest = lorachunk.pack(falcon, store)
     rng = random.Random(7)
-    victims = rng.sample(shards, 3)
-    for path in victims:
-        data = bytearray(path.read_bytes())
-        data[rng.randrange(len(data))] ^= 0x80
-        path.write_bytes(data)
+    victims = rng.sample([m for m in manifest.modules if m.stored_size], 3)
+    for module in victims:
+        flip_record(store, module, rng.randrange(module.stored_size))
     assert main(["verify", str(store)]) == 1
     err = capsys.readouterr().err
-    assert "3 problem(s)" in err
-    for path in victims:
-        assert path.name in err
+    # The pack no longer hashes to its name, and each damaged module is named.
+    assert "4 problem(s)" in err and f"pack {record_key(victims[0])}: digest mismatch" in err
+    for module in victims:
+        assert repr(module.name) in err
 
 
-def test_missing_shard_is_named(falcon: Path, tmp_path: Path) -> None:
+def test_missing_pack_is_named(falcon: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     lorachunk.pack(falcon, store)
-    victim = next(p for p in _objects(store) if "shards" in p.parts)
+    (victim,) = (store / "packs").iterdir()
     victim.unlink()
     with pytest.raises(lorachunk.IntegrityError, match=victim.name):
         lorachunk.verify(store)
@@ -79,14 +78,12 @@ def test_missing_shard_is_named(falcon: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
-def test_corrupt_shard_never_reaches_the_output(falcon: Path, tmp_path: Path) -> None:
+def test_corrupt_record_never_reaches_the_output(falcon: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     manifest = lorachunk.pack(falcon, store)
-    victim = store / "shards" / manifest.modules[5].shard.split(":")[1][:2] / manifest.modules[5].shard.split(":")[1]
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 1
-    victim.write_bytes(data)
-    with pytest.raises(lorachunk.IntegrityError, match=manifest.modules[5].name):
+    victim = manifest.modules[5]
+    flip_record(store, victim, victim.stored_size - 1)
+    with pytest.raises(lorachunk.IntegrityError, match=victim.name):
         lorachunk.unpack(store, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     assert main(["unpack", str(store), "-o", str(tmp_path / "o.safetensors"), "-q"]) == 1
@@ -124,9 +121,13 @@ def test_shared_modules_are_stored_once(tmp_path: Path, capsys: pytest.CaptureFi
     mb = lorachunk.pack(b_path, store)
     assert ma.split("text_encoder").root == mb.split("text_encoder").root
     assert ma.split("unet").root != mb.split("unet").root
-    unique = {m.shard for m in ma.modules} | {m.shard for m in mb.modules}
-    stored = [p for p in (store / "shards").rglob("*") if p.is_file()]
-    assert len(stored) == len(unique) == len(ma.modules) + len(mb.modules) - len(ma.split("text_encoder").modules)
+    unique = {m.shard: m.stored_size for m in (*ma.modules, *mb.modules)}
+    assert len(unique) == len(ma.modules) + len(mb.modules) - len(ma.split("text_encoder").modules)
+    # b's text encoder is named where a put it; only b's UNet went into a pack of its own.
+    assert all(mb.module(n).pack == ma.module(n).pack for n in mb.split("text_encoder").modules)
+    assert {mb.module(n).pack for n in mb.split("unet").modules}.isdisjoint(ma.packs)
+    stored = [p for p in (store / "packs").iterdir()]
+    assert sum(p.stat().st_size for p in stored) == sum(unique.values())
     # the latest is b; a is still there by id
     assert lorachunk.read_manifest(LocalStore(store)).root == mb.root
     assert lorachunk.read_manifest(LocalStore(store), ma.id[9:20]).root == ma.root
@@ -172,14 +173,12 @@ def test_verify_names_a_latest_copy_that_is_not_the_latest(tmp_path: Path) -> No
 def test_chunked_encoding_stores_each_shard_once_and_reports_every_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pack hands modules to its threads in chunks and shards to its writers in groups; with both
-    made tiny, duplicates that straddle chunks are still written once and progress sees every module."""
-    from lorachunk import _pack, _threads
+    """Pack hands modules to its threads in chunks; with chunks made tiny, duplicates that straddle
+    them are still stored once and progress sees every module."""
+    from lorachunk import _threads
     from lorachunk.storage import MemoryStore
 
     monkeypatch.setattr(_threads, "CHUNK_BYTES", 40)  # modules per encoding task
-    monkeypatch.setattr(_pack, "CHUNK_BYTES", 40)  # and bytes per writing task
-    monkeypatch.setattr(_pack, "_WRITE_GROUP", 2)
     same = ("F16", (2, 4), bytes(range(16)))
     tensors = {f"m{i}.lora_down.weight": same if i % 3 == 0 else ("F16", (2, 4), bytes([i]) * 16) for i in range(12)}
     src = synth.write(tmp_path / "dups.safetensors", tensors, None)
@@ -196,8 +195,11 @@ def test_chunked_encoding_stores_each_shard_once_and_reports_every_module(
     store = Counting()
     seen: list[tuple[int, int]] = []
     manifest = lorachunk.pack(src, store, progress=lambda done, total: seen.append((done, total)))
-    shards = [key for key in store.sets if key.startswith("shards/")]
-    assert len(shards) == len(set(shards)) == len({m.shard for m in manifest.modules}) == 12 - 3
+    (pack,) = [key for key in store.sets if key.startswith("packs/")]
+    unique = {m.shard: m.stored_size for m in manifest.modules}
+    assert len(unique) == 12 - 3 and len(store.get(pack)) == sum(unique.values())
+    # the duplicates name one record: the same place in the pack
+    assert len({(m.pack, m.offset) for m in manifest.modules}) == len(unique)
     assert len(seen) == 12 and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert seen[-1][0] == seen[-1][1] == sum(m.raw_size for m in manifest.modules)
     lorachunk.unpack(store, tmp_path / "back.safetensors")

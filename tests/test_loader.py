@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import ATTN, DATA, SAM, assert_cache_clean, open_http, shard_gets
+from conftest import ATTN, DATA, SAM, assert_cache_clean, open_http, pack_gets
 from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk import _torch
-from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key, shard_key
+from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key, pack_key
 from lorachunk._safetensors import DTYPE_BITS
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import FolderServer
@@ -31,19 +31,24 @@ def test_full_load_equals_safetensors(fixture_lora: Path, tmp_path: Path) -> Non
         assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
 
 
-def test_split_over_http_fetches_only_its_shards(
+def test_split_over_http_fetches_only_its_records_in_one_request(
     published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path
 ) -> None:
     server, manifest = published
     split = next(s for s in manifest.splits if s.kind == "block" and 0 < len(s.modules) < len(manifest.modules) / 4)
-    expected_shards = {shard_key(manifest.module(n).shard) for n in split.modules}
+    records = [manifest.module(n) for n in split.modules]
     server.log.clear()
     with open_http(server, tmp_path) as lora:
         # Opening is one request: the latest manifest's copy (no ref, then manifest).
         assert [r.path for r in server.log] == [f"/{LATEST_MANIFEST}"]
         got = lora.load(splits=[split.name])
-    assert {p.lstrip("/") for p in shard_gets(server)} == expected_shards
-    assert len(shard_gets(server)) == len(expected_shards)
+    # A block split is one run of bytes in its pack: one request, for exactly its records.
+    (request,) = server.gets("/packs/")
+    start = min(m.offset for m in records)
+    end = max(m.offset + m.stored_size for m in records)
+    assert records[0].pack is not None
+    assert request.path == f"/{pack_key(records[0].pack)}" and request.range == f"bytes={start}-{end - 1}"
+    assert end - start == sum(m.stored_size for m in records)
     reference = load_file(ATTN)
     wanted = {t.key for n in split.modules for t in manifest.module(n).tensors}
     assert set(got) == wanted
@@ -72,7 +77,7 @@ def test_root_mismatch_fails_before_any_shard(
         open_http(server, tmp_path, root=wrong)
     with pytest.raises(lorachunk.UsageError, match="'garbage' is not a digest"):
         open_http(server, tmp_path, root="garbage")
-    assert shard_gets(server) == []
+    assert pack_gets(server) == []
     with open_http(server, tmp_path, root=manifest.root) as lora:
         assert lora.root == manifest.root
 
@@ -84,10 +89,10 @@ def test_lazy_mapping(published: tuple[FolderServer, lorachunk.Manifest], tmp_pa
         assert list(lora.keys()) == list(reference)
         assert len(lora) == len(reference) and next(iter(reference)) in lora and "nope" not in lora
         assert set(lora.splits) == {s.name for s in manifest.splits}
-        assert shard_gets(server) == []
+        assert pack_gets(server) == []
         key = list(reference)[7]
         assert torch.equal(lora[key], reference[key])
-        assert len(shard_gets(server)) == 1
+        assert len(pack_gets(server)) == 1
         with pytest.raises(KeyError):
             lora["nope"]
 

@@ -48,7 +48,7 @@ def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
 
 
 HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]] = {
-    "future format": (_set("format", "lorachunk/2"), lorachunk.ManifestError, "'lorachunk/2'.*'lorachunk/1'"),
+    "future format": (_set("format", "lorachunk/3"), lorachunk.ManifestError, "lorachunk/3.*not supported"),
     "unknown hash": (_set("hash", "md5"), lorachunk.ManifestError, "unknown hash"),
     "wrong root": (_set("root", "xxh3-128:" + "0" * 32), lorachunk.IntegrityError, "root"),
     "bad digest": (_set("modules/0/shard", "xxh3-128:zz"), lorachunk.ManifestError, "malformed digest"),

@@ -18,5 +18,8 @@ def test_pull_a_split_then_work_offline(published: tuple[FolderServer, lorachunk
         assert lora.root == manifest.root
         got = lora.load(splits=[split.name])
     assert len(got) == sum(len(manifest.module(n).tensors) for n in split.modules)
-    files = [p for p in (tmp_path / "copy" / "shards").rglob("*") if p.is_file()]
-    assert len(files) == report.shards
+    # The split's records, and nothing else, in one new pack of the copy.
+    (pack,) = (tmp_path / "copy" / "packs").iterdir()
+    assert pack.stat().st_size == sum(
+        {manifest.module(n).shard: manifest.module(n).stored_size for n in split.modules}.values()
+    )

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import lorachunk
 from lorachunk._keys import LATEST, LATEST_MANIFEST, MAX_STORED_MANIFEST_BYTES, manifest_key, shard_key
+from lorachunk._repository import record_key
 from lorachunk.storage import ByteRange, FsspecStore, HTTPStore, LocalStore, MemoryStore, Store, open_store
 from lorachunk.storage import _http as http_module
 from lorachunk.storage import _local as local_module
@@ -189,20 +190,20 @@ def test_recoverable_faults(kind: str, published: tuple[FolderServer, lorachunk.
     server, manifest = published
     victim = max(manifest.modules, key=lambda m: m.stored_size)
     if kind == "ignore_range":
-        server.inject(f"/{shard_key(victim.shard)}", "drop", times=1)  # so a resume is attempted
-    server.inject(f"/{shard_key(victim.shard)}", kind, times=2, retry_after="0")
+        server.inject(f"/{record_key(victim)}", "drop", times=1)  # so a resume is attempted
+    server.inject(f"/{record_key(victim)}", kind, times=2, retry_after="0")
     with open_http(server, tmp_path) as lora:
         got = lora.load(modules=[victim.name])
     reference = load_file(ATTN)
     assert all(torch.equal(t, reference[k]) for k, t in got.items())
-    requests = [r for r in server.gets() if r.path == f"/{shard_key(victim.shard)}"]
+    requests = [r for r in server.gets() if r.path == f"/{record_key(victim)}"]
     assert len(requests) >= 2
-    # never more than one byte past the declared size is asked for (the last byte is inclusive)
-    assert requests[0].range == f"bytes=0-{victim.stored_size}"
+    # one module of a pack over 2 MiB: only its record's bytes are asked for (the last is inclusive)
+    start, end = victim.offset, victim.offset + victim.stored_size
+    assert requests[0].range == f"bytes={start}-{end - 1}"
     if kind in ("drop", "ignore_range"):
-        # the second attempt asked to resume where the first broke off instead of starting over,
-        # up to the end of the object as the first answer gave its size
-        assert requests[1].range == f"bytes={requests[0].sent}-{victim.stored_size - 1}"
+        # the second attempt asked to resume where the first broke off instead of starting over
+        assert requests[1].range == f"bytes={start + requests[0].sent}-{end - 1}"
     assert_cache_clean(tmp_path / "cache")
 
 
@@ -211,13 +212,13 @@ def test_429_storm_gives_up_with_a_clear_error(
 ) -> None:
     server, manifest = published
     victim = manifest.modules[0]
-    server.inject(f"/{shard_key(victim.shard)}", "status", status=429, retry_after="0", times=None)
+    server.inject(f"/{record_key(victim)}", "status", status=429, retry_after="0", times=None)
     with open_http(server, tmp_path, retries=2) as lora, pytest.raises(lorachunk.StoreUnavailableError) as caught:
         lora.load(modules=[victim.name])
     message = str(caught.value)
-    assert shard_key(victim.shard) in message and victim.name in message and server.url in message
+    assert record_key(victim) in message and victim.name in message and server.url in message
     assert "429" in message
-    assert len([r for r in server.gets() if r.path == f"/{shard_key(victim.shard)}"]) == 3
+    assert len([r for r in server.gets() if r.path == f"/{record_key(victim)}"]) == 3
     assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
 
 
@@ -226,7 +227,7 @@ def test_retry_after_is_honoured(
 ) -> None:
     server, manifest = published
     victim = manifest.modules[0]
-    server.inject(f"/{shard_key(victim.shard)}", "status", status=503, retry_after="1", times=1)
+    server.inject(f"/{record_key(victim)}", "status", status=503, retry_after="1", times=1)
     clock = _Clock(monkeypatch)
     with open_http(server, tmp_path) as lora:
         lora.load(modules=[victim.name])
@@ -250,11 +251,15 @@ def test_unrecoverable_faults(
     server, manifest = published
     victim = max(manifest.modules, key=lambda m: m.stored_size)
     if kind == "bad_range":
-        server.inject(f"/{shard_key(victim.shard)}", "drop", times=1)  # so the retry sends a Range
-    server.inject(f"/{shard_key(victim.shard)}", kind, times=None)
+        server.inject(f"/{record_key(victim)}", "drop", times=1)  # so the retry sends a Range
+    server.inject(f"/{record_key(victim)}", kind, times=None)
+    # The corrupt fault flips the object's first byte: the record at offset 0 of its pack.
+    victim = (
+        next(m for m in manifest.modules if m.pack == victim.pack and m.offset == 0) if kind == "corrupt" else victim
+    )
     with open_http(server, tmp_path) as lora, pytest.raises(error, match=match) as caught:
         lora.load(modules=[victim.name])
-    assert shard_key(victim.shard) in str(caught.value) and victim.name in str(caught.value)
+    assert record_key(victim) in str(caught.value) and victim.name in str(caught.value)
     assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
     assert_cache_clean(tmp_path / "cache")
 
@@ -267,12 +272,13 @@ def test_endless_shard_is_refused_after_its_declared_size(
 ) -> None:
     server, manifest = published
     victim = manifest.modules[0]
-    server.inject(f"/{shard_key(victim.shard)}", "endless", times=None)
+    server.inject(f"/{record_key(victim)}", "endless", times=None)
     with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.IntegrityError) as caught:
         lora.load(modules=[victim.name])
     message = str(caught.value)
-    assert f"over {victim.stored_size} bytes where the manifest declares" in message and victim.name in message
-    assert all(r.sent < _SLACK for r in server.gets("/shards/"))  # it stopped reading; the server gave up
+    # A 200 of zeros for a range: the record's bytes are read off it and refused, and no more.
+    assert "digest mismatch" in message and victim.name in message
+    assert all(r.sent < _SLACK for r in server.gets("/packs/"))  # it stopped reading; the server gave up
     assert_cache_clean(tmp_path / "cache")
 
 
@@ -299,17 +305,17 @@ def test_endless_manifest_or_ref_is_refused_at_its_limit(
 def test_missing_shard(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
     server, manifest = published
     victim = manifest.modules[3]
-    (server.root / shard_key(victim.shard)).unlink()
+    (server.root / record_key(victim)).unlink()
     with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.ShardNotFoundError) as caught:
-        lora.load()
-    assert shard_key(victim.shard) in str(caught.value) and victim.name in str(caught.value)
+        lora.load(modules=[victim.name])
+    assert record_key(victim) in str(caught.value) and victim.name in str(caught.value)
     assert_cache_clean(tmp_path / "cache")
 
 
 def test_stall_ends_at_the_timeout(published: tuple[FolderServer, lorachunk.Manifest], tmp_path: Path) -> None:
     server, manifest = published
     victim = manifest.modules[0]
-    server.inject(f"/{shard_key(victim.shard)}", "stall", seconds=3.0, times=None)
+    server.inject(f"/{record_key(victim)}", "stall", seconds=3.0, times=None)
     # Without the timeout the load would succeed after 3 s; with it, the error is the proof.
     with (
         open_http(server, tmp_path, timeout=0.3, retries=1) as lora,
@@ -342,7 +348,7 @@ def test_a_signed_url_query_goes_on_every_object_and_is_never_shown(
         assert len(lora.load()) == len(lora)
         assert "s3cret" not in repr(lora.store) and "…" in repr(lora.store)
     assert {r.path.partition("?")[2] for r in server.gets()} == {"sig=wrong", "sig=s3cret&exp=9"}
-    assert len(server.gets("/shards/")) == len(manifest.modules)
+    assert len(server.gets("/packs/")) == len(manifest.packs)
 
 
 def test_user_info_in_a_url_is_never_shown(tmp_path: Path) -> None:

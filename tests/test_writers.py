@@ -183,13 +183,13 @@ def test_verify_reports_what_writers_left_over(
     falcon: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A writer killed with kill -9 leaves a hidden temp file; one that failed in a store whose
-    writes show at once leaves a shard no manifest names. Neither is damage, and both are counted."""
+    writes show at once leaves a pack no manifest names. Neither is damage, and both are counted."""
     store = tmp_path / "store"
     lorachunk.pack(falcon, store)
-    handle, _ = create_temp(store / "shards" / "ab" / ("ab" + "0" * 30))  # as a killed writer leaves it
+    handle, _ = create_temp(store / "packs" / ("ab" + "0" * 30))  # as a killed writer leaves it
     handle.close()
-    LocalStore(store).set("shards/cd/cd" + "1" * 30, b"an orphan")
+    LocalStore(store).set("packs/cd" + "1" * 30, b"an orphan")
     report = lorachunk.verify(store)
     assert (report.unreferenced, report.temp_files) == (1, 1)
     assert main(["verify", str(store)]) == 0
-    assert "left over: 1 shard no manifest names and 1 temp file" in capsys.readouterr().out
+    assert "left over: 1 object no manifest names and 1 temp file" in capsys.readouterr().out

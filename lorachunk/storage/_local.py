@@ -209,6 +209,23 @@ class LocalStore(Store):
                     tmp.unlink(missing_ok=True)
                     self._drop_empty_folders(tmp)
 
+    def sync(self) -> None:
+        """Make every write so far durable, renames included (before deleting what they replace)."""
+        if not self.fsync or not self.root.is_dir():
+            return
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                syncfs = _syncfs()
+                if syncfs is not None:
+                    syncfs(fd)
+                else:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreError(f"cannot flush {self.root}: {exc.strerror or exc}") from exc
+
     def _commit(self, pending: list[tuple[Path, Path]]) -> None:
         syncfs = _syncfs() if self.fsync else None
         try:

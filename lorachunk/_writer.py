@@ -1,0 +1,161 @@
+"""Writing a LoRA's records into a store as packs (``lorachunk/2``), reusing the records the
+store already holds: what pack, compose, pull and repack share."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from lorachunk._exceptions import LorachunkError
+from lorachunk._keys import PACKS, pack_key
+from lorachunk._manifest import FORMAT_ID, Manifest, Module
+from lorachunk._packs import DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE, Pack, PackBuilder
+from lorachunk._repository import list_manifest_ids, read_manifest
+from lorachunk.storage import Store
+
+__all__ = ["Held", "Writer", "check_pack_size", "held_records", "placed_manifest"]
+
+#: A record where a store holds it: its pack, offset and size.
+Placement = tuple[str, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The records a store holds (digest → placement) and the sizes of the packs they lie in."""
+
+    records: Mapping[str, Placement]
+    packs: Mapping[str, int]
+
+
+def check_pack_size(pack_size: int) -> int:
+    """``pack_size`` in bytes if it is a whole number of MiB from 1 to 128; ValueError otherwise."""
+    if not isinstance(pack_size, int) or isinstance(pack_size, bool) or not MIN_PACK_SIZE <= pack_size <= MAX_PACK_SIZE:
+        raise ValueError(f"pack size must be 1 to 128 MiB, got {pack_size!r} bytes")
+    return pack_size
+
+
+def held_records(store: Store, *, algorithm: str, skip: Iterable[str] = ()) -> Held:
+    """Record digest → where ``store`` holds it, derived from its ``lorachunk/2`` manifests
+    (``skip``: ids not to take, e.g. those about to be replaced).
+
+    Derived each time, never stored: the manifests stay the only source of truth. A record
+    counts only if its pack is in the store (a partial copy names packs it lacks) and the
+    manifest uses ``algorithm`` (a record is reused only under the digest it was named by).
+    """
+    if not store.supports_listing:
+        return Held({}, {})
+    present = set(store.list_prefix(PACKS))
+    skipped = set(skip)
+    index: dict[str, Placement] = {}
+    sizes: dict[str, int] = {}
+    for manifest_id in list_manifest_ids(store):
+        if manifest_id in skipped:
+            continue
+        try:
+            manifest = read_manifest(store, manifest_id)
+        except LorachunkError:
+            continue  # a damaged manifest is verify's to report; its records are not reused
+        if manifest.hash != algorithm or manifest.format != FORMAT_ID:
+            continue
+        for module in manifest.modules:
+            if module.pack is not None and pack_key(module.pack) in present:
+                index.setdefault(module.shard, (module.pack, module.offset, module.stored_size))
+                sizes[module.pack] = manifest.packs[module.pack]
+    return Held(index, sizes)
+
+
+class Writer:
+    """Places one LoRA's records: those ``held`` names stay where they are, the others go, in
+    the order given, into new packs of about ``pack_size`` bytes written to ``store`` (inside
+    the caller's batch). :meth:`finish` gives every module placed and the packs they lie in.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        algorithm: str,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        held: Held | None = None,
+        damaged: Iterable[str] = (),
+    ) -> None:
+        self.store = store
+        #: Packs found not to hash to their names: written again if a pack of that name is made.
+        self.damaged = set(damaged)
+        self.index = dict(held.records) if held is not None else {}
+        self._sizes = dict(held.packs) if held is not None else {}
+        self._builder = PackBuilder(target=pack_size, algorithm=algorithm)
+        self._placed: dict[str, Module] = {}
+        self._packs: dict[str, int] = {}
+        self._waiting: dict[str, list[Module]] = {}  # records in the pack being built, by digest
+        #: Packs written and their bytes.
+        self.written = 0
+        self.written_bytes = 0
+
+    def add(self, module: Module, stored: bytes, group: str = "") -> None:
+        """Take ``module`` and its stored record (already checked against ``module.shard``)."""
+        held = self.index.get(module.shard)
+        if held is not None:
+            self._place(module, held)
+        elif module.shard in self._waiting:
+            self._waiting[module.shard].append(module)  # the same record under another name
+        else:
+            self._waiting[module.shard] = [module]
+            for pack in self._builder.add(module, stored, group):
+                self._write(pack)
+
+    def finish(self) -> tuple[list[Module], dict[str, int]]:
+        """Every module placed, and the packs they lie in (digest → size)."""
+        for pack in self._builder.finish():
+            self._write(pack)
+        return list(self._placed.values()), dict(self._packs)
+
+    def held(self) -> Held:
+        """What the store holds once this writer's packs are in: for the next writer of a batch."""
+        return Held(dict(self.index), dict(self._sizes))
+
+    def _write(self, pack: Pack) -> None:
+        key = pack_key(pack.id)
+        # Named by its digest: the same bytes are there, unless it is known to be damaged.
+        if pack.id in self.damaged or not self.store.exists(key):
+            self.store.set(key, pack.data)
+            self.written += 1
+            self.written_bytes += len(pack.data)
+        self._sizes[pack.id] = len(pack.data)
+        for placed in pack.modules:
+            placement = (pack.id, placed.offset, placed.stored_size)
+            self.index[placed.shard] = placement
+            for module in self._waiting.pop(placed.shard):
+                self._place(module, placement)
+
+    def _place(self, module: Module, placement: Placement) -> None:
+        pack, offset, size = placement
+        if size != module.stored_size:
+            raise LorachunkError(f"record {module.shard} is {size} bytes in pack {pack}, not {module.stored_size}")
+        self._placed[module.name] = dataclasses.replace(module, pack=pack, offset=offset)
+        self._packs.setdefault(pack, self._sizes[pack])
+
+
+def placed_manifest(template: Manifest, modules: Iterable[Module], packs: Mapping[str, int]) -> Manifest:
+    """``template`` (same content, splits, source) with its records where ``modules`` say: the
+    template itself when they are where it says (its bytes, and so its id, unchanged)."""
+    modules = list(modules)
+    where = {m.name: (m.pack, m.offset) for m in template.modules}
+    if (
+        template.format == FORMAT_ID
+        and len(modules) == len(template.modules)
+        and template.packs == dict(packs)
+        and all(where.get(m.name) == (m.pack, m.offset) for m in modules)
+    ):
+        return template
+    return Manifest.build(
+        hash=template.hash,
+        codec=template.codec,
+        source=template.source,
+        modules=modules,
+        splits={s.name: (s.kind, s.modules) for s in template.splits},
+        files=template.files,
+        packs=packs,
+        v1_root=template.root if template.format != FORMAT_ID else template.v1_root,
+    )
