@@ -380,7 +380,7 @@ def open(
     try:
         cache_obj = _cache_for(cache)
         loaded = _read_manifest(store, manifest, cache_obj, root)
-        if root is not None and loaded.root != root:
+        if root is not None and root not in loaded.roots:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
         # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
         pinned = root is not None and not (manifest is not None and _is_digest(manifest))

@@ -242,7 +242,7 @@ def parse_manifest(manifest_id: str | None, stored: bytes, *, what: str, root: s
             cached = _PARSED.get(candidate)
             if cached is not None:
                 _PARSED.move_to_end(candidate)
-                if root is not None and cached.root != root:
+                if root is not None and root not in cached.roots:
                     raise IntegrityError(f"{what}: manifest root is {cached.root}, expected {root}")
                 return cached
     try:

@@ -39,3 +39,43 @@ def test_recorded_codec_reproduces_store_v1_shards() -> None:
         stored, frames = codec.encode(memoryview(decode_module(store, manifest, module)), module.segments)
         assert stored == read_shard(store, module), module.name
         assert frames == module.frames
+
+
+STORE_V2 = DATA / "store-v2"
+# Pinned when the store was committed; a change here is a format break. The same LoRA as
+# store-v1, so its root is the content root store-v1's manifest also proves.
+ROOT_V2 = "xxh3-128:4a7a977c3fa09db66d719bc42d28ab23"
+MANIFEST_V2 = "xxh3-128:0b45f0b7f411a8046cb9bb04326dc91d"
+
+
+def test_store_v2_verifies_and_unpacks(tmp_path: Path) -> None:
+    manifest = lorachunk.read_manifest(LocalStore(STORE_V2))
+    assert (manifest.format, manifest.root, manifest.id, len(manifest.packs)) == (
+        "lorachunk/2",
+        ROOT_V2,
+        MANIFEST_V2,
+        1,
+    )
+    assert lorachunk.verify(STORE_V2).shards == 350
+    out = lorachunk.unpack(STORE_V2, tmp_path / "whole.safetensors")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+    with lorachunk.open(STORE_V2, root=ROOT_V2, cache=False) as lora:
+        assert lora.load(splits=["attn"]).keys() == lorachunk.load(STORE, splits=["attn"], cache=False).keys()
+
+
+def test_one_lora_has_one_content_root_in_both_formats() -> None:
+    """store-v1 answers to the root this version gives the same file, so a root pinned from
+    either store opens the other."""
+    v1 = lorachunk.read_manifest(LocalStore(STORE))
+    assert ROOT_V2 in v1.roots and v1.root == ROOT
+    with lorachunk.open(STORE, root=ROOT_V2, cache=False) as lora:
+        assert lora.manifest.format == "lorachunk/1"
+
+
+def test_this_version_packs_store_v2_byte_for_byte(tmp_path: Path) -> None:
+    manifest = lorachunk.pack(SOURCE, tmp_path / "again", splits={"attn": ["*attn*"]})
+    assert manifest.id == MANIFEST_V2
+    same = {p.relative_to(STORE_V2): p.read_bytes() for p in STORE_V2.rglob("*") if p.is_file()}
+    assert {
+        p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()
+    } == same
