@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,14 @@ class Module:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "segments", tuple(Segment(t.offset, t.length, t.itemsize) for t in self.tensors))
+
+    def placed(self, pack: str, offset: int) -> Module:
+        """This module with its record at ``offset`` in ``pack`` (the tables shared, not rebuilt:
+        pack places every module once or twice, and ``dataclasses.replace`` rebuilds them)."""
+        moved = copy.copy(self)
+        object.__setattr__(moved, "pack", pack)
+        object.__setattr__(moved, "offset", offset)
+        return moved
 
     def to_json(self) -> dict[str, Any]:
         """The entry as ``lorachunk/1`` writes it (no place: the record is an object of its own)."""
@@ -130,9 +139,12 @@ def order_runs(flat_keys: Sequence[str], file_keys: Sequence[str]) -> tuple[tupl
     return tuple((a, b) for a, b in runs)
 
 
-def module_from_json(raw: dict[str, Any], algorithm: str, packs: Sequence[str] | None = None) -> Module:
+def module_from_json(
+    raw: dict[str, Any], algorithm: str, packs: Sequence[str] | None = None, offset: int = 0
+) -> Module:
     """A module entry of a manifest using ``algorithm``, checked field by field. ``packs`` (the
-    manifest's pack table, ``lorachunk/2``) is what its ``pack`` index points into."""
+    manifest's pack table, ``lorachunk/2``) is what its ``pack`` index points into, and
+    ``offset`` where its record starts (the caller works out an offset the entry leaves out)."""
     tensors = tuple(
         TensorEntry(
             key=check_name(typed(t["key"], str), "tensor key"),
@@ -155,7 +167,7 @@ def module_from_json(raw: dict[str, Any], algorithm: str, packs: Sequence[str] |
         frames=tuple(count(f) for f in typed(raw["frames"], list)),
         tensors=tensors,
         pack=None if packs is None else _pack_of(raw, packs),
-        offset=0 if packs is None else count(raw["offset"]),
+        offset=offset,
     )
     for value in (module.shard, module.raw):
         if split_digest(value)[0] != algorithm:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
@@ -239,7 +239,10 @@ class Manifest:
         if self.format == FORMAT_V1:
             return body | {"modules": [m.to_json() for m in self.modules]}
         index = {pack: i for i, pack in enumerate(self.packs)}
-        modules = [m.to_json() | {"pack": index[m.pack], "offset": m.offset} for m in self.modules]  # type: ignore[index]
+        modules = []
+        for module, implied in zip(self.modules, _implied_offsets(self.modules), strict=True):
+            entry = module.to_json() | {"pack": index[module.pack]}  # type: ignore[index]
+            modules.append(entry if module.offset == implied else entry | {"offset": module.offset})
         packs = [{"id": pack, "size": size} for pack, size in self.packs.items()]
         return body | {"modules": modules, "packs": packs} | ({"v1_root": self.v1_root} if self.v1_root else {})
 
@@ -322,7 +325,7 @@ def _parse(raw: dict[str, Any]) -> Manifest:
     _check_counts(raw)
     packs = None if fmt == FORMAT_V1 else _pack_table(raw["packs"], algorithm)
     pack_ids = None if packs is None else list(packs)
-    modules = tuple(module_from_json(m, algorithm, pack_ids) for m in raw["modules"])
+    modules = tuple(_modules(raw["modules"], algorithm, pack_ids))
     names = [m.name for m in modules]
     if names != sorted(set(names)):
         raise ManifestError("module names must be unique and sorted")
@@ -387,6 +390,40 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         if split.root != splits_raw[split.name]["root"]:
             raise IntegrityError(f"split {split.name!r}: root does not match its modules")
     return manifest
+
+
+def _implied_offsets(modules: Iterable[Module]) -> Iterator[int]:
+    """Where each record starts unless its entry says otherwise: right after the record of the
+    entry before it when both lie in one pack, else at 0. Writers lay records out in about the
+    manifest's order, so most entries leave their offset out (it was 4% of a manifest's bytes)."""
+    previous: Module | None = None
+    for module in modules:
+        same = previous is not None and previous.pack == module.pack
+        yield previous.offset + previous.stored_size if same and previous is not None else 0
+        previous = module
+
+
+def _modules(entries: Any, algorithm: str, packs: list[str] | None) -> Iterator[Module]:
+    """The module entries, each record's offset as given or as implied (``_implied_offsets``);
+    an offset given where it is implied is refused, so one manifest has one encoding."""
+    previous: Module | None = None
+    for entry in typed(entries, list):
+        if packs is None:
+            yield module_from_json(entry, algorithm)
+            continue
+        same = previous is not None and _pack_index(entry) < len(packs) and previous.pack == packs[_pack_index(entry)]
+        implied = previous.offset + previous.stored_size if same and previous is not None else 0
+        offset = implied
+        if "offset" in typed(entry, dict):
+            offset = count(entry["offset"])
+            if offset == implied:
+                raise ManifestError(f"module {shown(entry.get('name'))}: an offset the entry before implies is given")
+        previous = module_from_json(entry, algorithm, packs, offset)
+        yield previous
+
+
+def _pack_index(entry: dict[str, Any]) -> int:
+    return count(entry["pack"])
 
 
 def _v1_roots(manifest: Manifest) -> tuple[str, str]:

@@ -3,7 +3,6 @@ byte ranges it asks a store for. Pure functions of sizes and names: no store is 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -129,8 +128,10 @@ def layout_order(names: Iterable[str], splits: Mapping[str, tuple[str, Iterable[
                 into.setdefault(member, split_name)
 
     def key(name: str) -> tuple[object, ...]:
+        # Within a group, by name as the manifest lists modules: a record then mostly starts where
+        # the one before it in the manifest ends, which the manifest need not say.
         comp, blk = component.get(name), block.get(name)
-        return (comp is None, natural_key(comp or ""), blk is None, natural_key(blk or ""), natural_key(name))
+        return (comp is None, natural_key(comp or ""), blk is None, natural_key(blk or ""), name)
 
     return [(name, f"{component.get(name, '')}\x00{block.get(name, '')}") for name in sorted(names, key=key)]
 
@@ -147,7 +148,7 @@ class Pack:
 class PackBuilder:
     """Collects module records in layout order and cuts them into packs of about ``target``
     bytes: a pack ends before the record that would take it over ``target``, or at the last
-    change of group if that leaves the pack at least half full, so splits stay whole where they
+    change of group if that leaves the pack at least 15/16 full, so splits stay whole where they
     can. A LoRA smaller than ``target`` is one pack; a record larger than it is a pack alone."""
 
     def __init__(self, *, target: int, algorithm: str) -> None:
@@ -171,13 +172,17 @@ class PackBuilder:
         return [self._cut(len(self._pending))] if self._pending else []
 
     def _boundary(self) -> int:
-        """Where to end the pending pack: at its last change of group if that is at least half
-        of the target, else after everything pending."""
+        """Where to end the pending pack: at its last change of group if that leaves it at least
+        15/16 full, else after everything pending. Fuller packs keep the count of objects at
+        ceil(stored / target) on every file measured (docs/benchmarks.md); a laxer rule kept
+        more splits whole but made up to twice the packs."""
         position = self._size
         for index in range(len(self._pending) - 1, 0, -1):
             position -= len(self._pending[index][1])
+            if 16 * position < 15 * self.target:
+                break
             if self._pending[index][2] != self._pending[index - 1][2]:
-                return index if 2 * position >= self.target else len(self._pending)
+                return index
         return len(self._pending)
 
     def _cut(self, count: int) -> Pack:
@@ -187,6 +192,6 @@ class PackBuilder:
         pack = digest(self.algorithm, data)
         placed, offset = [], 0
         for module, stored, _ in taken:
-            placed.append(dataclasses.replace(module, pack=pack, offset=offset))
+            placed.append(module.placed(pack, offset))
             offset += len(stored)
         return Pack(pack, data, tuple(placed))

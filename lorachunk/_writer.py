@@ -3,11 +3,10 @@ store already holds: what pack, compose, pull and repack share."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lorachunk._exceptions import LorachunkError
+from lorachunk._exceptions import IntegrityError, LorachunkError
 from lorachunk._keys import PACKS, pack_key
 from lorachunk._manifest import FORMAT_ID, Manifest, Module
 from lorachunk._packs import DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE, Pack, PackBuilder
@@ -127,13 +126,15 @@ class Writer:
             placement = (pack.id, placed.offset, placed.stored_size)
             self.index[placed.shard] = placement
             for module in self._waiting.pop(placed.shard):
-                self._place(module, placement)
+                self._place(placed if module.name == placed.name else module, placement)
 
     def _place(self, module: Module, placement: Placement) -> None:
         pack, offset, size = placement
         if size != module.stored_size:
-            raise LorachunkError(f"record {module.shard} is {size} bytes in pack {pack}, not {module.stored_size}")
-        self._placed[module.name] = dataclasses.replace(module, pack=pack, offset=offset)
+            raise IntegrityError(f"record {module.shard} is {size} bytes in pack {pack}, not {module.stored_size}")
+        self._placed[module.name] = (
+            module if (module.pack, module.offset) == (pack, offset) else module.placed(pack, offset)
+        )
         self._packs.setdefault(pack, self._sizes[pack])
 
 

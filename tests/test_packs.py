@@ -88,16 +88,27 @@ def _record(name: str, size: int) -> tuple[lorachunk.Module, bytes]:
 def test_pack_builder_cuts_at_the_target_and_prefers_group_boundaries() -> None:
     builder = PackBuilder(target=100, algorithm="xxh3-128")
     packs = []
-    for index, group in enumerate("aaaaabbbbbbbcc"):
-        packs += builder.add(*_record(f"m{index:02d}", 10), group)
+    for index, group in enumerate("aaaaaaaaaabbbbbbbbbbbbbbbbbbb"):
+        packs += builder.add(*_record(f"m{index:02d}", 10 if group == "a" else 1), group)
     packs += builder.finish()
-    # 50 bytes of group a fit; b would cross 100 at its 6th record, and the a/b boundary is at
-    # half the target, so the first pack ends there and b starts the second whole.
-    assert [[m.name for m in p.modules] for p in packs] == [
-        [f"m{i:02d}" for i in range(5)],
-        [f"m{i:02d}" for i in range(5, 14)],
-    ]
-    assert all(m.offset == 10 * i for p in packs for i, m in enumerate(p.modules))
+    # The record that would take the pack over 100 B comes at 100: cut there, not at the a/b
+    # boundary (100 B in, but the rule wants at least 15/16 of 100 before the boundary: it is).
+    names = [[m.name for m in p.modules] for p in packs]
+    assert names[0] == [f"m{i:02d}" for i in range(10)] and len(packs) == 2
+    lax = PackBuilder(target=100, algorithm="xxh3-128")
+    cut = []
+    for index, group in enumerate("aaaaaaaaaabbbbbbbbbbbbbbbbbbbbbbbbbb"):
+        cut += lax.add(*_record(f"n{index:02d}", 9 if group == "a" else 1), group)
+    # 90 B of a, then b: at 100 the last boundary (90 B) is under 15/16 of the target, so the
+    # pack is filled to the target instead; a boundary at 94+ B would have been taken.
+    assert [m.name for m in cut[0].modules][-1] == "n19"
+    strict = PackBuilder(target=100, algorithm="xxh3-128")
+    kept = []
+    for index, group in enumerate("a" * 19 + "b" * 20):
+        kept += strict.add(*_record(f"k{index:02d}", 5 if group == "a" else 1), group)
+    # 95 B of a (at least 15/16 of the target): the pack ends there and b starts the next whole.
+    assert [m.name for m in kept[0].modules] == [f"k{i:02d}" for i in range(19)]
+    assert all(m.offset == sum(x.stored_size for x in p.modules[:i]) for p in packs for i, m in enumerate(p.modules))
     small = PackBuilder(target=100, algorithm="xxh3-128")
     assert small.add(*_record("one", 60), "") == [] and small.add(*_record("two", 30), "") == []
     assert len(small.finish()) == 1  # less than the target: one pack
@@ -188,14 +199,18 @@ def _hostile(store: Path, change: Any) -> None:
 
 
 def _into_the_previous(raw: dict[str, Any]) -> None:
-    ordered = sorted(raw["modules"], key=lambda m: m["offset"])
-    ordered[1]["offset"] = ordered[0]["offset"] + 1
+    raw["modules"][1]["offset"] = 1  # the first record starts at 0 and is longer than a byte
+
+
+def _implied_offset_written_out(raw: dict[str, Any]) -> None:
+    raw["modules"][1]["offset"] = raw["modules"][0]["stored_size"]
 
 
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
         (_into_the_previous, lorachunk.ManifestError, "pack .* points into module"),
+        (_implied_offset_written_out, lorachunk.ManifestError, "offset the entry before implies"),
         (lambda raw: raw["packs"].append(dict(raw["packs"][0])), lorachunk.ManifestError, "pack .* is listed twice"),
         (lambda raw: raw["packs"][0].update(size=10), lorachunk.ManifestError, "outside pack"),
         (lambda raw: raw["modules"][0].update(pack=7), lorachunk.ManifestError, "pack 7 is not in the pack table"),
@@ -205,7 +220,14 @@ def _into_the_previous(raw: dict[str, Any]) -> None:
             "out of order",
         ),
     ],
-    ids=["offset into another module", "pack listed twice", "record past the pack", "no such pack", "unsorted"],
+    ids=[
+        "offset into another module",
+        "implied offset given",
+        "pack listed twice",
+        "record past the pack",
+        "no such pack",
+        "unsorted",
+    ],
 )
 def test_a_hostile_pack_table_is_refused_naming_the_pack(
     change: Any, error: type[Exception], match: str, tmp_path: Path
