@@ -221,13 +221,14 @@ def main() -> None:
             files.append(
                 synth.sdxl(workdir / "synthetic_sdxl_bf16.safetensors", rank=rank, dtype="BF16", text_encoders=True)
             )
+            files.append(synth.sdxl_lokr(workdir / "synthetic_sdxl_lokr.safetensors", scale=0.5 if args.quick else 1.0))
         for path in files:
             rows.append(measure(path, workdir))
             print(f"measured {path.name}", file=sys.stderr)
     print(f"{machine()}, zstandard {zstandard.__version__}; speeds single-thread\n")
     print(
         "| file | MB | modules | lorachunk / zstd -19 | / zstd -3 | / ZipNN | / ZipNN per module | "
-        "pack MB/s (x zstd -3) | shard files alone MB/s | encode alone MB/s (x zstd -3) | "
+        "pack MB/s (x zstd -3) | pack files alone MB/s | encode alone MB/s (x zstd -3) | "
         "decode MB/s (x zstd -3 dec) | shard frames alone MB/s | frames in one call MB/s (x zstd -3 dec) | "
         "unpack MB/s (x zstd -3 dec) |"
     )

@@ -9,13 +9,14 @@ response by the round-trip time; the slow link also drops 1% of responses part w
 split nearest 10% of the modules of each file, side by side:
 
 - **lorachunk**: ``lorachunk.load(url, splits=[…], cache=False)``: the latest manifest, then the
-  split's shards (16 at a time), each verified, with retries and resume; median of three runs;
+  split's records as byte ranges of its packs (1 + packs touched requests), each verified, with
+  retries and resume, with 4 and with 16 requests allowed in flight; median of three runs;
 - **whole file**: one GET of the ``.safetensors`` (what people do today), then pick the tensors;
 - **ranges**: a GET of the first 1 MB for the header (a second one if it is longer), then the
   split's tensors as byte ranges of the original, adjacent ones merged, 8 at a time (what a
   careful reader of the original file could do, with no verification); median of three runs.
 
-"ideal" is (bytes lorachunk must move: manifest + the split's shards) / bandwidth + 2 RTT.
+"ideal" is (bytes lorachunk must move: manifest + the split's records) / bandwidth + 2 RTT.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch  # noqa: F401 - imported before any timing, so the first lorachunk 
 from _timing import machine
 
 import lorachunk
-from lorachunk._keys import LATEST_MANIFEST, shard_key
+from lorachunk._keys import LATEST_MANIFEST
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import FolderServer, Link, serve
 
@@ -107,31 +108,38 @@ def run(path: Path, work: Path, links: dict[str, Link]) -> list[str]:
     (work / "www" / path.name).write_bytes(path.read_bytes())
     split = split_near_tenth(manifest)
     keys = {t.key for n in split.modules for t in manifest.module(n).tensors}
-    shards = sum((folder / shard_key(manifest.module(n).shard)).stat().st_size for n in split.modules)
-    must = len((folder / LATEST_MANIFEST).read_bytes()) + shards
+    records = sum({manifest.module(n).shard: manifest.module(n).stored_size for n in split.modules}.values())
+    must = len((folder / LATEST_MANIFEST).read_bytes()) + records
     rows = []
     for name, link in links.items():
         with serve(work / "www", link) as server:
-            load = partial(
-                lorachunk.load, f"{server.url}/{path.stem}", splits=[split.name], cache=False, backoff=0.2, timeout=30
-            )
-            # Median of three: the first call in a process also pays one-time set-up (the TLS
-            # context, thread pools) that a program loading its second LoRA does not.
-            t_lc, b_lc, r_lc = measure(server, load, runs=3)
             t_whole, b_whole, r_whole = measure(
                 server, lambda: with_retries(httpx.Client(timeout=120), f"{server.url}/{path.name}", {})
             )
             t_rng, b_rng, r_rng = measure(server, lambda: ranges_baseline(f"{server.url}/{path.name}", keys), runs=3)
-        assert link.bandwidth is not None
-        ideal = must / link.bandwidth + 2 * link.delay
-        rows.append(
-            f"| {path.name} | {name} | {split.name} ({len(split.modules)}/{len(manifest.modules)}) "
-            f"| {b_lc / 1e3:.0f} kB ({b_lc / must:.3f}x), {r_lc} req, {t_lc:.2f} s "
-            f"({t_lc / ideal:.2f}x ideal, {t_lc / t_whole:.3f}x whole) "
-            f"| {b_whole / 1e3:.0f} kB, {r_whole} req, {t_whole:.2f} s "
-            f"| {b_rng / 1e3:.0f} kB, {r_rng} req, {t_rng:.2f} s |"
-        )
-        print(rows[-1], flush=True)
+            for flight in (4, 16):
+                load = partial(
+                    lorachunk.load,
+                    f"{server.url}/{path.stem}",
+                    splits=[split.name],
+                    cache=False,
+                    backoff=0.2,
+                    timeout=30,
+                    concurrency=flight,
+                )
+                # Median of three: the first call in a process also pays one-time set-up (the TLS
+                # context, thread pools) that a program loading its second LoRA does not.
+                t_lc, b_lc, r_lc = measure(server, load, runs=3)
+                assert link.bandwidth is not None
+                ideal = must / link.bandwidth + 2 * link.delay
+                rows.append(
+                    f"| {path.name} | {name} | {split.name} ({len(split.modules)}/{len(manifest.modules)}) | {flight} "
+                    f"| {b_lc / 1e3:.0f} kB ({b_lc / must:.3f}x), {r_lc} req, {t_lc:.2f} s "
+                    f"({t_lc / ideal:.2f}x ideal, {t_lc / t_whole:.3f}x whole) "
+                    f"| {b_whole / 1e3:.0f} kB, {r_whole} req, {t_whole:.2f} s "
+                    f"| {b_rng / 1e3:.0f} kB, {r_rng} req, {t_rng:.2f} s |"
+                )
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -141,8 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     links = dict(list(LINKS.items())[:1]) if args.quick else LINKS
     print(f"{machine()}, lorachunk {lorachunk.__version__}\n")
-    print("| file | link | split (modules) | lorachunk | whole file | ranges of the original |")
-    print("|---|---|---|---|---|---|")
+    print("| file | link | split (modules) | in flight | lorachunk | whole file | ranges of the original |")
+    print("|---|---|---|---:|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run(ROOT / "tests" / "data" / "loras" / "diffusers_sd15_attnproc.safetensors", work, links)

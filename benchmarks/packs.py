@@ -22,6 +22,7 @@ and whether bundling tiny modules pays.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import tempfile
@@ -40,7 +41,7 @@ import lorachunk
 from lorachunk._codec import Segment, codec_from_config
 from lorachunk._digest import check
 from lorachunk._manifest import FORMAT_V1, Manifest
-from lorachunk._repository import read_shard
+from lorachunk._repository import decode_module, read_shard
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import serve
@@ -141,88 +142,102 @@ def time_shares(paths: Iterable[Path], work: Path) -> None:
     print("| file | MB | pack | encode + hashes | outside them | share outside (target ≤ 30%) |")
     print("|---|---:|---:|---:|---:|---:|")
     for path in paths:
-        data = path.read_bytes()
-        store = LocalStore(work / f"share-{path.stem}")
-        manifest = lorachunk.pack(path, store)
-        codec = codec_from_config(manifest.codec)
-        raws = [lorachunk._repository.decode_module(store, manifest, m) for m in manifest.modules]
-        records = [read_shard(store, m) for m in manifest.modules]
-        counter = iter(range(10**6))
+        print(_time_share(path, work))
 
-        def pack() -> None:
-            lorachunk.pack(path, work / f"share-{path.stem}-{next(counter)}")
 
-        def encode_and_hash() -> None:
-            import hashlib
+def _time_share(path: Path, work: Path) -> str:
+    data = path.read_bytes()
+    store = LocalStore(work / f"share-{path.stem}")
+    manifest = lorachunk.pack(path, store)
+    codec = codec_from_config(manifest.codec)
+    raws = [decode_module(store, manifest, m) for m in manifest.modules]
+    records = [read_shard(store, m) for m in manifest.modules]
+    counter = iter(range(10**6))
 
-            hashlib.sha256(data).digest()
-            for module, raw, record in zip(manifest.modules, raws, records, strict=True):
-                codec.encode(memoryview(raw), module.segments)
-                xxhash.xxh3_128_digest(raw)
-                xxhash.xxh3_128_digest(record)
-            xxhash.xxh3_128_digest(b"".join(records))
+    def pack() -> None:
+        lorachunk.pack(path, work / f"share-{path.stem}-{next(counter)}")
 
-        pack_s, inner_s = best_of_each([pack, encode_and_hash], repeat=5)
-        print(
-            f"| {path.name} | {len(data) / 1e6:.2f} | {pack_s * 1e3:.1f} ms | {inner_s * 1e3:.1f} ms "
-            f"| {(pack_s - inner_s) * 1e3:.1f} ms | {max(0.0, 1 - inner_s / pack_s):.0%} |"
-        )
+    def encode_and_hash() -> None:
+        hashlib.sha256(data).digest()
+        for module, raw, record in zip(manifest.modules, raws, records, strict=True):
+            codec.encode(memoryview(raw), module.segments)
+            xxhash.xxh3_128_digest(raw)
+            xxhash.xxh3_128_digest(record)
+        xxhash.xxh3_128_digest(b"".join(records))
+
+    pack_s, inner_s = best_of_each([pack, encode_and_hash], repeat=5)
+    return (
+        f"| {path.name} | {len(data) / 1e6:.2f} | {pack_s * 1e3:.1f} ms | {inner_s * 1e3:.1f} ms "
+        f"| {(pack_s - inner_s) * 1e3:.1f} ms | {max(0.0, 1 - inner_s / pack_s):.0%} |"
+    )
 
 
 def bundling(paths: Iterable[Path], work: Path, *, small: int = 4096) -> None:
-    print(f"\n## Bundling modules under {small} B raw (by split and element size)\n")
+    print(f"\n## Bundling modules under {small} B raw (by component and element size)\n")
     print(
-        "| file | small modules | bundles | per module: bytes | bundled: bytes | per module: decode | bundled: decode |"
+        "| file | small modules | bundles | per module: bytes | bundled: bytes "
+        "| per module: decode | bundled: decode | new version, one small module changed: per module | bundled |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for path in paths:
-        store = LocalStore(work / f"bundle-{path.stem}")
-        manifest = lorachunk.pack(path, store)
-        codec = codec_from_config(manifest.codec)
-        owner = {}
-        for split in manifest.splits:
-            if split.kind == "component":
-                owner.update(dict.fromkeys(split.modules, split.name))
-        tiny = [m for m in manifest.modules if m.raw_size < small]
-        if len(tiny) < 10:
-            continue
-        groups: dict[tuple[str, int], list[lorachunk.Module]] = {}
+        row = _bundling(path, work, small)
+        if row:
+            print(row)
+
+
+def _bundling(path: Path, work: Path, small: int) -> str | None:
+    store = LocalStore(work / f"bundle-{path.stem}")
+    manifest = lorachunk.pack(path, store)
+    codec = codec_from_config(manifest.codec)
+    owner = {}
+    for split in manifest.splits:
+        if split.kind == "component":
+            owner.update(dict.fromkeys(split.modules, split.name))
+    tiny = [m for m in manifest.modules if m.raw_size < small]
+    if len(tiny) < 10:
+        return None
+    groups: dict[tuple[str, int], list[lorachunk.Module]] = {}
+    for module in tiny:
+        sizes = {t.itemsize for t in module.tensors}
+        groups.setdefault((owner.get(module.name, ""), min(sizes) if len(sizes) == 1 else 0), []).append(module)
+    raws = {m.name: bytes(decode_module(store, manifest, m)) for m in tiny}
+    records = {m.name: read_shard(store, m) for m in tiny}
+    bundles = []
+    for members in groups.values():
+        raw = b"".join(raws[m.name] for m in members)
+        segments, position = [], 0
+        for module in members:
+            for tensor in module.tensors:
+                segments.append(Segment(position + tensor.offset, tensor.length, tensor.itemsize))
+            position += module.raw_size
+        stored, frames = codec.encode(memoryview(raw), segments)
+        bundles.append((members, stored, frames, segments, len(raw)))
+
+    def per_module() -> None:
         for module in tiny:
-            sizes = {t.itemsize for t in module.tensors}
-            groups.setdefault((owner.get(module.name, ""), min(sizes) if len(sizes) == 1 else 0), []).append(module)
-        raws = {m.name: bytes(lorachunk._repository.decode_module(store, manifest, m)) for m in tiny}
-        records = {m.name: read_shard(store, m) for m in tiny}
-        bundles = []
-        for members in groups.values():
-            raw = b"".join(raws[m.name] for m in members)
-            segments, position = [], 0
+            out = bytearray(module.raw_size)
+            codec.decode(memoryview(records[module.name]), module.segments, module.frames, memoryview(out))
+            check(module.raw, out, what=module.name)
+
+    def bundled() -> None:
+        for members, stored, frames, segments, size in bundles:
+            out = bytearray(size)
+            codec.decode(memoryview(stored), segments, frames, memoryview(out))
+            position = 0
             for module in members:
-                for tensor in module.tensors:
-                    segments.append(Segment(position + tensor.offset, tensor.length, tensor.itemsize))
+                check(module.raw, memoryview(out)[position : position + module.raw_size], what=module.name)
                 position += module.raw_size
-            stored, frames = codec.encode(memoryview(raw), segments)
-            bundles.append((members, stored, frames, segments, len(raw)))
 
-        def per_module() -> None:
-            for module in tiny:
-                out = bytearray(module.raw_size)
-                codec.decode(memoryview(records[module.name]), module.segments, module.frames, memoryview(out))
-                check(module.raw, out, what=module.name)
-
-        def bundled() -> None:
-            for members, stored, frames, segments, size in bundles:
-                out = bytearray(size)
-                codec.decode(memoryview(stored), segments, frames, memoryview(out))
-                position = 0
-                for module in members:
-                    check(module.raw, memoryview(out)[position : position + module.raw_size], what=module.name)
-                    position += module.raw_size
-
-        module_s, bundle_s = best_of_each([per_module, bundled], repeat=5)
-        print(
-            f"| {path.name} | {len(tiny)} | {len(bundles)} | {sum(map(len, records.values())):,} "
-            f"| {sum(len(b[1]) for b in bundles):,} | {module_s * 1e3:.2f} ms | {bundle_s * 1e3:.2f} ms |"
-        )
+    module_s, bundle_s = best_of_each([per_module, bundled], repeat=5)
+    # A new version that changes one small module: per module, its record is all that is new;
+    # bundled, the whole bundle holding it is new.
+    changed = tiny[len(tiny) // 2]
+    holder = next(b for b in bundles if changed in b[0])
+    return (
+        f"| {path.name} | {len(tiny)} | {len(bundles)} | {sum(map(len, records.values())):,} "
+        f"| {sum(len(b[1]) for b in bundles):,} | {module_s * 1e3:.2f} ms | {bundle_s * 1e3:.2f} ms "
+        f"| {changed.stored_size:,} B | {len(holder[1]):,} B |"
+    )
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import zstandard
 from lorachunk._digest import ALGORITHMS, digest, split_digest
 from lorachunk._entries import Module, Source, Split, TensorEntry, module_from_json
 from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
+from lorachunk._json import parse_json
 from lorachunk._layout import auto_splits, natural_key
 from lorachunk._manifest_json import (
     AUTO_KINDS,
@@ -424,6 +425,38 @@ def _modules(entries: Any, algorithm: str, packs: list[str] | None) -> Iterator[
 
 def _pack_index(entry: dict[str, Any]) -> int:
     return count(entry["pack"])
+
+
+def placements(stored: bytes, *, algorithm: str) -> tuple[dict[str, int], list[tuple[str, str, int, int]]]:
+    """Where a ``lorachunk/2`` manifest's records lie, read from its stored bytes without
+    building it: the pack table, and ``(record digest, pack, offset, size)`` per module. For
+    writers deciding what a store holds (a full read costs ~10x more); values are checked for
+    type and range, not against roots. :class:`ManifestError` for anything else (another format
+    or algorithm included)."""
+    try:
+        text = zstandard.ZstdDecompressor().decompress(stored, max_output_size=MAX_MANIFEST_BYTES)
+    except zstandard.ZstdError as exc:
+        raise ManifestError(f"manifest does not decompress: {exc}") from exc
+    raw = typed(parse_json(text, error=ManifestError, what="manifest"), dict)
+    try:
+        if raw.get("format") != FORMAT_ID or raw.get("hash") != algorithm:
+            raise ManifestError(f"not a {FORMAT_ID} manifest using {algorithm}")
+        packs = _pack_table(raw["packs"], algorithm)
+        ids = list(packs)
+        found = []
+        previous_pack, previous_end = None, 0
+        for entry in typed(raw["modules"], list):
+            pack = ids[_pack_index(entry)]
+            size = count(entry["stored_size"])
+            implied = previous_end if pack == previous_pack else 0
+            offset = count(entry["offset"]) if "offset" in entry else implied
+            if offset + size > packs[pack]:
+                raise ManifestError(f"a record lies outside pack {pack}")
+            found.append((typed(entry["shard"], str), pack, offset, size))
+            previous_pack, previous_end = pack, offset + size
+    except (KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ManifestError(f"malformed manifest: {exc!r}") from exc
+    return packs, found
 
 
 def _v1_roots(manifest: Manifest) -> tuple[str, str]:
