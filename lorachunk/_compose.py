@@ -126,7 +126,8 @@ def compose(
         codec = BytePlaneZstd.for_level()
         modules: dict[str, Module] = {}
         # Decoded modules wait on disk, not in memory, until the composed file's sha256 is taken
-        # in its own tensor order: composing a LoRA of any size holds about one module in RAM.
+        # in its own tensor order. The records (compressed) are held until they go into packs in
+        # split order: composing holds about the result's stored size in RAM.
         raws = _Spool()
         stack.callback(raws.close)
         file_order: list[TensorEntry] = []

@@ -216,7 +216,9 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self._check_pinned(name for name in (scales or {}) if name in self.splits)
         _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
         factors = scale_factors(self._manifest, chosen, scales or {})
-        placer = _torch.make_placer(self._codec, device, dtype)
+        # A root pins the raw bytes, not the records: with only a root pinned, every module is
+        # checked against it after decoding, on a GPU too.
+        placer = _torch.make_placer(self._codec, device, dtype, check_raw=self._pinned_by_root)
         try:
             for item in self._pipeline.staged(placer, chosen, wanted):
                 for key, tensor in placer.finish(item):

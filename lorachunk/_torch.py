@@ -267,7 +267,12 @@ def _ungroup(planes: torch.Tensor, module: Module) -> torch.Tensor:
     return raw
 
 
-def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None) -> Placer:
+def make_placer(
+    codec: Codec, device: str | torch.device, dtype: torch.dtype | str | None, *, check_raw: bool = False
+) -> Placer:
+    """The placer for ``device``. ``check_raw``: every module's raw bytes must be checked against
+    its raw digest (the LoRA is pinned by its root only, which does not pin the records), so a
+    CUDA load decodes on the host, checks, and copies, instead of un-grouping on the device."""
     try:
         target = torch.device(device)
     except RuntimeError as exc:
@@ -277,6 +282,8 @@ def make_placer(codec: Codec, device: str | torch.device, dtype: torch.dtype | s
             raise UsageError(f"device {device!r} asked for, but torch sees no CUDA device")
         if target.index is None:
             target = torch.device("cuda", torch.cuda.current_device())
+        if check_raw:
+            return CopyPlacer(codec, target, parse_dtype(dtype))
         return CUDAPlacer(codec, target, parse_dtype(dtype))
     if target.type == "cpu":
         return CPUPlacer(codec, target, parse_dtype(dtype))

@@ -332,3 +332,48 @@ def test_offline_refs_are_kept_per_endpoint(tmp_path: Path, monkeypatch: pytest.
         monkeypatch.setenv("HF_ENDPOINT", real.url)
         with pytest.raises(lorachunk.StoreUnavailableError, match="offline"):
             lorachunk.open("hf://me/lora")
+
+
+def test_a_mirror_that_keeps_the_root_but_swaps_a_record_is_caught_after_decoding(
+    falcon: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root pins what modules are (raw digests), not their records: a mirror can swap a record
+    and its digest and keep the root. The swapped record decodes, and its raw bytes are refused."""
+    import dataclasses
+
+    from lorachunk._codec import codec_from_config
+    from lorachunk._digest import digest
+    from lorachunk._repository import decode_module
+    from lorachunk._shard import encode_module
+
+    store = tmp_path / "store"
+    manifest = lorachunk.pack(falcon, store)
+    victim = max(manifest.modules, key=lambda m: m.raw_size)
+    raw = decode_module(LocalStore(store), manifest, victim)
+    raw[0] ^= 0x40  # another weight
+    forged, record = encode_module(
+        victim.name, raw, victim.tensors, codec=codec_from_config(manifest.codec), algorithm=manifest.hash
+    )
+    pack = digest(manifest.hash, record)
+    LocalStore(store).set(f"packs/{pack[9:]}", record)
+    swapped = dataclasses.replace(forged, raw=victim.raw, pack=pack, offset=0)  # the root's raw digest kept
+    hostile = Manifest.build(
+        hash=manifest.hash,
+        codec=manifest.codec,
+        source=manifest.source,
+        modules=[swapped if m.name == victim.name else m for m in manifest.modules],
+        splits={s.name: (s.kind, s.modules) for s in manifest.splits},
+        packs={**manifest.packs, pack: len(record)},
+    )
+    assert hostile.root == manifest.root and hostile.id != manifest.id
+    write_manifest(LocalStore(store), hostile)
+    with pytest.raises(lorachunk.IntegrityError, match="after decoding"):
+        lorachunk.load(store, root=manifest.root, modules=[victim.name], cache=False)
+    # On a GPU the records are un-grouped on the device without a raw check; pinned by root only,
+    # a load decodes and checks on the host instead (CopyPlacer), then copies.
+    from lorachunk import _torch
+
+    monkeypatch.setattr(_torch.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_torch.torch.cuda, "current_device", lambda: 0)
+    placer = _torch.make_placer(codec_from_config(manifest.codec), "cuda", None, check_raw=True)
+    assert type(placer) is _torch.CopyPlacer
