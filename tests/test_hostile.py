@@ -371,9 +371,11 @@ def test_a_mirror_that_keeps_the_root_but_swaps_a_record_is_caught_after_decodin
         lorachunk.load(store, root=manifest.root, modules=[victim.name], cache=False)
     # On a GPU the records are un-grouped on the device without a raw check; pinned by root only,
     # a load decodes and checks on the host instead (CopyPlacer), then copies.
+    import torch
+
     from lorachunk import _torch
 
-    monkeypatch.setattr(_torch.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(_torch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     placer = _torch.make_placer(codec_from_config(manifest.codec), "cuda", None, check_raw=True)
     assert type(placer) is _torch.CopyPlacer
