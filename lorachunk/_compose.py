@@ -131,7 +131,7 @@ def compose(
         raws = _Spool()
         stack.callback(raws.close)
         file_order: list[TensorEntry] = []
-        records: dict[str, bytes] = {}
+        records: dict[str, bytes | memoryview] = {}
         for part in parts:
             factor = scales.get(part.take.name)
             owned = [m for m in part.modules if owner[m.name] is part]

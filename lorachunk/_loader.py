@@ -273,14 +273,15 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     def copy(
         self,
         chosen: Sequence[Module],
-        sink: Callable[[Module, bytes], None],
+        sink: Callable[[Module, bytes | memoryview], None],
         progress: Progress | None = None,
         *,
         required: bool | None = None,
     ) -> PullReport:
-        """Fetch and verify the distinct shards of ``chosen`` and hand each to ``sink(module,
-        stored_bytes)``. ``required`` (default: when this LoRA has a cache, as prefetch wants)
-        keeps every shard in the cache and makes one that cannot be written an error."""
+        """Fetch and verify the distinct records of ``chosen`` and hand each to ``sink(module,
+        stored_bytes)`` (a view: copy it to keep it past the call if need be). ``required``
+        (default: when this LoRA has a cache, as prefetch wants) keeps every record in the cache
+        and makes one that cannot be written an error."""
         unique = len({m.shard for m in chosen})
         keep = self.cache is not None if required is None else required
         fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep)

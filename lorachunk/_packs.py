@@ -154,10 +154,10 @@ class PackBuilder:
     def __init__(self, *, target: int, algorithm: str) -> None:
         self.target = target
         self.algorithm = algorithm
-        self._pending: list[tuple[Module, bytes, str]] = []
+        self._pending: list[tuple[Module, bytes | memoryview, str]] = []
         self._size = 0
 
-    def add(self, module: Module, stored: bytes, group: str) -> list[Pack]:
+    def add(self, module: Module, stored: bytes | memoryview, group: str) -> list[Pack]:
         """Take ``module``'s record; return the packs this completes."""
         done = []
         if self._pending and self._size + len(stored) > self.target:

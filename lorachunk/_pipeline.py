@@ -88,7 +88,9 @@ class Pipeline:
         self.requests = 0
         self.transferred = 0
 
-    def records(self, modules: Sequence[Module], *, required: bool = False) -> Iterator[tuple[Module, bytes]]:
+    def records(
+        self, modules: Sequence[Module], *, required: bool = False
+    ) -> Iterator[tuple[Module, bytes | memoryview]]:
         """The verified stored records of ``modules``, from the cache or the store, as they arrive.
 
         Records not in the cache are fetched a few requests at a time (many records per request,
@@ -134,7 +136,7 @@ class Pipeline:
     def copy(
         self,
         chosen: Sequence[Module],
-        sink: Callable[[Module, bytes], None],
+        sink: Callable[[Module, bytes | memoryview], None],
         progress: Progress | None,
         *,
         required: bool,
@@ -203,7 +205,7 @@ class Pipeline:
         With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
         on_cpu = placer.device.type == "cpu"
 
-        def stage(item: tuple[Module, bytes]) -> _torch.Staged:
+        def stage(item: tuple[Module, bytes | memoryview]) -> _torch.Staged:
             module, data = item
             staged = placer.stage(module, data, wanted)
             if decoded is not None and write is None:
@@ -223,7 +225,7 @@ class Pipeline:
             else:  # a memory map and a hash: cheaper than a hand-off to a thread
                 yield kept(placer.adopt(module, raw, wanted))
 
-        def inline(item: tuple[Module, bytes]) -> bool:
+        def inline(item: tuple[Module, bytes | memoryview]) -> bool:
             # The consuming thread does the device work, so on a GPU every decode goes to the pool;
             # small modules decode where they are consumed (threads would only fight over the GIL).
             return on_cpu and item[0].raw_size < PARALLEL_MIN_BYTES

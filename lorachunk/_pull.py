@@ -27,7 +27,7 @@ from lorachunk.storage import LocalStore, Store
 
 __all__ = ["pull"]
 
-_Copy = Callable[[list[Module], Callable[[Module, bytes], None], Progress | None], PullReport]
+_Copy = Callable[[list[Module], Callable[[Module, bytes | memoryview], None], Progress | None], PullReport]
 
 
 def pull(
@@ -61,7 +61,7 @@ def pull(
             return _pull_v1(lambda *args: lora.copy(*args, required=False), manifest, unique, target, progress)
         held, damaged = _intact(target, held_records(target, algorithm=manifest.hash), unique)
         missing = [m for m in unique if m.shard not in held.records]
-        records: dict[str, bytes] = {}
+        records: dict[str, bytes | memoryview] = {}
         report = lora.copy(missing, lambda m, data: records.__setitem__(m.shard, data), progress, required=False)
         with target.batch():
             writer = Writer(target, algorithm=manifest.hash, pack_size=DEFAULT_PACK_SIZE, held=held, damaged=damaged)
@@ -120,7 +120,7 @@ def _pull_v1(
     """Some splits of a ``lorachunk/1`` LoRA: copied as they are, shard by shard (a
     ``lorachunk/2`` manifest cannot name records that are in no pack)."""
     missing = [m for m in unique if not _shard_intact(target, m)]
-    report = copy(missing, lambda m, data: target.set(shard_key(m.shard), data), progress)
+    report = copy(missing, lambda m, data: target.set(shard_key(m.shard), bytes(data)), progress)
     with target.batch():
         write_manifest(target, manifest)
     whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)

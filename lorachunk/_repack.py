@@ -120,7 +120,7 @@ def _rewrite(store: Store, manifest: Manifest, writer: Writer) -> None:
     splits = {s.name: (s.kind, s.modules) for s in manifest.splits}
     order = layout_order((m.name for m in manifest.modules), splits)
     wanted = [m for m in manifest.modules if m.shard not in writer.index]
-    records: Mapping[str, bytes] = {
+    records: Mapping[str, bytes | memoryview] = {
         module.shard: data
         for module, data in fetch_records(store, wanted, manifest.packs, threads=cpu_threads(), where=f" in {store!r}")
     }

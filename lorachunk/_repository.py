@@ -273,7 +273,8 @@ def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
     more than the manifest declares, so an object that keeps coming (a hostile or broken server)
     costs no more memory than the right one.
     """
-    return next(fetch_records(store, [module], {}, threads=1, where=where, whole=False))[1]
+    record = next(fetch_records(store, [module], {}, threads=1, where=where, whole=False))[1]
+    return record if isinstance(record, bytes) else bytes(record)
 
 
 def fetch_records(
@@ -286,13 +287,14 @@ def fetch_records(
     where: str = "",
     whole: bool = True,
     on_read: Callable[[int], None] | None = None,
-) -> Iterator[tuple[Module, bytes]]:
+) -> Iterator[tuple[Module, bytes | memoryview]]:
     """The verified records of ``modules`` (every one, whether or not another shares its
     record), as the requests that carry them complete.
 
     The requests are planned by :func:`~lorachunk._packs.plan_reads` from ``packs`` (each
     pack's size): one request carries many records, and a pack read whole is checked against
-    its name. Every record is checked against its digest before it is yielded.
+    its name. Every record is checked against its digest before it is yielded, as a view of the
+    request's bytes (no copy: a full load of a large LoRA would copy every byte once more).
     ``whole=False`` reads only the records' own bytes. ``on_read(size)`` is told of each
     request that completes.
     """
@@ -331,7 +333,14 @@ def fetch_records(
         kind = "shard" if inside and inside[0].pack is None else "pack"
         return f"{kind} {read.key} (module{'s' if len(inside) > 1 else ''} {names}){where}"
 
-    def fetch(read: Read) -> tuple[Read, bytes]:
+    def checked(module: Module, record: memoryview, key: str) -> memoryview:
+        what = f"{'shard' if module.pack is None else 'record in pack ' + key} (module {module.name!r}){where}"
+        check(module.shard, record, what=what)
+        return record
+
+    def fetch(read: Read) -> tuple[Read, bytes, list[tuple[Module, memoryview]]]:
+        """One request, on a worker thread: its bytes, the pack's name and every record wholly
+        inside it checked there (hashing in parallel), the rest left to put together."""
         v1 = read.key.startswith(SHARDS)
         # One byte more than an object read whole should hold: a longer one is refused, not read on.
         extra = 1 if read.whole else 0
@@ -350,25 +359,31 @@ def fetch_records(
             check(pack_id_of(read.key), data, what=f"pack {read.key}{where}")
         if on_read is not None:
             on_read(len(data))
-        return read, data
+        whole_records = []
+        view = memoryview(data)
+        for module in _inside(placed[read.key], read):
+            start, end = module.offset, module.offset + module.stored_size
+            if read.start <= start and end <= read.end:  # a view: no copy
+                whole_records.append((module, checked(module, view[start - read.start : end - read.start], read.key)))
+        return read, data, whole_records
 
-    for read, data in bounded_map(fetch, reads, threads=threads, ordered=False):
+    for read, data, whole_records in bounded_map(fetch, reads, threads=threads, ordered=False):
+        for module, record in whole_records:
+            for same in by_record[module.shard]:
+                yield same, record
         for module in _inside(placed[read.key], read):
             start, end = module.offset, module.offset + module.stored_size
             if read.start <= start and end <= read.end:
-                record = data[start - read.start : end - read.start]
-            else:  # a record longer than one request: put together from its pieces
-                buffer, got = partial.setdefault(module.shard, (bytearray(module.stored_size), [0]))
-                lo, hi = max(start, read.start), min(end, read.end)
-                buffer[lo - start : hi - start] = data[lo - read.start : hi - read.start]
-                got[0] += hi - lo
-                if got[0] < module.stored_size:
-                    continue
-                record = bytes(partial.pop(module.shard)[0])
-            what = f"{'shard' if module.pack is None else 'record in pack ' + read.key} (module {module.name!r}){where}"
-            check(module.shard, record, what=what)
-            for same in by_record[module.shard]:
-                yield same, record
+                continue
+            # A record longer than one request: put together from its pieces.
+            buffer, got = partial.setdefault(module.shard, (bytearray(module.stored_size), [0]))
+            lo, hi = max(start, read.start), min(end, read.end)
+            buffer[lo - start : hi - start] = data[lo - read.start : hi - read.start]
+            got[0] += hi - lo
+            if got[0] == module.stored_size:
+                record = checked(module, memoryview(partial.pop(module.shard)[0]), read.key)
+                for same in by_record[module.shard]:
+                    yield same, record
 
 
 def _inside(entries: Sequence[tuple[int, Module]], read: Read) -> list[Module]:

@@ -126,7 +126,7 @@ class Placer:
         self.device = device
         self.dtype = dtype
 
-    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
+    def stage(self, module: Module, stored: bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         raise NotImplementedError
 
     def adopt(self, module: Module, raw: mmap.mmap | bytes | memoryview, keys: frozenset[str] | None) -> Staged:
@@ -153,7 +153,7 @@ class Placer:
 class CPUPlacer(Placer):
     keeps_host_bytes = True
 
-    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
+    def stage(self, module: Module, stored: bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         buffer = torch.empty(module.raw_size, dtype=torch.uint8)
         view = _bytes_view(buffer) if module.raw_size else memoryview(bytearray())
         decode_checked(self.codec, module, stored, view)
@@ -204,7 +204,7 @@ class CUDAPlacer(Placer):
         self.stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
 
-    def stage(self, module: Module, stored: bytes, keys: frozenset[str] | None) -> Staged:
+    def stage(self, module: Module, stored: bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         # Never wait for a slot: the thread that would free one may be the one asking for it.
         # The pool grows to the number of modules in flight, which the loader bounds.
         try:

@@ -122,7 +122,7 @@ class Writer:
         self.written = 0
         self.written_bytes = 0
 
-    def add(self, module: Module, stored: bytes, group: str = "") -> None:
+    def add(self, module: Module, stored: bytes | memoryview, group: str = "") -> None:
         """Take ``module`` and its stored record (already checked against ``module.shard``)."""
         held = self.index.get(module.shard)
         if held is not None:
