@@ -171,10 +171,10 @@ def compose(
         # Records ``dest`` holds (a take from the same store, an earlier compose) stay where they
         # are: composing over them writes a manifest only.
         with out.batch():  # one flush for all new packs, before the manifest names them
-            writer = Writer(out, algorithm=algorithm, held=held_records(out, algorithm=algorithm))
-            for module_name, group in layout_order(modules, splits):
-                writer.add(modules[module_name], records[module_name], group)
-            placed, packs = writer.finish()
+            with Writer(out, algorithm=algorithm, held=held_records(out, algorithm=algorithm)) as writer:
+                for module_name, group in layout_order(modules, splits):
+                    writer.add(modules[module_name], records[module_name], group)
+                placed, packs = writer.finish()
             manifest = Manifest.build(
                 hash=algorithm, codec=codec.get_config(), source=source, modules=placed, splits=splits, packs=packs
             )

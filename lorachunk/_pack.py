@@ -114,14 +114,13 @@ def pack(
                 # One batch for shards, manifest and ref: in a local folder nothing appears unless
                 # all of it does, and each shard is durable before the manifest names it.
                 with store.batch():
-                    writer = Writer(
-                        store, algorithm=hash, pack_size=pack_size, held=held_records(store, algorithm=hash)
-                    )
-                    order = layout_order(names, all_splits)
-                    _encode_all(
-                        data, layout, grouped, order, codec=codec, algorithm=hash, writer=writer, progress=progress
-                    )
-                    modules, packs = writer.finish()
+                    held = held_records(store, algorithm=hash)
+                    with Writer(store, algorithm=hash, pack_size=pack_size, held=held) as writer:
+                        order = layout_order(names, all_splits)
+                        _encode_all(
+                            data, layout, grouped, order, codec=codec, algorithm=hash, writer=writer, progress=progress
+                        )
+                        modules, packs = writer.finish()
                     source = _source(path, size, sha256.result(), layout, modules)
                     manifest = Manifest.build(
                         hash=hash,

@@ -11,7 +11,7 @@ from lorachunk._exceptions import LorachunkError
 from lorachunk._keys import manifest_key, pack_key, shard_key
 from lorachunk._loader import PullReport, open
 from lorachunk._manifest import FORMAT_V1, Manifest, Module
-from lorachunk._packs import DEFAULT_PACK_SIZE, layout_order
+from lorachunk._packs import layout_order
 from lorachunk._repository import (
     check_dest,
     list_manifest_ids,
@@ -64,14 +64,14 @@ def pull(
         records: dict[str, bytes | memoryview] = {}
         report = lora.copy(missing, lambda m, data: records.__setitem__(m.shard, data), progress, required=False)
         with target.batch():
-            writer = Writer(target, algorithm=manifest.hash, pack_size=DEFAULT_PACK_SIZE, held=held, damaged=damaged)
             wanted = {m.shard for m in unique}
             splits_of = {s.name: (s.kind, s.modules) for s in manifest.splits}
-            for name, group in layout_order((m.name for m in manifest.modules), splits_of):
-                module = manifest.module(name)
-                if module.shard in wanted:
-                    writer.add(module, records.get(module.shard, b""), group)
-            placed, packs = writer.finish()
+            with Writer(target, algorithm=manifest.hash, held=held, damaged=damaged) as writer:
+                for name, group in layout_order((m.name for m in manifest.modules), splits_of):
+                    module = manifest.module(name)
+                    if module.shard in wanted:
+                        writer.add(module, records.get(module.shard, b""), group)
+                placed, packs = writer.finish()
             names = {m.name for m in placed}
             # Records not pulled stay named where the source holds them: this copy lacks those packs.
             rest = [m for m in manifest.modules if m.name not in names]

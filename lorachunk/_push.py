@@ -119,14 +119,14 @@ def push(
         # packs, made in a folder of their own and uploaded from there.
         staging = LocalStore(tmp)
         with staging.batch():
-            writer = Writer(staging, algorithm=packed.hash, held=held)
             wanted = [m for m in packed.modules if m.shard not in held.records]
             records = {m.shard: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
             splits = {s.name: (s.kind, s.modules) for s in packed.splits}
-            for name, group in layout_order((m.name for m in packed.modules), splits):
-                module = packed.module(name)
-                writer.add(module, records.get(module.shard, b""), group)
-            modules, packs = writer.finish()
+            with Writer(staging, algorithm=packed.hash, held=held) as writer:
+                for name, group in layout_order((m.name for m in packed.modules), splits):
+                    module = packed.module(name)
+                    writer.add(module, records.get(module.shard, b""), group)
+                modules, packs = writer.finish()
         pushed = placed_manifest(packed, modules, packs)
         uploads += [(prefix + key, staging.path(key)) for key in staging.list_prefix(PACKS)]
         uploaded_bytes = sum(path.stat().st_size for _, path in uploads)

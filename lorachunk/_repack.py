@@ -82,9 +82,11 @@ def repack(
                 manifest = manifests[manifest_id]
                 if manifest_id in partial:
                     continue
-                writer = Writer(store, algorithm=manifest.hash, pack_size=pack_size, held=held.get(manifest.hash))
-                _rewrite(store, manifest, writer)
-                modules, packs = writer.finish()
+                with Writer(
+                    store, algorithm=manifest.hash, pack_size=pack_size, held=held.get(manifest.hash)
+                ) as writer:
+                    _rewrite(store, manifest, writer)
+                    modules, packs = writer.finish()
                 held[manifest.hash] = writer.held()
                 new = placed_manifest(manifest, modules, packs)
                 written, written_bytes = written + writer.written, written_bytes + writer.written_bytes
