@@ -5,7 +5,8 @@
 1. **Upload bytes for a new version.** A synthetic SDXL-shaped LoRA (F16, rank 16, 630 modules) is
    pushed, then versions with 1%, 10% and 50% of its modules changed are each pushed on top. We
    count every byte the client sent (LFS uploads, commit, preupload and batch requests) and
-   compare with the changed shards + manifest (the floor) and with re-uploading the whole file.
+   compare with the changed modules' records + manifest (the floor) and with re-uploading the
+   whole file, and count the files the one commit touches (target: 3 + packs uploaded).
 2. **One split over a slow link.** The Hub serves through an emulated 10 Mbit/s link with 100 ms
    per request. ``lorachunk.load("hf://…", splits=[…])`` of the split nearest 10% of the modules
    vs ``hf_hub_download`` of the whole ``.safetensors`` (what people do today); median of three
@@ -69,17 +70,22 @@ def upload_rows(work: Path) -> list[str]:
             version = work / f"v{fraction}.safetensors"
             chosen = changed_version(path, version, manifest, fraction)
             packed = lorachunk.pack(version, lorachunk.storage.MemoryStore())
-            # The floor: shards the repo lacks (a change that rounds back to the old F16 values
-            # leaves a module's shard as it was) plus the new manifest.
+            # The floor: records the repo lacks (a change that rounds back to the old F16 values
+            # leaves a module's record as it was) plus the manifest pushed.
             new = {m.shard: m.stored_size for m in packed.modules if m.shard not in in_repo}
             in_repo |= new.keys()
-            floor = sum(new.values()) + len(packed.to_bytes())
             hub.log.clear()
+            before = hub.repos[("model", "bench/sdxl")].refs["main"]
             result = lorachunk.push(version, "bench/sdxl", token=TOKEN)
             sent = sent_bytes(hub)
+            with lorachunk.open("hf://bench/sdxl", token=TOKEN, cache=False) as pushed:
+                floor = sum(new.values()) + len(pushed.manifest.to_bytes())
+            commits = hub.repos[("model", "bench/sdxl")].commits
+            old, now = commits[before], commits[result.commit]
+            files = sum(1 for path, entry in now.items() if old.get(path) != entry)
             whole = version.stat().st_size
             rows.append(
-                f"| {fraction:.0%} ({len(chosen)} modules) | {result.uploaded} shards | {sent / 1e6:.2f} MB "
+                f"| {fraction:.0%} ({len(chosen)} modules) | {result.uploaded} | {files} | {sent / 1e6:.2f} MB "
                 f"| {floor / 1e6:.2f} MB | **{sent / floor:.3f}x** | {whole / 1e6:.1f} MB | {sent / whole:.3f}x |"
             )
             print(rows[-1], flush=True)
@@ -135,8 +141,11 @@ def pull_rows(work: Path) -> list[str]:
 def main() -> None:
     print(f"{machine()}, lorachunk {lorachunk.__version__}\n")
     with tempfile.TemporaryDirectory() as tmp:
-        print("| modules changed | new shards | bytes sent | new shards + manifest | ratio | whole file | x whole |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| modules changed | packs uploaded | files in the commit | bytes sent | new records + manifest | ratio "
+            "| whole file | x whole |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         upload_rows(Path(tmp))
         print()
         print("| file | split | lorachunk load of the split | hf_hub_download of the file | time ratio |")

@@ -91,8 +91,9 @@ def _placements(
     return found
 
 
-#: Packs handed to the writing thread and not yet written, at most.
-_WRITES_IN_FLIGHT: Final = 2
+#: Threads writing packs, and the bytes of packs handed to them and not yet written, at most.
+_WRITE_THREADS: Final = 4
+_WRITE_BYTES: Final = 64 * 1024 * 1024
 # Manifests are immutable and named by their digest: what one places never changes.
 _PLACEMENTS: dict[tuple[str, str], tuple[dict[str, int], list[tuple[str, str, int, int]]] | None] = {}
 _PLACEMENTS_LOCK = threading.Lock()
@@ -104,10 +105,11 @@ class Writer:
     the order given, into new packs of about ``pack_size`` bytes written to ``store`` (inside
     the caller's batch). :meth:`finish` gives every module placed and the packs they lie in.
 
-    Packs are written on a thread of their own, so that the caller goes on encoding while the
-    disk takes the last pack (writing and flushing them in the caller's thread made a pack of a
-    355 MB LoRA take half as long again). Use it as a context manager: leaving the block waits
-    for every write, also when it raises.
+    Packs are written on threads of their own, so that the caller goes on encoding while the disk
+    takes the last packs (writing and flushing them in the caller's thread made packing a 355 MB
+    LoRA take half as long again; a disk flushes several files at once faster than one after the
+    other). At most 64 MiB of packs wait (two packs at least). Use it as a context manager:
+    leaving the block waits for every write, also when it raises.
     """
 
     def __init__(
@@ -131,7 +133,10 @@ class Writer:
         #: Packs written and their bytes.
         self.written = 0
         self.written_bytes = 0
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorachunk-pack-writer")
+        self._in_flight = max(2, _WRITE_BYTES // pack_size)
+        self._io = ThreadPoolExecutor(
+            max_workers=min(_WRITE_THREADS, self._in_flight), thread_name_prefix="lorachunk-pack"
+        )
         self._writes: deque[Future[None]] = deque()
 
     def __enter__(self) -> Writer:
@@ -174,7 +179,7 @@ class Writer:
         key = pack_key(pack.id)
         # Named by its digest: the same bytes are there, unless it is known to be damaged.
         if pack.id in self.damaged or not self.store.exists(key):
-            while len(self._writes) >= _WRITES_IN_FLIGHT:  # bounds memory: a pack or two waits
+            while len(self._writes) >= self._in_flight:  # bounds the memory packs waiting take
                 self._writes.popleft().result()
             self._writes.append(self._io.submit(self.store.set, key, pack.data))
             self.written += 1
