@@ -230,6 +230,8 @@ class Pipeline:
             # small modules decode where they are consumed (threads would only fight over the GIL).
             return on_cpu and item[0].raw_size < PARALLEL_MIN_BYTES
 
+        if not to_fetch:
+            return  # all from the cache: no pool to start (a warm split takes well under a millisecond)
         threads = min(self.concurrency, cpu_threads())
         for staged in overlapped(stage, self.records(to_fetch), threads=threads, inline=inline):
             yield kept(staged)

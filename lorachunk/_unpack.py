@@ -9,16 +9,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from lorachunk._codec import codec_from_config
+from lorachunk._codec import Codec, codec_from_config
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, UsageError
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lorachunk._loader import REMOTE_CONCURRENCY
 from lorachunk._manifest import Manifest, Module
-from lorachunk._repository import as_store, decode_module, partial_ids, read_manifest, record_key
+from lorachunk._repository import as_store, decode_module, fetch_records, partial_ids, read_manifest, record_key
 from lorachunk._safetensors import encode_header
 from lorachunk._select import select_modules
+from lorachunk._shard import decode_checked
 from lorachunk._threads import Progress, bounded_map, cpu_threads
 from lorachunk.storage import Store
 from lorachunk.storage._local import create_temp, write_atomic
+from lorachunk.storage._url import is_remote
 
 __all__ = ["unpack"]
 
@@ -121,7 +124,7 @@ def _unpack(
                 positions=positions,
                 total=position,
                 modules=chosen,
-                decode=lambda m: decode_module(store, loaded, m, codec),
+                decode=_decoder(store, loaded, chosen, codec),
                 progress=progress,
             )
             if whole and sha256 != loaded.source.sha256:
@@ -134,6 +137,22 @@ def _unpack(
             raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
     return target
+
+
+def _decoder(store: Store, manifest: Manifest, chosen: Sequence[Module], codec: Codec) -> Callable[[Module], bytearray]:
+    """How each module's raw bytes are had: from a local folder one record at a time (a ``pread``
+    each, so memory stays at a few modules); from a remote store all records first, in the
+    planned requests (a few per pack, not one per module), held until decoded."""
+    if not is_remote(store):
+        return lambda module: decode_module(store, manifest, module, codec)
+    records = {m.shard: r for m, r in fetch_records(store, chosen, manifest.packs, threads=REMOTE_CONCURRENCY)}
+
+    def decode(module: Module) -> bytearray:
+        out = bytearray(module.raw_size)
+        decode_checked(codec, module, records[module.shard], memoryview(out))
+        return out
+
+    return decode
 
 
 def _check_pulled(store: Store, manifest: Manifest, chosen: Sequence[Module]) -> None:

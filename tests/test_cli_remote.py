@@ -78,8 +78,10 @@ def test_remote_info_unpack_verify(
     assert main(["info", server.url, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["root"] == manifest.root and info["store"]["manifests"] == 1
+    server.log.clear()
     assert main(["unpack", server.url, "-o", str(tmp_path / "whole.safetensors"), "-q"]) == 0
     assert (tmp_path / "whole.safetensors").read_bytes() == ATTN.read_bytes()
+    assert len(server.gets("/packs/")) == len(manifest.packs) == 1  # planned requests, not one per module
     assert main(["verify", server.url, "-q"]) == 0
     assert main(["info", server.url, "--manifest", manifest.id[:12]]) == 2
     assert "full id" in capsys.readouterr().err
