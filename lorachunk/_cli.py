@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="RANGE", help="only these layers of a transformer adapter, e.g. 0-15 or 0,2,5-7")
     p.add_argument("--manifest", help="manifest id (default: the source's latest)")
     p.add_argument("--root", help="fail unless the manifest's Merkle root is this one")
-    p.add_argument("--concurrency", type=int, help="shards fetched at once (default: 16 remote, CPU count local)")
+    p.add_argument("--concurrency", type=int, help="requests in flight (default: 16 remote, CPU count local)")
+    p.add_argument(
+        "--max-gap",
+        metavar="SIZE",
+        help="ranges of one pack at most this far apart are fetched in one request (default 256kB; 0: exact ranges)",
+    )
     p.add_argument("--no-cache", action="store_true", help="do not read or fill the shared cache")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="HTTP header (repeatable)")
     p.add_argument("--max-rate", metavar="SIZE", help="cap the download rate, bytes per second (e.g. 2MB)")
@@ -131,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    p = command("push", cmd_push, "publish a LoRA to a Hugging Face Hub repo, uploading only the shards it lacks")
+    p = command(
+        "push", cmd_push, "publish a LoRA to a Hugging Face Hub repo in one commit, uploading only what it lacks"
+    )
     p.add_argument(
         "src", metavar="SRC", help="a packed folder, a .safetensors file or a PEFT folder (packed on the fly)"
     )

@@ -267,6 +267,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             root=args.root,
             concurrency=args.concurrency,
             cache=False if args.no_cache else "auto",
+            **({"max_gap": parse_size(args.max_gap)} if args.max_gap is not None else {}),
             progress=progress,
             **_store_options(args),
         )

@@ -19,6 +19,7 @@ from lorachunk._digest import split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names
 from lorachunk._manifest import Manifest, Module, Split
+from lorachunk._packs import DEFAULT_GAP
 from lorachunk._pipeline import Pipeline
 from lorachunk._repository import parse_manifest, read_manifest
 from lorachunk._select import layer_splits, scale_factors, select_modules
@@ -80,7 +81,10 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         concurrency: int,
         owns_store: bool,
         pinned_by_root: bool = False,
+        max_gap: int = DEFAULT_GAP,
     ) -> None:
+        if max_gap < 0:
+            raise UsageError(f"max_gap must be 0 or more bytes, got {max_gap}")
         if concurrency < 1:
             raise UsageError(f"concurrency must be at least 1, got {concurrency}")
         self.store = store
@@ -92,7 +96,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self._pinned_by_root = pinned_by_root
         self._codec = codec_from_config(manifest.codec)
         self._by_key = manifest.owners
-        self._pipeline = Pipeline(store, manifest, cache, concurrency=concurrency)
+        self._pipeline = Pipeline(store, manifest, cache, concurrency=concurrency, max_gap=max_gap)
 
     @property
     def fetched(self) -> int:
@@ -334,6 +338,7 @@ def open(
     manifest: str | None = None,
     cache: CacheOption = "auto",
     concurrency: int | None = None,
+    max_gap: int = DEFAULT_GAP,
     **store_options: Any,
 ) -> LoRA:
     """Open a packed LoRA: read and check its manifest, fetch nothing else.
@@ -354,10 +359,14 @@ def open(
         are kept, which makes warm loads a memory map plus a hash. ``False`` or ``None``: no
         cache. A folder, or a :class:`~lorachunk.Cache`.
     concurrency:
-        Shards fetched and decoded at once: default the CPU count (at most 8, or
+        Requests in flight and modules decoded at once: default the CPU count (at most 8, or
         ``LORACHUNK_THREADS``) for local folders, 16 for remote sources
         (so that on a slow link with long round trips the link never waits for a request). For
         ``http(s)://`` and ``hf://`` sources it also sizes the connection pool.
+    max_gap:
+        Ranges of one pack at most this many bytes apart are fetched in one request, the bytes
+        between them read and dropped (default 256 KiB: less than a round trip costs on links
+        slower than ~20 Mbit/s at 100 ms; 0 asks for exactly the records needed).
     store_options:
         Passed to the store (``headers=``, ``max_bytes_per_s=``, ``timeout=``, ``retries=`` for
         HTTP; ``storage_options=`` for fsspec).
@@ -387,7 +396,9 @@ def open(
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
         # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
         pinned = root is not None and not (manifest is not None and _is_digest(manifest))
-        return LoRA(store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns, pinned_by_root=pinned)
+        return LoRA(
+            store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns, pinned_by_root=pinned, max_gap=max_gap
+        )
     except BaseException:
         if owns:
             store.close()

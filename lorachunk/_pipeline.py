@@ -72,7 +72,9 @@ class CachePolicy:
 class Pipeline:
     """Fetch, verify, decode and place the modules of one manifest from one store."""
 
-    def __init__(self, store: Store, manifest: Manifest, cache: Cache | None, *, concurrency: int) -> None:
+    def __init__(
+        self, store: Store, manifest: Manifest, cache: Cache | None, *, concurrency: int, max_gap: int = DEFAULT_GAP
+    ) -> None:
         self.store = store
         self.manifest = manifest
         self.remote = is_remote(store)
@@ -80,7 +82,7 @@ class Pipeline:
         self.concurrency = concurrency
         self._offsets = manifest.raw_offsets  # each module's place in a cache bundle
         self._lock = threading.Lock()
-        self.gap = DEFAULT_GAP
+        self.gap = max_gap
         #: Records fetched from the store (not the cache), and their bytes.
         self.fetched = 0
         self.fetched_bytes = 0

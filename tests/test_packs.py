@@ -385,3 +385,21 @@ def test_repack_killed_at_any_point_leaves_a_store_that_verifies(tmp_path: Path)
 
 def _roots(store: Path, manifest_id: str) -> frozenset[str]:
     return lorachunk.read_manifest(LocalStore(store), manifest_id).roots
+
+
+def test_max_gap_joins_ranges_or_keeps_them_apart(tmp_path: Path) -> None:
+    from lorachunk._cli import main
+
+    with serving(tmp_path / "www") as server:
+        manifest = lorachunk.pack(ATTN, server.root)  # one pack of 2.75 MB: read by range
+        first, _, third = sorted(manifest.modules, key=lambda m: m.offset)[:3]  # a record apart
+        for max_gap, requests in ((256 * 1024, 1), (0, 2)):
+            server.log.clear()
+            lorachunk.load(server.url, modules=[first.name, third.name], cache=False, max_gap=max_gap)
+            assert len(server.gets("/packs/")) == requests
+        server.log.clear()
+        args = ["pull", server.url, "-o", str(tmp_path / "c"), "--module", first.name, "--module", third.name]
+        assert main([*args, "--max-gap", "0", "--no-cache", "-q"]) == 0
+        assert len(server.gets("/packs/")) == 2
+    with pytest.raises(lorachunk.UsageError, match="max_gap"):
+        lorachunk.open(tmp_path / "c", max_gap=-1)
