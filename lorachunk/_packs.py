@@ -138,11 +138,25 @@ def layout_order(names: Iterable[str], splits: Mapping[str, tuple[str, Iterable[
 
 @dataclass(frozen=True, slots=True)
 class Pack:
-    """A pack ready to store: its digest, its bytes and its modules, placed."""
+    """A pack's records, in order; :meth:`assemble` makes its bytes, digest and placed modules
+    (left to whoever writes it: joining and hashing tens of MB is worth a thread of its own)."""
 
-    id: str
-    data: bytes
-    modules: tuple[Module, ...]
+    algorithm: str
+    records: tuple[tuple[Module, bytes | memoryview], ...]
+
+    @property
+    def modules(self) -> tuple[Module, ...]:
+        return tuple(module for module, _ in self.records)
+
+    def assemble(self) -> tuple[str, bytes, tuple[Module, ...]]:
+        """The pack's digest, its bytes, and its modules with their places in it."""
+        data = b"".join(stored for _, stored in self.records)
+        pack = digest(self.algorithm, data)
+        placed, offset = [], 0
+        for module, stored in self.records:
+            placed.append(module.placed(pack, offset))
+            offset += len(stored)
+        return pack, data, tuple(placed)
 
 
 class PackBuilder:
@@ -188,10 +202,4 @@ class PackBuilder:
     def _cut(self, count: int) -> Pack:
         taken, self._pending = self._pending[:count], self._pending[count:]
         self._size -= sum(len(stored) for _, stored, _ in taken)
-        data = b"".join(stored for _, stored, _ in taken)
-        pack = digest(self.algorithm, data)
-        placed, offset = [], 0
-        for module, stored, _ in taken:
-            placed.append(module.placed(pack, offset))
-            offset += len(stored)
-        return Pack(pack, data, tuple(placed))
+        return Pack(self.algorithm, tuple((module, stored) for module, stored, _ in taken))

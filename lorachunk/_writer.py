@@ -137,7 +137,7 @@ class Writer:
         self._io = ThreadPoolExecutor(
             max_workers=min(_WRITE_THREADS, self._in_flight), thread_name_prefix="lorachunk-pack"
         )
-        self._writes: deque[Future[None]] = deque()
+        self._writes: deque[Future[tuple[str, int, tuple[Module, ...], bool]]] = deque()
 
     def __enter__(self) -> Writer:
         return self
@@ -168,7 +168,7 @@ class Writer:
         for pack in self._builder.finish():
             self._write(pack)
         while self._writes:
-            self._writes.popleft().result()
+            self._written(self._writes.popleft().result())
         return list(self._placed.values()), dict(self._packs)
 
     def held(self) -> Held:
@@ -176,17 +176,29 @@ class Writer:
         return Held(dict(self.index), dict(self._sizes))
 
     def _write(self, pack: Pack) -> None:
-        key = pack_key(pack.id)
+        """Hand ``pack`` to a writing thread (which joins, hashes and stores it); its records
+        stay waiting (a record met again joins them) until it is written."""
+        while len(self._writes) >= self._in_flight:  # bounds the memory packs waiting take
+            self._written(self._writes.popleft().result())
+        self._writes.append(self._io.submit(self._store, pack))
+
+    def _store(self, pack: Pack) -> tuple[str, int, tuple[Module, ...], bool]:
+        pack_id, data, placed = pack.assemble()
+        key = pack_key(pack_id)
         # Named by its digest: the same bytes are there, unless it is known to be damaged.
-        if pack.id in self.damaged or not self.store.exists(key):
-            while len(self._writes) >= self._in_flight:  # bounds the memory packs waiting take
-                self._writes.popleft().result()
-            self._writes.append(self._io.submit(self.store.set, key, pack.data))
+        new = pack_id in self.damaged or not self.store.exists(key)
+        if new:
+            self.store.set(key, data)
+        return pack_id, len(data), placed, new
+
+    def _written(self, done: tuple[str, int, tuple[Module, ...], bool]) -> None:
+        pack_id, size, placed_modules, new = done
+        if new:
             self.written += 1
-            self.written_bytes += len(pack.data)
-        self._sizes[pack.id] = len(pack.data)
-        for placed in pack.modules:
-            placement = (pack.id, placed.offset, placed.stored_size)
+            self.written_bytes += size
+        self._sizes[pack_id] = size
+        for placed in placed_modules:
+            placement = (pack_id, placed.offset, placed.stored_size)
             self.index[placed.shard] = placement
             for module in self._waiting.pop(placed.shard):
                 self._place(placed if module.name == placed.name else module, placement)

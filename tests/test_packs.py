@@ -108,7 +108,10 @@ def test_pack_builder_cuts_at_the_target_and_prefers_group_boundaries() -> None:
         kept += strict.add(*_record(f"k{index:02d}", 5 if group == "a" else 1), group)
     # 95 B of a (at least 15/16 of the target): the pack ends there and b starts the next whole.
     assert [m.name for m in kept[0].modules] == [f"k{i:02d}" for i in range(19)]
-    assert all(m.offset == sum(x.stored_size for x in p.modules[:i]) for p in packs for i, m in enumerate(p.modules))
+    for pack in packs:
+        pack_id, data, placed = pack.assemble()
+        assert len(data) == sum(m.stored_size for m in placed) and all(m.pack == pack_id for m in placed)
+        assert [m.offset for m in placed] == [sum(x.stored_size for x in placed[:i]) for i in range(len(placed))]
     small = PackBuilder(target=100, algorithm="xxh3-128")
     assert small.add(*_record("one", 60), "") == [] and small.add(*_record("two", 30), "") == []
     assert len(small.finish()) == 1  # less than the target: one pack
