@@ -17,6 +17,8 @@ and whether bundling tiny modules pays.
 4. **Bundling tiny modules.** Modules under 4 KiB of raw bytes, grouped by split and element size,
    encoded as one set of byte-plane frames instead of one per module: bytes and decode time (each
    module's raw digest still checked after decoding), on the fixtures with such modules.
+5. **What a writer reads of each manifest in a store**: the placements only (``_manifest.placements``)
+   against a full read (``Manifest.from_bytes``), best of twenty, for the synthetic files.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from _timing import best_of_each, machine
 import lorachunk
 from lorachunk._codec import Segment, codec_from_config
 from lorachunk._digest import check
-from lorachunk._manifest import FORMAT_V1, Manifest
+from lorachunk._manifest import FORMAT_V1, Manifest, placements
 from lorachunk._repository import decode_module, read_shard
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
@@ -240,6 +242,25 @@ def _bundling(path: Path, work: Path, small: int) -> str | None:
     )
 
 
+def manifest_reads(paths: Iterable[Path], work: Path) -> None:
+    print("\n## Reading a manifest: placements only vs in full (best of twenty)\n")
+    print("| file | modules | manifest | placements | full read | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for path in paths:
+        print(_manifest_read(lorachunk.pack(path, work / f"objects-{path.stem}"), path.name))
+
+
+def _manifest_read(manifest: Manifest, name: str) -> str:
+    stored = manifest.to_bytes()
+    fast, full = best_of_each(
+        [lambda: placements(stored, algorithm=manifest.hash), lambda: Manifest.from_bytes(stored)], repeat=20
+    )
+    return (
+        f"| {name} | {len(manifest.modules)} | {len(stored) / 1e3:.0f} kB | {fast * 1e3:.1f} ms "
+        f"| {full * 1e3:.1f} ms | {full / fast:.1f}x |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="synthetic files at 1/4 width")
@@ -252,6 +273,7 @@ def main() -> None:
         requests([LORAS / "diffusers_sd15_attnproc.safetensors", *synthetic], work)
         time_shares(real_files(), work)
         bundling(real_files(), work)
+        manifest_reads(synthetic, work)
 
 
 if __name__ == "__main__":

@@ -430,7 +430,7 @@ def _pack_index(entry: dict[str, Any]) -> int:
 def placements(stored: bytes, *, algorithm: str) -> tuple[dict[str, int], list[tuple[str, str, int, int]]]:
     """Where a ``lorachunk/2`` manifest's records lie, read from its stored bytes without
     building it: the pack table, and ``(record digest, pack, offset, size)`` per module. For
-    writers deciding what a store holds (a full read costs ~10x more); values are checked for
+    writers deciding what a store holds (a full read costs ~7x more); values are checked for
     type and range, not against roots. :class:`ManifestError` for anything else (another format
     or algorithm included)."""
     try:

@@ -188,8 +188,8 @@ class PackBuilder:
     def _boundary(self) -> int:
         """Where to end the pending pack: at its last change of group if that leaves it at least
         15/16 full, else after everything pending. Fuller packs keep the count of objects at
-        ceil(stored / target) on every file measured (docs/benchmarks.md); a laxer rule kept
-        more splits whole but made up to twice the packs."""
+        ceil(stored / target) on every file measured (docs/benchmarks.md); a laxer rule keeps
+        more splits whole but may end packs half full, up to twice as many."""
         position = self._size
         for index in range(len(self._pending) - 1, 0, -1):
             position -= len(self._pending[index][1])

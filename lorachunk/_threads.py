@@ -1,8 +1,10 @@
-"""The one thread-pool map lorachunk uses: bounded, in order or as completed.
+"""The thread-pool maps lorachunk uses: bounded, in order or as completed.
 
 zstd, the hashes and big copies release the GIL, so threads give real parallelism for encoding,
-decoding and I/O. Every parallel loop (pack's encoding and writing, unpack and verify's decoding,
-the loader's fetches) goes through :func:`bounded_map`.
+decoding and I/O. Every parallel loop (pack's encoding, unpack and verify's decoding, the
+loader's requests) goes through :func:`bounded_map`; the loader's decoding, which does small
+modules on the calling thread, through :func:`overlapped`. (Pack files are written by
+``_writer.Writer`` on threads of its own: a write is one call, not a loop.)
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def held_records(store: Store, *, algorithm: str, skip: Iterable[str] = ()) -> H
     counts only if its pack is in the store (a partial copy names packs it lacks) and the
     manifest uses ``algorithm`` (a record is reused only under the digest it was named by).
     Each manifest is checked against its id and read for its placements only (what it costs
-    grows with the number of versions in a store: ~3 ms each for a LoRA of ~900 modules), once
-    per process.
+    grows with the number of versions in a store: ~5 ms each for a LoRA of ~900 modules, a
+    seventh of a full read; benchmarks/packs.py), once per process.
     """
     if not store.supports_listing:
         return Held({}, {})
