@@ -1,7 +1,7 @@
 """lorachunk: chunked, verified storage and distribution of LoRA adapters.
 
-Pack a LoRA into content-addressed, compressed per-module shards with a Merkle manifest, then
-fetch, verify and load only the parts you need::
+Pack a LoRA into compressed per-module records in a few content-addressed pack objects, with a
+Merkle manifest, then fetch, verify and load only the parts you need::
 
     >>> import lorachunk
     >>> manifest = lorachunk.pack("my_lora.safetensors", "my_lora.lcs")   # doctest: +SKIP

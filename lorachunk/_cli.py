@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hash", choices=ALGORITHMS, help="when packing: digest algorithm")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    p = command("compose", cmd_compose, "make a new LoRA from splits of others, reusing their shards")
-    p.add_argument("dest", metavar="DEST", help="the store to write into (shards already there are not copied)")
+    p = command("compose", cmd_compose, "make a new LoRA from splits of others, reusing their records")
+    p.add_argument("dest", metavar="DEST", help="the store to write into (records already there are not copied)")
     p.add_argument(
         "--take",
         action="append",

@@ -301,8 +301,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(
-            f"pushed {result.uploaded} new shards ({_size(result.uploaded_bytes)} with the manifest); "
-            f"{result.skipped} were already in {result.repo_id}"
+            f"pushed {_count(result.uploaded, 'pack')} ({_size(result.uploaded_bytes)} with the manifest) "
+            f"in one commit; {_count(result.skipped, 'module record')} already in {result.repo_id}"
         )
         print(f"commit    {result.pr_url or result.commit_url}")
         print(f"root      {result.root}")

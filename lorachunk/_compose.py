@@ -1,10 +1,10 @@
-"""Compose a new LoRA from splits of others: a new manifest over the shards that already exist.
+"""Compose a new LoRA from splits of others: a new manifest over the records that already exist.
 
 The composed LoRA is a LoRA like any other: it verifies, loads, unpacks to a valid safetensors
-file (whose sha256 the manifest records) and pushes. Shards are content-addressed, so a part taken
-as it is costs nothing where its shard already lives (a shared folder, a Hub repo holding the
-sources); elsewhere its stored bytes are copied, verified, never re-encoded. A part with a
-strength other than 1 gets new shards: its delta tensors are multiplied (in float32, like
+file (whose sha256 the manifest records) and pushes. Records are named by their digests, so a part
+taken as it is costs nothing where its records already live (a shared folder, a Hub repo holding
+the sources); elsewhere its stored bytes are copied, verified, never re-encoded. A part with a
+strength other than 1 gets new records: its delta tensors are multiplied (in float32, like
 ``LoRA.load(scales=…)``) and re-encoded.
 """
 

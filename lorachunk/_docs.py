@@ -30,16 +30,18 @@ _JSON_FIELDS = """\
 
 `lorachunk info --json`: `source` (`name`, `size`, `sha256` of the original file), `root`,
 `manifest` (its id), `format`, `hash`, `codec` (`id`, `level`), `modules`, `tensors`, `raw_bytes`,
-`stored_bytes` (shards), `manifest_bytes`, `ratio` (original size / stored size),
+`stored_bytes` (module records), `packs` (how many), `manifest_bytes`, `ratio` (original size / stored size),
 `metadata_keys`, `files` (names of the text files packed with the tensors, e.g. a PEFT
 `adapter_config.json`), `splits` (a list of `name`, `kind`, `modules`, `stored_bytes`, `raw_bytes`,
 `root`), `store` (`manifests` in the store, `referenced_stored_bytes`, `unique_stored_bytes`),
 `packed` (false when SOURCE is a .safetensors file or PEFT folder: then every field is what
 `lorachunk pack` would store, and nothing is written).
 
-`lorachunk verify --json`: `manifests`, `shards`, `stored_bytes` (what was checked).
+`lorachunk verify --json`: `manifests`, `shards` (distinct module records), `stored_bytes` (what
+was checked), `missing` and `complete_splits` (a partial copy), `unreferenced` (packs and
+`lorachunk/1` shards no manifest names) and `temp_files` (left by writers that never finished).
 
-`lorachunk cache info --json`: `root`, `shards`, `manifests`, `decoded`, `bytes`.
+`lorachunk cache info --json`: `root`, `shards` (verified module records), `manifests`, `decoded`, `bytes`.
 `lorachunk cache verify --json`: `root`, `removed` (paths of corrupt entries; exit 1 if any).
 """
 

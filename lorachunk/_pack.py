@@ -1,4 +1,4 @@
-"""pack: a safetensors file (or a PEFT adapter folder) to a store of shards and a manifest."""
+"""pack: a safetensors file (or a PEFT adapter folder) to a store of packs and a manifest."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""push: publish a packed LoRA to a Hugging Face Hub repo, uploading only the shards it lacks.
+"""push: publish a packed LoRA to a Hugging Face Hub repo in one commit, uploading only the
+module records it lacks.
 
-A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``shards/``), at
+A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``packs/``), at
 its root or under a path, so a clone is a valid :class:`~lorachunk.storage.LocalStore` and several
-LoRAs or versions share one repo's shards. The Hub itself is reached through
+LoRAs or versions share one repo's records. The Hub itself is reached through
 :mod:`lorachunk.storage._hub`, the one module that imports huggingface_hub.
 """
 
@@ -101,7 +102,8 @@ def push(
     ``pack_options`` (``splits=``, ``level=``, ``hash=``) apply when ``src`` is a file.
 
     Raises :class:`AuthenticationError` when the token may not write, :class:`RepositoryNotFoundError`
-    for a missing revision, :class:`IntegrityError` when a local shard does not match the manifest.
+    for a missing revision, :class:`IntegrityError` when a local record or pack does not match the
+    manifest (each is checked before it leaves).
     """
     prefix = f"{check_key(path.strip('/'))}/" if path and path.strip("/") else ""
     repo = HubRepo(repo_id, revision=revision, repo_type=repo_type, token=token, endpoint=endpoint)
@@ -219,7 +221,7 @@ def model_card(manifest: Manifest, repo_id: str, *, path: str = "") -> str:
             "",
             f"# {manifest.source.name}",
             "",
-            "Packed with [lorachunk](https://pypi.org/project/lorachunk/): per-module shards, each",
+            "Packed with [lorachunk](https://pypi.org/project/lorachunk/): per-module records, each",
             "verified against a Merkle manifest, so you can fetch and load only the part you need.",
             "",
             f"Root: `{manifest.root}` ({len(manifest.modules)} modules, {manifest.source.size / 1e6:.2f} MB unpacked)",

@@ -255,7 +255,7 @@ def test_subfolder_and_cli(hub: HubServer, tmp_path: Path, capsys: pytest.Captur
     assert cli(["unpack", f"hf://{REPO}/loras/sam", "-o", str(tmp_path / "x.safetensors"), "-q"]) == 0
     assert (tmp_path / "x.safetensors").read_bytes() == SAM.read_bytes()
     assert cli(["push", str(SAM), REPO, "--path", "loras/sam"]) == 0
-    assert "pushed 0 new shards" in capsys.readouterr().out
+    assert "pushed 0 packs (" in capsys.readouterr().out  # every record already there
     assert cli(["pull", "hf://me/missing", "-o", str(tmp_path / "y")]) == 3
     assert "repository not found" in capsys.readouterr().err
 
