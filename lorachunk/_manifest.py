@@ -394,33 +394,44 @@ def _parse(raw: dict[str, Any]) -> Manifest:
 
 
 def _implied_offsets(modules: Iterable[Module]) -> Iterator[int]:
-    """Where each record starts unless its entry says otherwise: right after the record of the
-    entry before it when both lie in one pack, else at 0. Writers lay records out in about the
-    manifest's order, so most entries leave their offset out (it was 4% of a manifest's bytes)."""
-    previous: Module | None = None
+    """Where each record starts unless its entry says otherwise (:func:`_offset`)."""
+    previous: tuple[str | None, int] = (None, 0)
     for module in modules:
-        same = previous is not None and previous.pack == module.pack
-        yield previous.offset + previous.stored_size if same and previous is not None else 0
-        previous = module
+        yield _implied(module.pack, previous)
+        previous = (module.pack, module.offset + module.stored_size)
+
+
+def _implied(pack: str | None, previous: tuple[str | None, int]) -> int:
+    """Right after the record of the entry before (its pack and end, ``previous``) when both lie
+    in one pack, else 0. Writers lay records out in about the manifest's order, so most entries
+    leave their offset out (offsets were 4% of a manifest's bytes)."""
+    return previous[1] if pack is not None and pack == previous[0] else 0
+
+
+def _offset(entry: Any, pack: str | None, previous: tuple[str | None, int]) -> int:
+    """A record's offset: as its entry gives it, else as :func:`_implied`. An offset given where
+    it is implied is refused, so one manifest has one encoding."""
+    implied = _implied(pack, previous)
+    if "offset" not in typed(entry, dict):
+        return implied
+    offset = count(entry["offset"])
+    if offset == implied:
+        raise ManifestError(f"module {shown(entry.get('name'))}: an offset the entry before implies is given")
+    return offset
 
 
 def _modules(entries: Any, algorithm: str, packs: list[str] | None) -> Iterator[Module]:
-    """The module entries, each record's offset as given or as implied (``_implied_offsets``);
-    an offset given where it is implied is refused, so one manifest has one encoding."""
-    previous: Module | None = None
+    """The module entries, with each record's offset (:func:`_offset`)."""
+    previous: tuple[str | None, int] = (None, 0)
     for entry in typed(entries, list):
         if packs is None:
             yield module_from_json(entry, algorithm)
             continue
-        same = previous is not None and _pack_index(entry) < len(packs) and previous.pack == packs[_pack_index(entry)]
-        implied = previous.offset + previous.stored_size if same and previous is not None else 0
-        offset = implied
-        if "offset" in typed(entry, dict):
-            offset = count(entry["offset"])
-            if offset == implied:
-                raise ManifestError(f"module {shown(entry.get('name'))}: an offset the entry before implies is given")
-        previous = module_from_json(entry, algorithm, packs, offset)
-        yield previous
+        index = _pack_index(entry)
+        offset = _offset(entry, packs[index] if index < len(packs) else None, previous)
+        module = module_from_json(entry, algorithm, packs, offset)
+        previous = (module.pack, module.offset + module.stored_size)
+        yield module
 
 
 def _pack_index(entry: dict[str, Any]) -> int:
@@ -444,16 +455,15 @@ def placements(stored: bytes, *, algorithm: str) -> tuple[dict[str, int], list[t
         packs = _pack_table(raw["packs"], algorithm)
         ids = list(packs)
         found = []
-        previous_pack, previous_end = None, 0
+        previous: tuple[str | None, int] = (None, 0)
         for entry in typed(raw["modules"], list):
             pack = ids[_pack_index(entry)]
             size = count(entry["stored_size"])
-            implied = previous_end if pack == previous_pack else 0
-            offset = count(entry["offset"]) if "offset" in entry else implied
+            offset = _offset(entry, pack, previous)
             if offset + size > packs[pack]:
                 raise ManifestError(f"a record lies outside pack {pack}")
             found.append((typed(entry["shard"], str), pack, offset, size))
-            previous_pack, previous_end = pack, offset + size
+            previous = (pack, offset + size)
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ManifestError(f"malformed manifest: {exc!r}") from exc
     return packs, found

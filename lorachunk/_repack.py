@@ -32,7 +32,8 @@ __all__ = ["RepackReport", "repack"]
 @dataclass(frozen=True, slots=True)
 class RepackReport:
     """What :func:`repack` did: manifests rewritten (``converted`` of them from
-    ``lorachunk/1``), packs written and their bytes, objects deleted by ``prune`` and theirs."""
+    ``lorachunk/1``), packs written and their bytes, objects deleted by ``prune`` and (in a local
+    folder; other stores do not say) their bytes."""
 
     manifests: int
     rewritten: int

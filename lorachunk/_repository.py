@@ -367,7 +367,9 @@ def fetch_records(
                 whole_records.append((module, checked(module, view[start - read.start : end - read.start], read.key)))
         return read, data, whole_records
 
-    for read, data, whole_records in bounded_map(fetch, reads, threads=threads, ordered=False):
+    # One request (a single record: read_shard, unpack and verify of a local folder) needs no pool.
+    done = map(fetch, reads) if len(reads) == 1 else bounded_map(fetch, reads, threads=threads, ordered=False)
+    for read, data, whole_records in done:
         for module, record in whole_records:
             for same in by_record[module.shard]:
                 yield same, record

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorachunk._codec import codec_from_config
+from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import check, digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
 from lorachunk._keys import LATEST, LATEST_MANIFEST, PACKS, SHARDS, pack_id_of
@@ -109,6 +109,12 @@ def _verify(store: Store) -> VerifyReport:
     # Objects that only partial copies name may be absent; any other absence is damage.
     partial = partial_ids(store)
     whole = {record_key(m) for manifest in manifests if manifest.id not in partial for m in manifest.modules}
+    codecs: dict[int, Codec] = {}  # by manifest object: one codec per manifest, not per record
+
+    def codec_of(manifest: Manifest) -> Codec:
+        if id(manifest) not in codecs:
+            codecs[id(manifest)] = codec_from_config(manifest.codec)  # an unknown codec: a problem below
+        return codecs[id(manifest)]
 
     def check_one(key: str) -> tuple[str, list[str] | None]:
         """The object read whole: a pack against its name, then every record in it against its
@@ -135,7 +141,7 @@ def _verify(store: Store) -> VerifyReport:
                     raise IntegrityError(f"{kind} {key}: module {module.name!r} lies past its end")
                 check(module.shard, record, what=f"{kind} {key} (module {module.name!r})")
                 out = bytearray(module.raw_size)
-                decode_checked(codec_from_config(manifest.codec), module, record, memoryview(out))
+                decode_checked(codec_of(manifest), module, record, memoryview(out))
             except LorachunkError as exc:
                 found.append(str(exc))
         return key, found

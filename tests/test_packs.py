@@ -406,3 +406,16 @@ def test_max_gap_joins_ranges_or_keeps_them_apart(tmp_path: Path) -> None:
         assert len(server.gets("/packs/")) == 2
     with pytest.raises(lorachunk.UsageError, match="max_gap"):
         lorachunk.open(tmp_path / "c", max_gap=-1)
+
+
+def test_a_reader_holding_a_manifest_a_prune_replaced_is_told_to_open_again(tmp_path: Path) -> None:
+    """docs/security.md: after `repack --prune`, a handle opened before it finds its records gone
+    (ShardNotFoundError, no wrong byte), and opening again gives the same LoRA."""
+    store = tmp_path / "s"
+    shutil.copytree(DATA / "store-v1", store)
+    with lorachunk.open(store, cache=False) as before:
+        lorachunk.repack(store, prune=True)
+        with pytest.raises(lorachunk.ShardNotFoundError):
+            before.load()
+        with lorachunk.open(store, root=before.root, cache=False) as again:
+            assert again.load().keys() == load_numpy(FALCON4).keys()
