@@ -80,7 +80,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         cache: Cache | None,
         concurrency: int,
         owns_store: bool,
-        pinned_by_root: bool = False,
+        pinned_root: str | None = None,
         max_gap: int = DEFAULT_GAP,
     ) -> None:
         if max_gap < 0:
@@ -92,8 +92,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         self.concurrency = concurrency
         self._manifest = manifest
         self._owns_store = owns_store
-        # Opened with root= and no manifest id: a split name may select only what the root pins.
-        self._pinned_by_root = pinned_by_root
+        # Opened with root= and no manifest id: a split name may select only what that root pins.
+        self._pinned_root = pinned_root
         self._codec = codec_from_config(manifest.codec)
         self._by_key = manifest.owners
         self._pipeline = Pipeline(store, manifest, cache, concurrency=concurrency, max_gap=max_gap)
@@ -175,10 +175,10 @@ class LoRA(Mapping[str, "torch.Tensor"]):
     def _check_pinned(self, names: Iterable[str]) -> None:
         """With only a root pinned, a split whose members the root does not pin (a rewritten one,
         or a user split of a manifest packed before the root covered them) is refused."""
-        if not self._pinned_by_root:
+        if self._pinned_root is None:
             return
         for name in names:
-            if name in self.splits and not self._manifest.split_pinned(name):
+            if name in self.splits and not self._manifest.split_pinned(name, root=self._pinned_root):
                 raise IntegrityError(
                     f"split {name!r} of {self.store!r} is not what the pinned root says it is (or was packed "
                     "before roots pinned user splits); pin the manifest id (manifest=…) to use it, or select "
@@ -222,7 +222,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         factors = scale_factors(self._manifest, chosen, scales or {})
         # A root pins the raw bytes, not the records: with only a root pinned, every module is
         # checked against it after decoding, on a GPU too.
-        placer = _torch.make_placer(self._codec, device, dtype, check_raw=self._pinned_by_root)
+        placer = _torch.make_placer(self._codec, device, dtype, check_raw=self._pinned_root is not None)
         try:
             for item in self._pipeline.staged(placer, chosen, wanted):
                 for key, tensor in placer.finish(item):
@@ -395,9 +395,9 @@ def open(
         if root is not None and root not in loaded.roots:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
         # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
-        pinned = root is not None and not (manifest is not None and _is_digest(manifest))
+        pinned = root if not (manifest is not None and _is_digest(manifest)) else None
         return LoRA(
-            store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns, pinned_by_root=pinned, max_gap=max_gap
+            store, loaded, cache=cache_obj, concurrency=threads, owns_store=owns, pinned_root=pinned, max_gap=max_gap
         )
     except BaseException:
         if owns:

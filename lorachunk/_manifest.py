@@ -146,20 +146,31 @@ class Manifest:
         roots: frozenset[str] = self._derived["roots"]
         return roots
 
-    def split_pinned(self, name: str) -> bool:
-        """Whether the root pins what the split ``name`` selects.
+    def split_pinned(self, name: str, *, root: str | None = None) -> bool:
+        """Whether ``root`` (default: the manifest's own) pins what the split ``name`` selects.
 
-        Splits of a non-automatic kind (``user``, ``part``) are a leaf of the root, except in
-        manifests packed before that leaf existed. Automatic splits are pinned when they are
-        what this version derives from the module names (which the root pins).
+        Splits of a non-automatic kind (``user``, ``part``) are a leaf of the manifest's root, of a
+        ``lorachunk/1`` manifest's content root, and of a ``v1_root`` that hashed them; not of a
+        root written before that leaf existed (an old root vouches only for what the old format
+        hashed). Automatic splits are pinned when they are what this version derives from the
+        module names, which every root pins.
         """
         split = self.split(name)
         if split.kind not in AUTO_KINDS:
-            return not self._derived.get("legacy_root", False)
+            return self._covers_user_splits(self.root if root is None else root)
         if "auto" not in self._derived:
             self._derived["auto"] = auto_splits(m.name for m in self.modules)
         expected = self._derived["auto"].get(name)
         return expected is not None and expected[0] == split.kind and tuple(sorted(expected[1])) == split.modules
+
+    def _covers_user_splits(self, root: str) -> bool:
+        if root == self.root:
+            return not self._derived.get("legacy_root", False)
+        if root == self.v1_root:
+            # The v1 root with the user splits' leaf; the one without it (packed before the leaf
+            # existed) says nothing of which modules a user split names.
+            return root == _v1_roots(self)[0] or not any(s.kind not in AUTO_KINDS for s in self.splits)
+        return root in self.roots  # a lorachunk/1 manifest's content root, which has the leaf
 
     def module(self, name: str) -> Module:
         try:
@@ -361,10 +372,11 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         if missing:
             raise ManifestError(f"split {name!r} names modules that do not exist: {missing[:3]}")
     v1_root = raw.get("v1_root")
-    if v1_root is not None:
+    if "v1_root" in raw:  # present means a digest: null, "" or a number is malformed, not absent
         if fmt == FORMAT_V1:
             raise ManifestError("a lorachunk/1 manifest has no v1_root")
-        split_digest(typed(v1_root, str))
+        if split_digest(typed(v1_root, str))[0] != algorithm:
+            raise ManifestError(f"v1_root {shown(v1_root)} does not use the manifest's {algorithm}")
     manifest = Manifest.build(
         hash=algorithm,
         codec=typed(raw["codec"], dict),

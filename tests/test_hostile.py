@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,49 @@ def test_a_store_packed_before_roots_pinned_user_splits(tmp_path: Path) -> None:
         assert lora.load(splits=["unet.mid_block"])  # automatic splits are derived, so pinned
     with lorachunk.open(store, root=manifest.root, manifest=manifest.id, cache=False) as lora:
         assert lora.load(splits=["attn"])
+
+
+def test_an_old_root_does_not_vouch_for_a_user_split_it_never_hashed(tmp_path: Path) -> None:
+    """store-v1's root never covered its user split ``attn``; after repack the v2 manifest carries it
+    as ``v1_root``. A mirror that rewrites ``attn`` and recomputes its own root must not pass a
+    reader pinning the old root (issue #24, item 1)."""
+    store = tmp_path / "store"
+    shutil.copytree(DATA / "store-v1", store)
+    old_root = lorachunk.read_manifest(store).root
+    lorachunk.repack(store)
+    repacked = lorachunk.read_manifest(store)
+    assert repacked.v1_root == old_root
+    mlp = [n for n in repacked.split("unet").modules if "attn" not in n]
+    hostile = Manifest.build(
+        hash=repacked.hash,
+        codec=repacked.codec,
+        source=repacked.source,
+        modules=repacked.modules,
+        splits={s.name: (s.kind, mlp if s.name == "attn" else s.modules) for s in repacked.splits},
+        files=repacked.files,
+        packs=repacked.packs,
+        v1_root=repacked.v1_root,
+    )
+    write_manifest(LocalStore(store), hostile)
+    with lorachunk.open(store, root=old_root, cache=False) as lora:
+        with pytest.raises(lorachunk.IntegrityError, match="'attn'"):
+            lora.load(splits=["attn"])
+        with pytest.raises(lorachunk.IntegrityError, match="'attn'"):
+            lora.load(scales={"attn": 0.5})
+        assert len(lora.load(splits=["unet.mid_block"])) > 0  # derived from module names: pinned
+    assert main(["pull", str(store), "-o", str(tmp_path / "copy"), "--root", old_root, "--split", "attn"]) == 1
+    assert not (tmp_path / "copy" / "refs").exists()
+    # The manifest's own root covers the rewritten split (it is what that root says it is).
+    with lorachunk.open(store, root=hostile.root, cache=False) as lora:
+        assert len(lora.load(splits=["attn"])) == sum(len(hostile.module(n).tensors) for n in mlp)
+
+
+@pytest.mark.parametrize("value", [None, "", 7, "sha256:" + "0" * 64, "xxh3-128:zz"])
+def test_a_malformed_v1_root_is_a_manifest_error(value: object) -> None:
+    raw = json.loads(lorachunk.pack(SAM, lorachunk.storage.MemoryStore()).canonical())
+    raw["v1_root"] = value
+    with pytest.raises(lorachunk.ManifestError):
+        Manifest.from_bytes(_stored(_canonical(raw)))
 
 
 # -- manifests: bounded work, clear errors -----------------------------------------------------
