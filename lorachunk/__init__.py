@@ -27,6 +27,7 @@ from lorachunk._exceptions import (
     RepositoryNotFoundError,
     ShardNotFoundError,
     StoreError,
+    StoreLockedError,
     StoreUnavailableError,
     UsageError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "Source",
     "Split",
     "StoreError",
+    "StoreLockedError",
     "StoreUnavailableError",
     "Take",
     "TensorEntry",

@@ -88,7 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("repack", cmd_repack, "rewrite a store: each LoRA in as few packs as it can, lorachunk/1 made /2")
     p.add_argument("dest", metavar="FOLDER", help="the store (a folder, or an fsspec URL that can be written)")
     p.add_argument("--pack-size", type=int, default=16, metavar="MIB", help=_PACK_SIZE_HELP)
-    p.add_argument("--prune", action="store_true", help="then delete the replaced manifests and what no manifest names")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="then delete the replaced manifests, what no manifest names, and temp files of killed writers "
+        "older than 30 minutes (only names of lorachunk's own; other files stay)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="break other programs' locks first (only when they are known to be gone, e.g. a crashed host)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("unpack", cmd_unpack, "write a .safetensors file: the original, or only some splits/modules")
@@ -134,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="per request, bytes per second below which a transfer counts as stalled and is retried (default 16kB)",
     )
     p.add_argument("--retries", type=int, default=5, help="retries on errors, 429 and 5xx (default 5)")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="give up on the whole pull after this long (default: 5 minutes plus its bytes at 64 kB/s)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command(

@@ -212,13 +212,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(
                 f"left over: {_count(report.unreferenced, 'object')} no manifest names and "
                 f"{_count(report.temp_files, 'temp file')} of writes that never finished "
-                "(harmless; `lorachunk repack --prune` removes the objects)"
+                "(harmless; `lorachunk repack --prune` removes them)"
             )
+        if report.foreign:
+            shown = ", ".join(report.foreign[:5]) + (", …" if len(report.foreign) > 5 else "")
+            print(f"not lorachunk's: {_count(len(report.foreign), 'file')} ({shown}); never read or removed")
     return EXIT_OK
 
 
 def cmd_repack(args: argparse.Namespace) -> int:
-    report = lorachunk.repack(args.dest, pack_size=_mib(args.pack_size), prune=args.prune)
+    report = lorachunk.repack(args.dest, pack_size=_mib(args.pack_size), prune=args.prune, force=args.force)
+    if report.locks_broken:
+        print(f"note: broke {_count(report.locks_broken, 'lock')} of other programs (--force)", file=sys.stderr)
     if not args.quiet:
         print(
             f"repacked {_count(report.manifests, 'manifest')}: {report.rewritten} rewritten "
@@ -227,6 +232,9 @@ def cmd_repack(args: argparse.Namespace) -> int:
         )
         if args.prune:
             print(f"pruned {_count(report.deleted, 'object')} ({_size(report.deleted_bytes)}) no manifest names")
+            if report.temp_files_removed or report.temp_files_kept:
+                kept = f", kept {report.temp_files_kept} younger than 30 minutes" if report.temp_files_kept else ""
+                print(f"removed {_count(report.temp_files_removed, 'temp file')} of killed writers{kept}")
     return EXIT_OK
 
 
@@ -268,6 +276,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             cache=False if args.no_cache else "auto",
             **({"max_gap": parse_size(args.max_gap)} if args.max_gap is not None else {}),
+            deadline=args.deadline,
             progress=progress,
             **_store_options(args),
         )

@@ -24,6 +24,7 @@ from lorachunk._codec import BytePlaneZstd
 from lorachunk._entries import order_runs
 from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
+from lorachunk._lock import locked
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry
 from lorachunk._packs import layout_order
 from lorachunk._repository import as_store, check_dest, fetch_records, read_manifest, write_manifest
@@ -170,7 +171,8 @@ def compose(
             splits[part.take.name] = ("part", [m.name for m in part.modules if owner[m.name] is part])
         # Records ``dest`` holds (a take from the same store, an earlier compose) stay where they
         # are: composing over them writes a manifest only.
-        with out.batch():  # one flush for all new packs, before the manifest names them
+        # One flush for all new packs, before the manifest names them.
+        with locked(out, exclusive=False, command="compose"), out.batch():
             with Writer(out, algorithm=algorithm, held=held_records(out, algorithm=algorithm)) as writer:
                 for module_name, group in layout_order(modules, splits):
                     writer.add(modules[module_name], records[module_name], group)

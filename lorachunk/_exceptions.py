@@ -13,7 +13,8 @@ working::
         ├── ShardNotFoundError(FileNotFoundError)   an object is missing from the store
         ├── RepositoryNotFoundError(FileNotFoundError)  a Hub repo or revision does not exist (or is not visible)
         ├── AuthenticationError(PermissionError)    the credentials were refused (401/403)
-        └── StoreUnavailableError                   the store did not answer usefully (network, 5xx, 429)
+        ├── StoreUnavailableError                   the store did not answer usefully (network, 5xx, 429)
+        └── StoreLockedError                        another writer holds the lock a write or repack needs
 
 Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json.JSONDecodeError``,
 ``httpx.HTTPError`` …) are converted where they enter, with ``raise … from exc``.
@@ -34,6 +35,7 @@ __all__ = [
     "RepositoryNotFoundError",
     "ShardNotFoundError",
     "StoreError",
+    "StoreLockedError",
     "StoreUnavailableError",
     "UsageError",
 ]
@@ -81,3 +83,8 @@ class StoreUnavailableError(StoreError):
 
 class CacheWarning(UserWarning):
     """The cache could not be written (read-only, full, a file in its place); the load went on without it."""
+
+
+class StoreLockedError(StoreError):
+    """Another program holds the store's lock: a repack beside a writer, or a writer that waited
+    for a repack past its limit. The message names the holder (command, pid, host, since when)."""

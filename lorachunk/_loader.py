@@ -6,12 +6,14 @@ opening a LoRA, listing its keys, prefetching and pulling never import it.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
@@ -195,6 +197,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         scales: Scales | None = None,
+        deadline: float | None = None,
     ) -> Generator[tuple[str, torch.Tensor], None, None]:
         """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
 
@@ -210,26 +213,34 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         strength factors: each matching module's delta is multiplied by its factor (the last
         matching entry wins); docs/loading.md lists which tensor carries the delta per layout.
 
+        ``deadline``: seconds the whole load may take, requests and retries included, after which
+        :class:`StoreUnavailableError` (remote stores); default 5 minutes plus the bytes to fetch at
+        64 kB/s: generous, but finite however a server stalls.
+
         Raises :class:`UsageError` for unknown names or a stored dtype this torch lacks,
         :class:`IntegrityError` for a shard that does not match the manifest, :class:`StoreError`
         subclasses when it cannot be fetched; the error names the shard, its module and the store.
         """
         from lorachunk import _torch
 
+        seconds = check_deadline(deadline)
         chosen, wanted = self._select(splits, modules, layers, keys)
         self._check_pinned(name for name in (scales or {}) if name in self.splits)
+        if seconds is None:
+            seconds = default_deadline(sum(m.stored_size for m in chosen))
         _torch.require_dtypes(t.dtype for m in chosen for t in m.tensors if wanted is None or t.key in wanted)
         factors = scale_factors(self._manifest, chosen, scales or {})
         # A root pins the raw bytes, not the records: with only a root pinned, every module is
         # checked against it after decoding, on a GPU too.
         placer = _torch.make_placer(self._codec, device, dtype, check_raw=self._pinned_root is not None)
         try:
-            for item in self._pipeline.staged(placer, chosen, wanted):
-                for key, tensor in placer.finish(item):
-                    factor = factors.get(key)
-                    if factor is not None:
-                        _torch.scale_(tensor, factor)
-                    yield key, tensor
+            with self.store.deadline(seconds):
+                for item in self._pipeline.staged(placer, chosen, wanted):
+                    for key, tensor in placer.finish(item):
+                        factor = factors.get(key)
+                        if factor is not None:
+                            _torch.scale_(tensor, factor)
+                        yield key, tensor
         finally:
             placer.close()
         self._pipeline.policy.after_load()
@@ -244,6 +255,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         scales: Scales | None = None,
+        deadline: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """A state dict of the selected tensors, in the source file's order.
 
@@ -254,7 +266,14 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         """
         got = dict(
             self.iter_tensors(
-                splits=splits, modules=modules, layers=layers, keys=keys, device=device, dtype=dtype, scales=scales
+                splits=splits,
+                modules=modules,
+                layers=layers,
+                keys=keys,
+                device=device,
+                dtype=dtype,
+                scales=scales,
+                deadline=deadline,
             )
         )
         return {key: got[key] for key in self._by_key if key in got}
@@ -281,6 +300,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         progress: Progress | None = None,
         *,
         required: bool | None = None,
+        deadline: float | None = None,
     ) -> PullReport:
         """Fetch and verify the distinct records of ``chosen`` and hand each to ``sink(module,
         stored_bytes)`` (a view: copy it to keep it past the call if need be). ``required``
@@ -288,7 +308,11 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         and makes one that cannot be written an error."""
         unique = len({m.shard for m in chosen})
         keep = self.cache is not None if required is None else required
-        fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep)
+        seconds = check_deadline(deadline)
+        if seconds is None:
+            seconds = default_deadline(sum(m.stored_size for m in chosen))
+        with self.store.deadline(seconds):
+            fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep)
         return PullReport(unique, fetched, fetched_bytes, unique - fetched)
 
     def close(self) -> None:
@@ -331,6 +355,25 @@ def _read_manifest(store: Store, selector: str | None, cache: Cache | None, root
     return manifest
 
 
+#: Seconds :func:`open` may take by default; a load's default is :func:`default_deadline`.
+OPEN_DEADLINE: Final = 300.0
+
+
+def default_deadline(stored_bytes: int) -> float:
+    """A load's default deadline: 5 minutes plus its bytes at 64 kB/s (a link slower than that
+    is told to pass ``deadline=`` itself; each request is bounded by ``min_rate`` anyway)."""
+    return OPEN_DEADLINE + stored_bytes / 65536
+
+
+def check_deadline(value: object) -> float | None:
+    """``value`` if it is None or a number of seconds > 0 and finite; :class:`UsageError` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise UsageError(f"deadline must be a number of seconds > 0 (or None), got {value!r}")
+    return float(value)
+
+
 def open(
     source: str | os.PathLike[str] | Store,
     *,
@@ -339,6 +382,7 @@ def open(
     cache: CacheOption = "auto",
     concurrency: int | None = None,
     max_gap: int = DEFAULT_GAP,
+    deadline: float | None = OPEN_DEADLINE,
     **store_options: Any,
 ) -> LoRA:
     """Open a packed LoRA: read and check its manifest, fetch nothing else.
@@ -367,6 +411,10 @@ def open(
         Ranges of one pack at most this many bytes apart are fetched in one request, the bytes
         between them read and dropped (default 256 KiB: less than a round trip costs on links
         slower than ~20 Mbit/s at 100 ms; 0 asks for exactly the records needed).
+    deadline:
+        Seconds opening may take in all (the manifest's requests and their retries), after
+        which :class:`StoreUnavailableError`; default 5 minutes, None for no limit. Loads
+        have a deadline of their own (:meth:`LoRA.load`).
     store_options:
         Passed to the store (``headers=``, ``max_bytes_per_s=``, ``timeout=``, ``retries=`` for
         HTTP; ``storage_options=`` for fsspec).
@@ -387,11 +435,13 @@ def open(
     # A local load is decoding, which wants no more threads than cores: on 2 cores, decoding a
     # 239 MB LoRA took 10-13x load_file on 8 threads and 7-9x on 2 (docs/benchmarks.md).
     threads = concurrency if concurrency is not None else (REMOTE_CONCURRENCY if remote else cpu_threads())
-    store = open_store(source, pool=threads, **store_options)
+    seconds = check_deadline(deadline)
+    store = open_store(source, pool=threads, **({"deadline": seconds} if is_remote(source) else {}), **store_options)
     owns = not isinstance(source, Store)
     try:
         cache_obj = _cache_for(cache)
-        loaded = _read_manifest(store, manifest, cache_obj, root)
+        with store.deadline(seconds):
+            loaded = _read_manifest(store, manifest, cache_obj, root)
         if root is not None and root not in loaded.roots:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
         # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
@@ -423,10 +473,24 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     scales: Scales | None = None,
+    deadline: float | None = None,
     **open_options: Any,
 ) -> dict[str, torch.Tensor]:
-    """``open(source, **open_options).load(...)`` in one call; see :meth:`LoRA.load`."""
+    """``open(source, **open_options).load(...)`` in one call; see :meth:`LoRA.load`.
+    ``deadline`` bounds the whole call, opening included (default: each step's own)."""
+    seconds = check_deadline(deadline)
+    started = time.monotonic()
+    if seconds is not None:
+        open_options["deadline"] = seconds
     with open(source, **open_options) as lora:
+        left = None if seconds is None else max(1e-3, seconds - (time.monotonic() - started))
         return lora.load(
-            splits=splits, modules=modules, layers=layers, keys=keys, device=device, dtype=dtype, scales=scales
+            splits=splits,
+            modules=modules,
+            layers=layers,
+            keys=keys,
+            device=device,
+            dtype=dtype,
+            scales=scales,
+            deadline=left,
         )

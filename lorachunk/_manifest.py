@@ -529,6 +529,11 @@ def _check_places(modules: Iterable[Module], packs: Mapping[str, int]) -> None:
                 f"lie outside pack {module.pack} ({packs[module.pack]} bytes)"
             )
         by_pack.setdefault(module.pack, []).append(module)
+    unused = [pack for pack in packs if pack not in by_pack]
+    if unused:
+        # Writers list only the packs they place records in; an entry for another pack could
+        # only make a reader (or verify) trust a pack nothing checks.
+        raise ManifestError(f"pack {unused[0]} is listed but holds no module's record")
     for pack, held in by_pack.items():
         held.sort(key=lambda m: (m.offset, m.stored_size))
         for before, after in itertools.pairwise(held):

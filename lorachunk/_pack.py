@@ -18,6 +18,7 @@ from lorachunk._entries import order_runs
 from lorachunk._exceptions import FormatError, ManifestError, UsageError
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._layout import auto_splits, module_of, user_splits
+from lorachunk._lock import locked
 from lorachunk._manifest import (
     FORMAT_ID,
     MAX_FILES_BYTES,
@@ -113,7 +114,7 @@ def pack(
                 sha256 = hashing.submit(_sha256, data)
                 # One batch for shards, manifest and ref: in a local folder nothing appears unless
                 # all of it does, and each shard is durable before the manifest names it.
-                with store.batch():
+                with locked(store, exclusive=False, command="pack"), store.batch():
                     held = held_records(store, algorithm=hash)
                     with Writer(store, algorithm=hash, pack_size=pack_size, held=held) as writer:
                         order = layout_order(names, all_splits)

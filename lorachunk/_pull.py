@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from lorachunk._digest import check
 from lorachunk._exceptions import LorachunkError
 from lorachunk._keys import manifest_key, pack_key, shard_key
-from lorachunk._loader import PullReport, open
+from lorachunk._loader import PullReport, check_deadline, open
+from lorachunk._lock import locked
 from lorachunk._manifest import FORMAT_V1, Manifest, Module
 from lorachunk._packs import layout_order
 from lorachunk._repository import (
@@ -38,6 +40,7 @@ def pull(
     modules: Iterable[str] | None = None,
     layers: Iterable[int] | None = None,
     progress: Progress | None = None,
+    deadline: float | None = None,
     **open_options: Any,
 ) -> PullReport:
     """Copy a packed LoRA (or only some splits or modules of it) into the local folder ``dest``.
@@ -51,10 +54,18 @@ def pull(
 
     The records fetched are held in memory until they are written (about the stored size of
     what is pulled), so that they go into packs in split order.
+
+    ``deadline``: seconds the whole pull may take, opening included (default: opening's and
+    the fetch's own, :meth:`LoRA.load`). Several pulls (and packs) may write ``dest`` at once;
+    each adds to what it holds (docs/security.md).
     """
+    seconds = check_deadline(deadline)
+    started = time.monotonic()
+    if seconds is not None:
+        open_options["deadline"] = seconds
     check_dest(dest)
     target = LocalStore(dest)
-    with open(source, **open_options) as lora:
+    with open(source, **open_options) as lora, locked(target, exclusive=False, command="pull"):
         manifest = lora.manifest
         unique = list({m.shard: m for m in lora.select(splits=splits, modules=modules, layers=layers)}.values())
         if manifest.format == FORMAT_V1 and len(unique) < len({m.shard for m in manifest.modules}):
@@ -62,7 +73,10 @@ def pull(
         held, damaged = _intact(target, held_records(target, algorithm=manifest.hash), unique)
         missing = [m for m in unique if m.shard not in held.records]
         records: dict[str, bytes | memoryview] = {}
-        report = lora.copy(missing, lambda m, data: records.__setitem__(m.shard, data), progress, required=False)
+        left = None if seconds is None else max(1e-3, seconds - (time.monotonic() - started))
+        report = lora.copy(
+            missing, lambda m, data: records.__setitem__(m.shard, data), progress, required=False, deadline=left
+        )
         with target.batch():
             wanted = {m.shard for m in unique}
             splits_of = {s.name: (s.kind, s.modules) for s in manifest.splits}
@@ -72,16 +86,36 @@ def pull(
                     if module.shard in wanted:
                         writer.add(module, records.get(module.shard, b""), group)
                 placed, packs = writer.finish()
-            names = {m.name for m in placed}
-            # Records not pulled stay named where the source holds them: this copy lacks those packs.
-            rest = [m for m in manifest.modules if m.name not in names]
-            packs |= {m.pack: manifest.packs[m.pack] for m in rest if m.pack is not None}
-            copy = placed_manifest(manifest, [*placed, *rest], packs)
-            write_manifest(target, copy)
-        whole = all(target.exists(record_key(m)) for m in copy.modules)
-        mark_partial(target, copy, partial=not whole)
-        _drop_superseded(target, copy)
+        # The packs are in place; the manifest is a read-modify-write of what the folder holds of
+        # this LoRA, which another pull may have added to meanwhile: done under the store's mutex.
+        with target.serialized():
+            copy = _copy_manifest(target, manifest, placed, packs)
+            with target.batch():
+                write_manifest(target, copy)
+            whole = all(target.exists(record_key(m)) for m in copy.modules)
+            mark_partial(target, copy, partial=not whole)
+            _drop_superseded(target, copy)
     return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
+
+
+def _copy_manifest(target: LocalStore, manifest: Manifest, placed: list[Module], packs: dict[str, int]) -> Manifest:
+    """The manifest of what ``target`` holds of ``manifest``'s LoRA: the records just ``placed``,
+    those earlier pulls (or packs) put there, and for the rest the source's packs, which this
+    copy lacks (a pulled folder is a growing partial copy: each pull adds to it)."""
+    held = held_records(target, algorithm=manifest.hash)
+    by_name = {m.name: m for m in placed}
+    modules = []
+    for module in manifest.modules:
+        where = held.records.get(module.shard)
+        if module.name in by_name:
+            module = by_name[module.name]  # noqa: PLW2901
+        elif where is not None and where[2] == module.stored_size:
+            module = module.placed(where[0], where[1])  # noqa: PLW2901
+            packs[where[0]] = held.packs[where[0]]
+        elif module.pack is not None:
+            packs[module.pack] = manifest.packs[module.pack]  # not held here: named where the source holds it
+        modules.append(module)
+    return placed_manifest(manifest, modules, packs)
 
 
 def _drop_superseded(target: LocalStore, copy: Manifest) -> None:
@@ -121,10 +155,11 @@ def _pull_v1(
     ``lorachunk/2`` manifest cannot name records that are in no pack)."""
     missing = [m for m in unique if not _shard_intact(target, m)]
     report = copy(missing, lambda m, data: target.set(shard_key(m.shard), bytes(data)), progress)
-    with target.batch():
-        write_manifest(target, manifest)
-    whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)
-    mark_partial(target, manifest, partial=not whole)
+    with target.serialized():
+        with target.batch():
+            write_manifest(target, manifest)
+        whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)
+        mark_partial(target, manifest, partial=not whole)
     return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
 
 

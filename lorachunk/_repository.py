@@ -25,6 +25,7 @@ from lorachunk._keys import (
     MAX_STORED_MANIFEST_BYTES,
     PARTIAL,
     SHARDS,
+    is_object_key,
     manifest_id_of,
     manifest_key,
     pack_id_of,
@@ -116,15 +117,24 @@ def mark_partial(store: Store, manifest: Manifest | str, *, partial: bool) -> No
 
 def list_manifest_ids(store: Store) -> list[str]:
     """Every manifest id in the store (sorted), as ``"<algorithm>:<hex>"``."""
-    return sorted(manifest_id_of(key) for key in store.list_prefix(MANIFESTS))
+    return sorted(manifest_id_of(key) for key in store.list_prefix(MANIFESTS) if is_object_key(key))
 
 
 def no_lora_error(store: Store) -> StoreError | UsageError:
-    """The error for a store with nothing packed in it; a local folder that is not there is named
-    as such (a usage error, as for any path that does not exist: a mistyped path is the usual cause)."""
-    if isinstance(store, LocalStore) and not store.root.exists():
+    """The error for a store with nothing packed in it. A local folder is a usage error whether it
+    is missing or holds no store (a mistyped path is the usual cause); one holding only what
+    killed writers left is named as such."""
+    if not isinstance(store, LocalStore):
+        return StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`")
+    if not store.root.exists():
         return UsageError(f"{store.root} does not exist, so it holds no packed LoRA")
-    return StoreError(f"{store!r} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`")
+    temp = store.temp_files()
+    if temp:
+        return UsageError(
+            f"{store.root} holds no packed LoRA, only {temp} temp file{'s' if temp != 1 else ''} of writes that "
+            "never finished (a writer was killed); `lorachunk repack --prune` removes them"
+        )
+    return UsageError(f"{store.root} holds no packed LoRA (no {LATEST}); pack one with `lorachunk pack`")
 
 
 def latest_id(store: Store) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import check, digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
-from lorachunk._keys import LATEST, LATEST_MANIFEST, PACKS, SHARDS, pack_id_of
+from lorachunk._keys import LATEST, LATEST_MANIFEST, MANIFESTS, PACKS, SHARDS, is_object_key, pack_id_of
 from lorachunk._layout import natural_key
 from lorachunk._manifest import Manifest, Module
 from lorachunk._repository import (
@@ -38,7 +38,8 @@ class VerifyReport:
     --split``) holds only some: ``missing`` counts those it was never given, and
     ``complete_splits`` names the splits it holds whole.
 
-    ``unreferenced`` counts objects (packs, ``lorachunk/1`` shards) no manifest names, and
+    ``unreferenced`` counts objects (packs, ``lorachunk/1`` shards) no manifest names,
+    ``foreign`` names the files there that are not lorachunk's, and
     ``temp_files`` the hidden temp files of
     writes that never finished (a pack killed with ``kill -9``; a failed pack in a store whose
     writes show at once). Neither is damage: writers never delete what another may have committed,
@@ -52,6 +53,9 @@ class VerifyReport:
     complete_splits: tuple[str, ...] = ()
     unreferenced: int = 0
     temp_files: int = 0
+    #: Files under ``manifests/``, ``packs/`` or ``shards/`` whose names are not lorachunk's
+    #: (a ``README.md`` a user put there): listed, never read as objects, never deleted.
+    foreign: tuple[str, ...] = ()
 
 
 def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
@@ -171,10 +175,21 @@ def _verify(store: Store) -> VerifyReport:
         tuple(complete),
         _unreferenced(store, set(objects)),
         store.temp_files() if isinstance(store, LocalStore) else 0,
+        foreign_files(store),
     )
 
 
 def _unreferenced(store: Store, named: set[str]) -> int:
     if not store.supports_listing:
         return 0
-    return sum(1 for prefix in (PACKS, SHARDS) for key in store.list_prefix(prefix) if key not in named)
+    return sum(
+        1 for prefix in (PACKS, SHARDS) for key in store.list_prefix(prefix) if is_object_key(key) and key not in named
+    )
+
+
+def foreign_files(store: Store) -> tuple[str, ...]:
+    """Keys under lorachunk's folders whose names are not of its grammar, sorted."""
+    if not store.supports_listing:
+        return ()
+    found = (k for prefix in (MANIFESTS, PACKS, SHARDS) for k in store.list_prefix(prefix) if not is_object_key(k))
+    return tuple(sorted(found))

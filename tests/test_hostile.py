@@ -6,8 +6,10 @@ Each test names the defect it guards against (issue #16); each fails on the code
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,48 @@ def test_a_server_that_trickles_bytes_hits_the_deadline(served: FolderServer, fa
     served.inject("/refs/*", "trickle", times=None, seconds=0.3, limit=10)
     with pytest.raises(lorachunk.StoreUnavailableError, match="stalled"):
         lorachunk.open(served.url, cache=False, timeout=1, retries=0, min_rate=100_000)
+
+
+def test_header_lines_trickled_hit_the_deadline(served: FolderServer, falcon: Path) -> None:
+    """A byte of a header line every 0.2 s never trips a 1 s read timeout; connection and headers
+    get ``timeout`` in all (issue #24, item 4)."""
+    lorachunk.pack(falcon, served.root)
+    served.inject("/refs/*", "trickle_headers", times=None, seconds=0.2, limit=1000)
+    started = time.monotonic()
+    with pytest.raises(lorachunk.StoreUnavailableError, match="deadline"):
+        lorachunk.open(served.url, cache=False, timeout=1, retries=1, backoff=0.01)
+    assert time.monotonic() - started < 6
+
+
+def test_a_slow_body_declaring_a_megabyte_ends_by_the_call_deadline(served: FolderServer, falcon: Path) -> None:
+    lorachunk.pack(falcon, served.root)
+    (served.root / "refs" / "latest.json.zst").write_bytes(bytes(1_000_000))
+    served.inject("/refs/*", "slow_body", times=None, seconds=0.05)
+    started = time.monotonic()
+    with pytest.raises(lorachunk.StoreUnavailableError, match="deadline"):
+        lorachunk.open(served.url, cache=False, deadline=2)
+    assert time.monotonic() - started < 6
+    with pytest.raises(lorachunk.UsageError, match="deadline"):
+        lorachunk.open(served.url, cache=False, deadline=math.nan)
+
+
+def test_a_load_ends_by_its_deadline(served: FolderServer, falcon: Path) -> None:
+    lorachunk.pack(falcon, served.root)
+    served.inject("/packs/*", "slow_body", times=None, seconds=0.05)
+    with lorachunk.open(served.url, cache=False) as lora:
+        started = time.monotonic()
+        with pytest.raises(lorachunk.StoreUnavailableError, match="deadline"):
+            lora.load(deadline=1.5)
+        assert time.monotonic() - started < 5
+
+
+def test_a_206_shorter_than_asked_is_resumed(served: FolderServer, falcon: Path) -> None:
+    lorachunk.pack(falcon, served.root)
+    served.inject("/packs/*", "short", times=3)
+    got = lorachunk.load(served.url, cache=False, max_gap=0)
+    assert len(got) == len(lorachunk.read_manifest(served.root).owners)
+    resumed = [r for r in served.gets("/packs/") if r.range and not r.range.startswith("bytes=0-")]
+    assert resumed, "no request resumed from where the short answer stopped"
 
 
 def test_retry_after_with_other_digits_is_ignored(served: FolderServer, falcon: Path) -> None:

@@ -92,6 +92,23 @@ class Store(ABC):
         """
         yield
 
+    @contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        """Every request in the block ends within ``seconds`` of its start (None: no limit),
+        retries included; past it, :class:`~lorachunk.StoreUnavailableError`. Stores without a
+        network (a folder) have nothing to bound."""
+        yield
+
+    @contextmanager
+    def serialized(self) -> Iterator[None]:
+        """A block that reads mutable objects (refs) and writes them back: no other program's
+        such block on this store runs at the same time.
+
+        By default nothing is held: stores without a way to hold a lock (object stores, the Hub)
+        take one writer at a time for what they share (docs/security.md).
+        """
+        yield
+
     @property
     def identity(self) -> str:
         """Where this store's objects come from, stable across runs and free of secrets: what

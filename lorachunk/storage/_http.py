@@ -12,11 +12,12 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from lorachunk._exceptions import (
@@ -56,6 +57,82 @@ class RateLimiter:
         if wait > 0:
             time.sleep(wait)
         return max(0.0, wait)
+
+
+# The deadline of the request this thread is making (time.monotonic()), read by every socket
+# operation of httpx's transport: httpx's own timeouts bound each read, so a server trickling a
+# header line every few seconds, or a body, could hold a request forever.
+_REQUEST = threading.local()
+
+
+def _left(timeout: float | None) -> float | None:
+    """``timeout`` cut to what is left of this thread's request deadline; past it, a timeout."""
+    until: float | None = getattr(_REQUEST, "until", None)
+    if until is None:
+        return timeout
+    left = until - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the request's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every read, write and TLS handshake ends by the request's deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, _left(timeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner: httpcore.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_tcp(host, port, _left(timeout), local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._inner.connect_unix_socket(path, _left(timeout), socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _transport(*, limits: httpx.Limits, http2: bool) -> httpx.HTTPTransport:
+    """httpx's transport, its sockets under the request deadlines (:func:`_left`)."""
+    transport = httpx.HTTPTransport(
+        verify=_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")), http2=http2, limits=limits
+    )
+    # httpx has no option for the network backend; httpcore's pool keeps it here (httpcore >= 1.0,
+    # which httpx >= 0.25 requires). The slow-server tests fail if that ever moves.
+    pool = transport._pool
+    pool._network_backend = _DeadlineBackend(pool._network_backend)
+    return transport
 
 
 class HTTPStore(Store):
@@ -130,15 +207,14 @@ class HTTPStore(Store):
         http2 = transport is None and importlib.util.find_spec("h2") is not None
         self._headers = dict(headers or {})
         self._origin = _origin(httpx.URL(self.url))
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self._until: float | None = None  # the deadline of the call in progress (deadline())
         self._client = httpx.Client(
             # identity: byte offsets for resume and ranges must be those of the stored object.
             headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
-            http2=http2,
             follow_redirects=False,  # followed by _send, which keeps the caller's headers at home
-            transport=transport,
-            verify=_ssl_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")),
+            transport=transport or _transport(limits=limits, http2=http2),
         )
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
@@ -164,6 +240,7 @@ class HTTPStore(Store):
             if attempt:
                 time.sleep(self._delay(attempt, hint))
                 hint = None
+            self._check_deadline(shown, last_error)
             offset = start + sum(map(len, received))
             headers = {}
             if offset or end is not None:
@@ -197,15 +274,24 @@ class HTTPStore(Store):
                     for hop in (*response.history, response):
                         headers_seen.update(hop.headers)
                     self._read_body(response, received, skip=skip, want=None if end is None else end - start)
+                    if end is not None and sum(map(len, received)) < end - start:
+                        # A body shorter than asked (a 206 that stops early): resumed, as a drop is.
+                        last_error = f"the body ended at {start + sum(map(len, received))} of {end} bytes"
+                        continue
                     break
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                until = getattr(_REQUEST, "until", None)
+                if isinstance(exc, httpx.TimeoutException) and until is not None and time.monotonic() >= until - 0.05:
+                    last_error = f"{type(exc).__name__}: stalled, past the request's deadline (timeout + size/min_rate)"
                 continue
             except _StalledError as exc:
                 last_error = str(exc)
                 continue
             except httpx.HTTPError as exc:
                 raise StoreError(f"{shown}: {exc}") from exc
+            finally:
+                _REQUEST.until = None
         else:
             raise StoreUnavailableError(f"{shown}: gave up after {self.retries + 1} attempts (last: {last_error})")
         data = b"".join(received)
@@ -222,6 +308,8 @@ class HTTPStore(Store):
         target = httpx.URL(url)
         for _ in range(_MAX_REDIRECTS + 1):
             sent = dict(headers) | (self._headers if _origin(target) == self._origin else {})
+            # Connection and headers within `timeout` in all, however slowly a server trickles them.
+            _REQUEST.until = self._bounded(time.monotonic() + self.timeout)
             response = self._client.send(self._client.build_request(method, target, headers=sent), stream=True)
             location = response.headers.get("Location")
             if not (response.is_redirect and location):
@@ -248,6 +336,9 @@ class HTTPStore(Store):
         expected = min(sizes) if sizes else 0
         started = time.monotonic()
         throttled = 0.0  # time our own max_bytes_per_s held the body back is not the server's
+        # The whole body by this deadline (checked by every socket read, so also while no chunk
+        # comes): its size at min_rate, or for a body of unknown size what arrived so far.
+        _REQUEST.until = self._bounded(started + self.timeout + max(expected, have) / self.min_rate)
         for chunk in response.iter_raw():  # no chunk_size: it would hold back what arrived before a drop
             elapsed = time.monotonic() - started - throttled
             if elapsed > self.timeout + max(expected, have + len(chunk)) / self.min_rate:
@@ -255,6 +346,8 @@ class HTTPStore(Store):
                 raise _StalledError(f"stalled: {got} bytes in {elapsed:.0f} s, under {self.min_rate:.0f} B/s")
             if self.limiter is not None:
                 throttled += self.limiter.take(len(chunk))
+            budget = started + throttled + self.timeout + max(expected, have + len(chunk)) / self.min_rate
+            _REQUEST.until = self._bounded(budget)
             if skip:
                 dropped = min(skip, len(chunk))
                 skip -= dropped
@@ -267,8 +360,31 @@ class HTTPStore(Store):
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_backoff)
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+            delay = min(retry_after, self.max_backoff)
+        else:
+            delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+        return delay if self._until is None else max(0.0, min(delay, self._until - time.monotonic()))
+
+    @contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        if seconds is None:
+            yield
+            return
+        previous = self._until
+        until = time.monotonic() + seconds
+        self._until = until if previous is None else min(previous, until)
+        try:
+            yield
+        finally:
+            self._until = previous
+
+    def _bounded(self, until: float) -> float:
+        return until if self._until is None else min(until, self._until)
+
+    def _check_deadline(self, shown: str, last_error: str) -> None:
+        if self._until is not None and time.monotonic() >= self._until:
+            last = f" (last: {last_error})" if last_error else ""
+            raise StoreUnavailableError(f"{shown}: the call's deadline passed{last}")
 
     def set(self, key: str, value: bytes) -> None:
         raise UsageError(f"{self!r} is read-only; pack into a local folder and publish that")
@@ -284,11 +400,14 @@ class HTTPStore(Store):
             if attempt:
                 time.sleep(self._delay(attempt, hint))
                 hint = None
+            self._check_deadline(shown, "")
             try:
                 with self._send("HEAD", url, {}) as response:
                     status = response.status_code
             except httpx.TransportError:
                 continue
+            finally:
+                _REQUEST.until = None
             if status in _RETRY_STATUS:
                 hint = _retry_after(response.headers.get("Retry-After"))
                 continue

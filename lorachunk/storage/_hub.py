@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -155,6 +156,7 @@ class HubStore(Store):
         path: str | None = None,
         token: str | None = None,
         endpoint: str | None = None,
+        deadline: float | None = None,
         **http_options: Any,
     ) -> None:
         _check_repo(repo_id, repo_type)
@@ -182,7 +184,8 @@ class HubStore(Store):
         # commit. Repos pushed before the latest's copy existed have only refs/latest.
         for key in (LATEST_MANIFEST, LATEST):
             try:
-                data, answer = http.fetch(f"{http.url}/{key}", ByteRange(0, _FIRST_LIMIT))
+                with http.deadline(deadline):
+                    data, answer = http.fetch(f"{http.url}/{key}", ByteRange(0, _FIRST_LIMIT))
             except ShardNotFoundError:
                 continue  # not there, or no such repo or revision: the API says which below
             except BaseException:
@@ -214,6 +217,14 @@ class HubStore(Store):
         if self._http is None:
             raise StoreUnavailableError(f"{self!r}: HF_HUB_OFFLINE is set and this object is not in the cache")
         return self._http
+
+    @contextmanager
+    def deadline(self, seconds: float | None) -> Iterator[None]:
+        if self._http is None:
+            yield
+            return
+        with self._http.deadline(seconds):
+            yield
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         http = self._online()

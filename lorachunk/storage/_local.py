@@ -9,6 +9,7 @@ import secrets
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -209,6 +210,28 @@ class LocalStore(Store):
                     tmp.unlink(missing_ok=True)
                     self._drop_empty_folders(tmp)
 
+    @contextmanager
+    def serialized(self) -> Iterator[None]:
+        """Held with ``flock`` on the hidden file ``locks/.serial``: the kernel lets it go when
+        its process ends however it ends, so a writer killed with ``kill -9`` never leaves it
+        held. (Where there is no ``fcntl``, as on Windows, nothing is held.)"""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        path = self.root / "locks" / ".serial"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
+        except OSError as exc:
+            raise StoreError(f"cannot lock {self.root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing lets the lock go
+
     def sync(self) -> None:
         """Make every write so far durable, renames included (before deleting what they replace)."""
         if not self.fsync or not self.root.is_dir():
@@ -305,11 +328,33 @@ class LocalStore(Store):
     def temp_files(self) -> int:
         """How many hidden temp files of writes that never finished (a writer killed with
         ``kill -9``) the folder holds; :meth:`list_prefix` skips them, so no reader sees them."""
+        return len(list(self._temp_paths()))
+
+    def remove_temp_files(self, *, older_than: float) -> tuple[int, int]:
+        """Remove the temp files last written over ``older_than`` seconds ago (a write in
+        progress touches its file as it goes); return how many went and how many stayed."""
+        removed = kept = 0
+        now = time.time()
+        for path in self._temp_paths():
+            try:
+                if now - path.lstat().st_mtime < older_than:
+                    kept += 1
+                    continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue  # renamed into place or removed by its writer meanwhile
+            except OSError as exc:
+                raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from exc
+        return removed, kept
+
+    def _temp_paths(self) -> Iterator[Path]:
         if not self.root.is_dir():
-            return 0
-        return sum(
-            1 for _, _, names in os.walk(self.root) for name in names if name.startswith(".") and name.endswith(".tmp")
-        )
+            return
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    yield Path(folder, name)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"

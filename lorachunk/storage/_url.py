@@ -25,14 +25,17 @@ def is_remote(source: str | os.PathLike[str] | Store) -> bool:
     return match is not None and match[1].lower() not in {"file", "memory"}
 
 
-def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = None, **options: Any) -> Store:
+def open_store(
+    source: str | os.PathLike[str] | Store, *, pool: int | None = None, deadline: float | None = None, **options: Any
+) -> Store:
     """The store ``source`` names: a :class:`Store` as is, ``http(s)://`` → :class:`HTTPStore`,
     ``hf://namespace/name[@revision][/path]`` → :class:`HubStore`,
     ``file://`` or a path → :class:`LocalStore`, any other ``scheme://`` → :class:`FsspecStore`.
 
     ``options`` go to the store's constructor (e.g. ``headers=`` or ``max_bytes_per_s=`` for
     HTTP, ``storage_options=`` for fsspec). ``pool`` sizes the connection pool of the stores
-    that keep one (HTTP and the Hub); the others ignore it.
+    that keep one (HTTP and the Hub); the others ignore it. ``deadline`` bounds what opening
+    reads (the Hub's first request); the others read nothing when opened.
     """
     if isinstance(source, Store):
         if options:
@@ -55,6 +58,7 @@ def open_store(source: str | os.PathLike[str] | Store, *, pool: int | None = Non
             revision=parsed["revision"],
             repo_type=str(parsed["repo_type"]),
             path=parsed["path"],
+            deadline=deadline,
             **(pooled | options),
         )
     if scheme is None or scheme == "file":

@@ -31,7 +31,10 @@ class Fault:
     one byte), ``stall`` (wait ``seconds`` first), ``endless`` (answer 200 declaring a terabyte
     and send zeros until the client hangs up, or ``limit`` bytes), ``redirect`` (answer 302 to
     ``location`` + the path), ``trickle`` (send the body a byte every ``seconds``, at most
-    ``limit`` bytes, then close).
+    ``limit`` bytes, then close), ``trickle_headers`` (send a header line a byte every
+    ``seconds``, never ending it), ``slow_body`` (declare the whole object, then send a byte
+    every ``seconds``), ``short`` (answer a range with 206 for its first half only, as a
+    server may).
     """
 
     pattern: str
@@ -158,6 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.close()
             return
+        if fault is not None and fault.kind == "trickle_headers":
+            self._trickle(b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * fault.limit, fault.seconds)
+            return
         if fault is not None and fault.kind == "status":
             extra = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             self._status(fault.status, extra)
@@ -187,6 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._status(416, {"Content-Range": f"bytes */{len(data)}"})
                 return
             status = 206
+            if fault is not None and fault.kind == "short" and end - start > 1:
+                end = start + (end - start) // 2
         self.send_response(status)
         self.send_header("Content-Length", str(end - start))
         self.send_header("Accept-Ranges", "bytes")
@@ -201,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is None and link.drop_rate and len(payload) > 1 and link.should_drop():
             cut = link._random.randrange(1, len(payload))
         limit = len(payload) if cut is None else cut
-        step = 1 if fault is not None and fault.kind == "trickle" else 16 * 1024
+        step = 1 if fault is not None and fault.kind in ("trickle", "slow_body") else 16 * 1024
         if step == 1 and fault is not None and fault.limit < limit:
             limit, cut = fault.limit, fault.limit
         try:
@@ -219,6 +227,16 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.close_connection = True
             self.connection.shutdown(2)
+
+    def _trickle(self, data: bytes, seconds: float) -> None:
+        self.close_connection = True
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(seconds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _endless(self, request: Request, limit: int) -> None:
         self.send_response(200)
