@@ -19,6 +19,7 @@ from lorachunk._cache import Cache, CacheInfo
 from lorachunk._compose import Take, compose
 from lorachunk._exceptions import (
     AuthenticationError,
+    BaseModelWarning,
     CacheWarning,
     FormatError,
     IntegrityError,
@@ -51,6 +52,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "FORMAT_ID",
     "AuthenticationError",
+    "BaseModelWarning",
     "Cache",
     "CacheInfo",
     "CacheWarning",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar, Literal
 
 from lorachunk._digest import check, hex_of, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError
@@ -49,8 +49,10 @@ class Cache(ObjectCache):
     root:
         The folder; :func:`default_cache_dir` when omitted.
     max_size:
-        If set, :meth:`enforce_limit` (called by the loader after each load) evicts the least
-        recently used objects until the cache holds at most this many bytes.
+        :meth:`enforce_limit` (called by the loader after each load) evicts the least recently
+        used objects until the cache holds at most this many bytes. ``"auto"`` (the default):
+        ``$LORACHUNK_CACHE_MAX_SIZE`` (e.g. ``20GB``; ``none`` for no cap), else 10 GB.
+        ``None``: no cap.
     decoded:
         Also keep each module's decoded bytes (``raw/``), so a warm CPU load is a memory map plus
         one xxh3 pass instead of a decode. Costs about the LoRA's uncompressed size on disk.
@@ -61,7 +63,11 @@ class Cache(ObjectCache):
     DIGEST_NAMED: ClassVar[tuple[str, ...]] = ("shards", "manifests", "raw")
 
     def __init__(
-        self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None, decoded: bool | None = None
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        max_size: int | Literal["auto"] | None = "auto",
+        decoded: bool | None = None,
     ) -> None:
         super().__init__(root, max_size=max_size)
         self.decoded = decoded if decoded is not None else os.environ.get("LORACHUNK_CACHE_DECODED", "1") != "0"

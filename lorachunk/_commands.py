@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import lorachunk
 from lorachunk._info import info_dict, ls_dicts, unpacked
 from lorachunk._layout import is_adapter, natural_key
 from lorachunk._threads import Progress
+from lorachunk._units import parse_size
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 #: How `info` names each kind of split, in the order it lists them (docs/splits.md).
@@ -30,21 +30,6 @@ SPLIT_KINDS = {
     "part": "composed from",
     "user": "yours",
 }
-
-
-def parse_size(text: str) -> int:
-    """``"500MB"``, ``"2GiB"``, ``"10k"`` or plain bytes → bytes."""
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-    value = text.strip().lower().removesuffix("b")
-    number = value.rstrip("kmgti")
-    unit = value[len(number) :]
-    try:
-        size = float(number) * units[unit]
-    except (KeyError, ValueError):
-        size = math.nan
-    if not 0 <= size < math.inf:
-        raise lorachunk.UsageError(f"cannot read size {text!r}; use e.g. 500MB or 2GiB (0 or more)")
-    return int(size)
 
 
 NOT_AN_ADAPTER = (
@@ -152,6 +137,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{info['ratio']:.2f}x compression"
     )
     print(f"modules   {info['modules']}")
+    partial = info["partial"]
+    if partial is not None:
+        held = ", ".join(partial["splits_held_whole"][:12]) or "none"
+        print(
+            f"partial   a copy holding {partial['modules']} of {info['modules']} modules "
+            f"({_size(partial['stored_bytes'])} of {_size(info['stored_bytes'])}); splits held whole: {held}"
+        )
+    if info["in_no_split"]:
+        names = ", ".join(info["in_no_split"][:5]) + (", …" if len(info["in_no_split"]) > 5 else "")
+        print(f"unsplit   {_count(len(info['in_no_split']), 'module')} in no split (load whole or by name): {names}")
     if not info["adapter"]:
         print(f"kind      {NOT_AN_ADAPTER.removeprefix('note: ')}")
     if info["files"]:
@@ -351,7 +346,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         counts = ", ".join(
             (_count(info.shards, "shard"), _count(info.manifests, "manifest"), _count(info.decoded, "decoded module"))
         )
-        print(f"holds     {counts}, {_size(info.bytes)}")
+        counts += f", {_count(info.bundles, 'decoded LoRA')}" if info.bundles else ""
+        cap = "no cap" if cache.max_size is None else f"cap {_size(cache.max_size)} (LORACHUNK_CACHE_MAX_SIZE)"
+        print(f"holds     {counts}, {_size(info.bytes)}; {cap}, least recently used evicted first")
     elif args.action == "verify":
         bad = cache.verify()
         if args.json:

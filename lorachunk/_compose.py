@@ -11,10 +11,12 @@ strength other than 1 gets new records: its delta tensors are multiplied (in flo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import BinaryIO, Final
 
 from lorachunk._codec import BytePlaneZstd
 from lorachunk._entries import order_runs
-from lorachunk._exceptions import StoreError, UsageError
+from lorachunk._exceptions import BaseModelWarning, StoreError, UsageError
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._lock import locked
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry
@@ -121,6 +123,7 @@ def compose(
                     f"take {part.take.name!r} uses {used}; composing needs one hash ({algorithm}) "
                     f"and the {BytePlaneZstd.codec_id} codec"
                 )
+        _warn_if_bases_differ(parts)
         owner = _claim(parts, prefer)
         check_dest(dest)
         out = stack.enter_context(as_store(dest))
@@ -191,6 +194,20 @@ def _open(stack: ExitStack, take: Take) -> _Part:
     return _Part(take, store, manifest, [manifest.module(n) for n in chosen])
 
 
+def _warn_if_bases_differ(parts: Sequence[_Part]) -> None:
+    """Takes trained for different base models (an SD 1.5 LoRA and an SD 2 one) compose into a
+    file no pipeline loads as meant; said, naming both, but not refused (the hint may be wrong)."""
+    known = [(part.take.name, part.manifest.base_model) for part in parts if part.manifest.base_model]
+    for (name, base), (other, other_base) in itertools.pairwise(known):
+        if base != other_base:
+            warnings.warn(
+                f"take {name!r} is for {base} and take {other!r} for {other_base}: the composed LoRA mixes base models",
+                BaseModelWarning,
+                stacklevel=3,
+            )
+            return
+
+
 def _claim(parts: Sequence[_Part], prefer: Sequence[str]) -> dict[str, _Part]:
     """Module name → the part it comes from; two claims need ``prefer`` to settle them."""
     rank = {name: i for i, name in enumerate(prefer)}
@@ -220,8 +237,11 @@ def _scale(raw: bytearray, module: Module, factor: float) -> None:
     from lorachunk import _torch  # only composing with strengths needs torch
 
     for entry in module.tensors:
-        if entry.key in targets:
-            _torch.scale_bytes(raw, entry, factor)
+        if entry.key in targets and not _torch.scale_bytes(raw, entry, factor):
+            raise UsageError(
+                f"scale {factor:g} overflows {entry.dtype} in tensor {entry.key!r} (module {module.name!r}); "
+                "use a smaller scale"
+            )
 
 
 def _source(

@@ -1,4 +1,4 @@
-"""The exceptions lorachunk raises.
+r"""The exceptions lorachunk raises.
 
 Every error the library raises on purpose derives from :class:`LorachunkError`, and also from
 the builtin a caller would naturally catch, so ``except ValueError`` and ``except OSError`` keep
@@ -19,14 +19,16 @@ working::
 Foreign exceptions (``OSError`` from the file system, ``zstd.ZstdError``, ``json.JSONDecodeError``,
 ``httpx.HTTPError`` …) are converted where they enter, with ``raise … from exc``.
 
-One warning: :class:`CacheWarning` (a ``UserWarning``), when the cache cannot be written and a
-load goes on without it.
+Two warnings (``UserWarning``\ s): :class:`CacheWarning`, when the cache cannot be written and a
+load goes on without it; :class:`BaseModelWarning`, when compose mixes LoRAs that say they are
+for different base models.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BaseModelWarning",
     "CacheWarning",
     "FormatError",
     "IntegrityError",
@@ -88,3 +90,7 @@ class CacheWarning(UserWarning):
 class StoreLockedError(StoreError):
     """Another program holds the store's lock: a repack beside a writer, or a writer that waited
     for a repack past its limit. The message names the holder (command, pid, host, since when)."""
+
+
+class BaseModelWarning(UserWarning):
+    """LoRAs trained for different base models (SD 1.5 and SD 2, say) are being composed into one."""

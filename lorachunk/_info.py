@@ -11,8 +11,19 @@ from typing import Any
 from lorachunk._exceptions import UsageError
 from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
 from lorachunk._layout import is_adapter
+from lorachunk._manifest import Manifest
 from lorachunk._pack import pack
-from lorachunk._repository import as_store, list_manifest_ids, read_manifest, read_stored_manifest, resolve
+from lorachunk._repository import (
+    absent_records,
+    as_store,
+    list_manifest_ids,
+    partial_ids,
+    read_manifest,
+    read_stored_manifest,
+    record_key,
+    resolve,
+    splits_held_whole,
+)
 from lorachunk._threads import Progress
 from lorachunk.storage import LocalStore, MemoryStore, Store
 
@@ -78,11 +89,27 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
             }
             for split in manifest.splits
         ],
+        "partial": _partial(store, manifest),
+        # A module no split names is loaded only whole or by name: said, so no one drops it unaware.
+        "in_no_split": sorted({m.name for m in manifest.modules} - {n for s in manifest.splits for n in s.modules}),
         "store": {
             "manifests": len(all_ids),
             "referenced_stored_bytes": referenced,
             "unique_stored_bytes": sum(shards.values()),
         },
+    }
+
+
+def _partial(store: Store, manifest: Manifest) -> dict[str, Any] | None:
+    """What a partial copy (``pull --split``) holds of the LoRA; None for a whole one."""
+    if manifest.id not in partial_ids(store):
+        return None
+    absent = absent_records(store, manifest)
+    held = [m for m in manifest.modules if record_key(m) not in absent]
+    return {
+        "modules": len(held),
+        "stored_bytes": sum(m.stored_size for m in {m.shard: m for m in held}.values()),
+        "splits_held_whole": splits_held_whole(manifest, absent),
     }
 
 

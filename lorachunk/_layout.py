@@ -6,6 +6,7 @@ into the manifest and readers use what the manifest says. docs/splits.md lists e
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -213,7 +214,11 @@ _PARTS: Final = (
         "embeddings",
         re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|wpe|word_embeddings|position_embeddings|shared|embeddings)$"),
     ),
-    ("heads", re.compile(r"(?:^|\.)(?:lm_head|embed_out|classifier|score|qa_outputs|pooler|cls)(?:\.|$)")),
+    # DistilBERT's head is pre_classifier + classifier (the first is most of its bytes).
+    (
+        "heads",
+        re.compile(r"(?:^|\.)(?:lm_head|embed_out|pre_classifier|classifier|score|qa_outputs|pooler|cls)(?:\.|$)"),
+    ),
 )
 
 
@@ -358,3 +363,38 @@ def scale_targets(keys: Iterable[str]) -> list[str]:
         if matched:
             return matched
     return []
+
+
+# The width of a UNet's cross-attention (what attn2.to_k/to_v read) names the model family.
+_CROSS_ATTENTION: Final = {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl"}
+_TO_KV_DOWN: Final = re.compile(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?[._](?:lora_down|lora_A|down)[._]weight$")
+_FAMILY_WORDS: Final = (("xl", "sdxl"), ("flux", "flux"), ("sd3", "sd3"), ("v2", "sd_v2"), ("v1", "sd_v1"))
+
+
+def base_model_of(
+    metadata: Mapping[str, str] | None, files: Mapping[str, str], shapes: Iterable[tuple[str, tuple[int, ...]]]
+) -> str | None:
+    """The base model a LoRA was trained for, where it says or shows: a PEFT config's
+    ``base_model_name_or_path``; for a diffusion UNet the width of its cross-attention (768 SD 1.x,
+    1024 SD 2.x, 2048 SDXL); else kohya's and modelspec's metadata. None when nothing tells.
+    A hint for warnings and listings, never a check: every field it reads is the uploader's."""
+    config = files.get("adapter_config.json")
+    if config is not None:
+        try:
+            name = json.loads(config).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            name = None
+        if isinstance(name, str) and name.strip():
+            return name.strip()[:200]
+    for key, shape in shapes:
+        if _TO_KV_DOWN.search(key) and len(shape) == 2 and shape[1] in _CROSS_ATTENTION:
+            return _CROSS_ATTENTION[shape[1]]
+    meta = metadata or {}
+    for field in ("ss_base_model_version", "modelspec.architecture"):
+        value = meta.get(field, "").lower().split("/")[0]
+        for word, family in _FAMILY_WORDS:
+            if word in value:
+                return family
+    if meta.get("ss_v2") in ("True", "False"):
+        return "sd_v2" if meta["ss_v2"] == "True" else "sd_v1"
+    return None

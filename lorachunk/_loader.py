@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import split_digest
-from lorachunk._exceptions import IntegrityError, ManifestError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._packs import DEFAULT_GAP
 from lorachunk._pipeline import Pipeline
-from lorachunk._repository import parse_manifest, read_manifest
+from lorachunk._repository import parse_manifest, partial_copy_error, read_manifest
 from lorachunk._select import layer_splits, scale_factors, select_modules
 from lorachunk._threads import Progress, cpu_threads
 from lorachunk.storage import Store, open_store
@@ -46,10 +46,13 @@ REMOTE_CONCURRENCY = 16
 PARALLEL_MIN_BYTES = 128 * 1024
 
 
-def _cache_for(option: CacheOption) -> Cache | None:
+def _cache_for(option: CacheOption, *, remote: bool) -> Cache | None:
     if isinstance(option, Cache):
         return option
-    if option is True or option == "auto":
+    if option == "auto":
+        # A local folder is read where it is: a cache copy would only double the disk it takes.
+        return Cache() if remote else None
+    if option is True:
         return Cache()
     if option is False or option is None:
         return None
@@ -85,10 +88,6 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         pinned_root: str | None = None,
         max_gap: int = DEFAULT_GAP,
     ) -> None:
-        if max_gap < 0:
-            raise UsageError(f"max_gap must be 0 or more bytes, got {max_gap}")
-        if concurrency < 1:
-            raise UsageError(f"concurrency must be at least 1, got {concurrency}")
         self.store = store
         self.cache = cache
         self.concurrency = concurrency
@@ -241,6 +240,12 @@ class LoRA(Mapping[str, "torch.Tensor"]):
                         if factor is not None:
                             _torch.scale_(tensor, factor)
                         yield key, tensor
+        except ShardNotFoundError as exc:
+            # A pack a partial copy was never given: say so, and how to get it, as unpack does.
+            error = partial_copy_error(self.store, self._manifest, chosen)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             placer.close()
         self._pipeline.policy.after_load()
@@ -301,18 +306,20 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         *,
         required: bool | None = None,
         deadline: float | None = None,
+        into_cache: bool = True,
     ) -> PullReport:
         """Fetch and verify the distinct records of ``chosen`` and hand each to ``sink(module,
         stored_bytes)`` (a view: copy it to keep it past the call if need be). ``required``
         (default: when this LoRA has a cache, as prefetch wants) keeps every record in the cache
-        and makes one that cannot be written an error."""
+        and makes one that cannot be written an error; ``into_cache=False`` adds nothing to the
+        cache (what it holds is still used)."""
         unique = len({m.shard for m in chosen})
         keep = self.cache is not None if required is None else required
         seconds = check_deadline(deadline)
         if seconds is None:
             seconds = default_deadline(sum(m.stored_size for m in chosen))
         with self.store.deadline(seconds):
-            fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep)
+            fetched, fetched_bytes = self._pipeline.copy(chosen, sink, progress, required=keep, into_cache=into_cache)
         return PullReport(unique, fetched, fetched_bytes, unique - fetched)
 
     def close(self) -> None:
@@ -398,9 +405,11 @@ def open(
     manifest:
         A manifest id or unique hex prefix; default the store's latest.
     cache:
-        ``"auto"`` or ``True``: the shared cache (:func:`~lorachunk.Cache` default folder).
-        Remote shards are kept there once verified; for a local folder only decoded modules
-        are kept, which makes warm loads a memory map plus a hash. ``False`` or ``None``: no
+        ``"auto"`` (the default): the shared cache (:class:`~lorachunk.Cache`'s default folder,
+        capped at 10 GB) for remote sources, where verified records and decoded modules are
+        kept; none for a local folder, which is read where it is. ``True``: the shared cache
+        for a local folder too (decoded modules are kept, so a warm load is a memory map plus a
+        hash, at the cost of the LoRA's uncompressed size on disk). ``False`` or ``None``: no
         cache. A folder, or a :class:`~lorachunk.Cache`.
     concurrency:
         Requests in flight and modules decoded at once: default the CPU count (at most 8, or
@@ -434,12 +443,16 @@ def open(
     remote = is_remote(source)
     # A local load is decoding, which wants no more threads than cores: on 2 cores, decoding a
     # 239 MB LoRA took 10-13x load_file on 8 threads and 7-9x on 2 (docs/benchmarks.md).
+    if not _is_int(max_gap) or max_gap < 0:
+        raise UsageError(f"max_gap must be a whole number of bytes, 0 or more, got {max_gap!r}")
+    if concurrency is not None and (not _is_int(concurrency) or concurrency < 1):
+        raise UsageError(f"concurrency must be a whole number, at least 1, got {concurrency!r}")
     threads = concurrency if concurrency is not None else (REMOTE_CONCURRENCY if remote else cpu_threads())
     seconds = check_deadline(deadline)
     store = open_store(source, pool=threads, **({"deadline": seconds} if is_remote(source) else {}), **store_options)
     owns = not isinstance(source, Store)
     try:
-        cache_obj = _cache_for(cache)
+        cache_obj = _cache_for(cache, remote=remote)
         with store.deadline(seconds):
             loaded = _read_manifest(store, manifest, cache_obj, root)
         if root is not None and root not in loaded.roots:
@@ -453,6 +466,10 @@ def open(
         if owns:
             store.close()
         raise
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_digest(value: str) -> bool:

@@ -22,7 +22,7 @@ from lorachunk._digest import ALGORITHMS, digest, split_digest
 from lorachunk._entries import Module, Source, Split, TensorEntry, module_from_json
 from lorachunk._exceptions import FormatError, IntegrityError, ManifestError, UsageError
 from lorachunk._json import parse_json
-from lorachunk._layout import auto_splits, natural_key
+from lorachunk._layout import auto_splits, base_model_of, natural_key
 from lorachunk._manifest_json import (
     AUTO_KINDS,
     MAX_FILES,
@@ -171,6 +171,16 @@ class Manifest:
             # existed) says nothing of which modules a user split names.
             return root == _v1_roots(self)[0] or not any(s.kind not in AUTO_KINDS for s in self.splits)
         return root in self.roots  # a lorachunk/1 manifest's content root, which has the leaf
+
+    @property
+    def base_model(self) -> str | None:
+        """The base model this LoRA was trained for, where its config, metadata or shapes tell
+        (``sd_v1``, ``sd_v2``, ``sdxl``, a PEFT config's model name); a hint, not a check."""
+        if "base_model" not in self._derived:
+            shapes = ((t.key, t.shape) for m in self.modules for t in m.tensors)
+            self._derived["base_model"] = base_model_of(self.metadata, self.files, shapes)
+        found: str | None = self._derived["base_model"]
+        return found
 
     def module(self, name: str) -> Module:
         try:

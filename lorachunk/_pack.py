@@ -230,7 +230,7 @@ def _read_layout(handle: BinaryIO, size: int, path: Path) -> SafetensorsLayout:
         length = read_header_length(handle.read(8), file_size=size)
         header = handle.read(length)
         header.decode()
-        layout = parse_header(header, data_length=size - 8 - length)
+        layout = parse_header(header, data_length=size - 8 - length, max_tensors=MAX_TENSORS)
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: header is not UTF-8") from exc
     except FormatError as exc:

@@ -91,14 +91,15 @@ class Pipeline:
         self.transferred = 0
 
     def records(
-        self, modules: Sequence[Module], *, required: bool = False
+        self, modules: Sequence[Module], *, required: bool = False, into_cache: bool = True
     ) -> Iterator[tuple[Module, bytes | memoryview]]:
         """The verified stored records of ``modules``, from the cache or the store, as they arrive.
 
         Records not in the cache are fetched a few requests at a time (many records per request,
         planned from ``Manifest.packs``). ``required`` keeps what is fetched in the cache whatever
         the store, and makes a cache that cannot be written an error (``prefetch``); otherwise the
-        policy decides, best effort."""
+        policy decides, best effort. ``into_cache=False`` reads the cache but adds nothing to it
+        (a pull, whose destination is a verified store of its own)."""
         cache = self.policy.cache
         keep = cache is not None and (required or self.policy.shards)
         missing = []
@@ -123,7 +124,7 @@ class Pipeline:
                 with self._lock:
                     self.fetched += 1
                     self.fetched_bytes += len(data)
-                if cache is not None and keep:
+                if cache is not None and keep and into_cache:
                     if required:
                         cache.put(module.shard, data)
                     else:
@@ -142,13 +143,14 @@ class Pipeline:
         progress: Progress | None,
         *,
         required: bool,
+        into_cache: bool = True,
     ) -> tuple[int, int]:
         """Fetch each distinct record of ``chosen`` and hand it to ``sink``; return (fetched, bytes)."""
         before = (self.fetched, self.fetched_bytes)
         chosen = list({m.shard: m for m in chosen}.values())
         total = sum(m.stored_size for m in chosen)
         done = 0
-        for module, data in self.records(chosen, required=required):
+        for module, data in self.records(chosen, required=required, into_cache=into_cache):
             sink(module, data)
             done += module.stored_size
             if progress is not None:

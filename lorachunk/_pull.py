@@ -69,13 +69,20 @@ def pull(
         manifest = lora.manifest
         unique = list({m.shard: m for m in lora.select(splits=splits, modules=modules, layers=layers)}.values())
         if manifest.format == FORMAT_V1 and len(unique) < len({m.shard for m in manifest.modules}):
-            return _pull_v1(lambda *args: lora.copy(*args, required=False), manifest, unique, target, progress)
+            return _pull_v1(
+                lambda *args: lora.copy(*args, required=False, into_cache=False), manifest, unique, target, progress
+            )
         held, damaged = _intact(target, held_records(target, algorithm=manifest.hash), unique)
         missing = [m for m in unique if m.shard not in held.records]
         records: dict[str, bytes | memoryview] = {}
         left = None if seconds is None else max(1e-3, seconds - (time.monotonic() - started))
         report = lora.copy(
-            missing, lambda m, data: records.__setitem__(m.shard, data), progress, required=False, deadline=left
+            missing,
+            lambda m, data: records.__setitem__(m.shard, data),
+            progress,
+            required=False,
+            deadline=left,
+            into_cache=False,  # dest is a verified store already: a second copy would double the disk
         )
         with target.batch():
             wanted = {m.shard for m in unique}

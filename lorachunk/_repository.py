@@ -32,6 +32,7 @@ from lorachunk._keys import (
     pack_key,
     shard_key,
 )
+from lorachunk._layout import natural_key
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
 from lorachunk._packs import DEFAULT_GAP, Read, Span, plan_reads
 from lorachunk._shard import decode_checked
@@ -39,6 +40,7 @@ from lorachunk._threads import bounded_map
 from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 
 __all__ = [
+    "absent_records",
     "as_store",
     "check_dest",
     "decode_module",
@@ -47,11 +49,13 @@ __all__ = [
     "manifest_objects",
     "mark_partial",
     "parse_manifest",
+    "partial_copy_error",
     "partial_ids",
     "read_manifest",
     "read_shard",
     "read_stored_manifest",
     "record_key",
+    "splits_held_whole",
     "write_manifest",
 ]
 
@@ -113,6 +117,42 @@ def mark_partial(store: Store, manifest: Manifest | str, *, partial: bool) -> No
         store.set(PARTIAL, "".join(f"{i}\n" for i in sorted(updated)).encode())
     else:
         store.delete(PARTIAL)
+
+
+def absent_records(store: Store, manifest: Manifest) -> set[str]:
+    """The objects (packs, ``lorachunk/1`` shards) of ``manifest`` that ``store`` lacks: those a
+    partial copy was never given. One existence check per object."""
+    return {key for key in {record_key(m) for m in manifest.modules if m.stored_size} if not store.exists(key)}
+
+
+def splits_held_whole(manifest: Manifest, absent: set[str]) -> list[str]:
+    """The splits of ``manifest`` none of whose records lie in an ``absent`` object, in natural
+    order: what a partial copy can load, unpack and pull from. One rule for verify, info, unpack
+    and load."""
+    held = (
+        s.name
+        for s in manifest.splits
+        if s.modules and not any(record_key(manifest.module(n)) in absent for n in s.modules)
+    )
+    return sorted(held, key=natural_key)
+
+
+def partial_copy_error(store: Store, manifest: Manifest, chosen: Iterable[Module]) -> UsageError | None:
+    """For a partial copy lacking some of the ``chosen`` modules, the error that says which splits
+    it lacks, which it holds, and how to get the rest; None otherwise."""
+    if manifest.id not in partial_ids(store):
+        return None
+    absent = absent_records(store, manifest)
+    missing_modules = {m.name for m in chosen if record_key(m) in absent}
+    if not missing_modules:
+        return None
+    missing = [s.name for s in manifest.splits if missing_modules.intersection(s.modules)]
+    held = splits_held_whole(manifest, absent)
+    return UsageError(
+        f"{store!r} is a partial copy without {len(missing_modules)} of the selected modules (in splits "
+        f"{', '.join(missing[:8]) or '-'}); pull them into it first (`lorachunk pull SOURCE -o FOLDER --split NAME`). "
+        f"Splits it holds whole: {', '.join(held[:20]) or 'none'}"
+    )
 
 
 def list_manifest_ids(store: Store) -> list[str]:

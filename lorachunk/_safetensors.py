@@ -115,9 +115,20 @@ _OTHER_FORMATS: Final = (
 )
 
 
-def parse_header(header: bytes, *, data_length: int) -> SafetensorsLayout:
-    """Parse and validate a header whose data area holds ``data_length`` bytes."""
-    raw = parse_json(header, error=FormatError, what="not a safetensors file: header", object_pairs_hook=_unique_keys)
+def parse_header(header: bytes, *, data_length: int, max_tensors: int | None = None) -> SafetensorsLayout:
+    """Parse and validate a header whose data area holds ``data_length`` bytes; with
+    ``max_tensors``, a header of more tensors is refused while it is parsed (a 100 MB header of
+    1.3 M tensors took 16.5 s and 1.2 GB to parse whole before a cap after it refused it)."""
+    objects = [0]
+
+    def counted(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        # Called once per JSON object as the parser closes it: one per tensor, then the header.
+        objects[0] += 1
+        if max_tensors is not None and objects[0] > max_tensors + 2:  # + __metadata__ + the header
+            raise FormatError(f"the header holds more than {max_tensors} tensors, the most lorachunk packs")
+        return _unique_keys(pairs)
+
+    raw = parse_json(header, error=FormatError, what="not a safetensors file: header", object_pairs_hook=counted)
     if not isinstance(raw, dict):
         raise FormatError("not a safetensors file: header is not a JSON object")
     try:  # a lone surrogate (\ud800) parses, but no file or manifest can hold it as UTF-8

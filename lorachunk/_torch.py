@@ -95,12 +95,18 @@ def scale_(tensor: torch.Tensor, factor: float) -> None:
         tensor.copy_(tensor.to(torch.float32).mul_(factor))
 
 
-def scale_bytes(buffer: bytearray, entry: TensorEntry, factor: float) -> None:
-    """Multiply, in place and in float32, the tensor that ``entry`` locates in ``buffer``."""
+def scale_bytes(buffer: bytearray, entry: TensorEntry, factor: float) -> bool:
+    """Multiply, in place and in float32, the tensor that ``entry`` locates in ``buffer``; False,
+    and ``buffer`` left as it was, when a finite value would overflow the dtype (inf in a file
+    is a broken LoRA, not a strong one)."""
     whole = torch.frombuffer(buffer, dtype=torch.uint8)
-    tensor = _tensor(whole, entry)  # a view of the buffer, or an aligned copy
+    tensor = _tensor(whole, entry).clone()  # scaled apart: the buffer changes only if all fits
+    finite = torch.isfinite(tensor)
     scale_(tensor, factor)
+    if not bool((torch.isfinite(tensor) | ~finite).all()):
+        return False
     whole[entry.offset : entry.offset + entry.length].copy_(tensor.reshape(-1).view(torch.uint8))
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, Us
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._loader import REMOTE_CONCURRENCY
 from lorachunk._manifest import Manifest, Module
-from lorachunk._repository import as_store, decode_module, fetch_records, partial_ids, read_manifest, record_key
+from lorachunk._repository import as_store, decode_module, fetch_records, partial_copy_error, read_manifest
 from lorachunk._safetensors import encode_header
 from lorachunk._select import select_modules
 from lorachunk._shard import decode_checked
@@ -157,18 +157,9 @@ def _decoder(store: Store, manifest: Manifest, chosen: Sequence[Module], codec: 
 
 def _check_pulled(store: Store, manifest: Manifest, chosen: Sequence[Module]) -> None:
     """In a partial copy, modules it was never given are a usage error that says how to get them."""
-    if manifest.id not in partial_ids(store):
-        return
-    absent = {m.name for m in chosen if not store.exists(record_key(m))}
-    if not absent:
-        return
-    held = [s.name for s in manifest.splits if not absent.intersection(s.modules) and s.modules]
-    missing = [s.name for s in manifest.splits if absent.intersection(s.modules)]
-    raise UsageError(
-        f"{store!r} is a partial copy without {len(absent)} of the selected modules (in splits "
-        f"{', '.join(missing[:8]) or '-'}); pull them into it first (`lorachunk pull SOURCE -o FOLDER --split NAME`). "
-        f"Splits it holds whole: {', '.join(held[:20]) or 'none'}"
-    )
+    error = partial_copy_error(store, manifest, chosen)
+    if error is not None:
+        raise error
 
 
 def _check_output(target: Path) -> None:

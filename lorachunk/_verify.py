@@ -22,6 +22,7 @@ from lorachunk._repository import (
     read_stored_manifest,
     record_key,
     resolve,
+    splits_held_whole,
 )
 from lorachunk._shard import decode_checked
 from lorachunk._threads import bounded_map, cpu_threads
@@ -157,13 +158,7 @@ def _verify(store: Store) -> VerifyReport:
         raise IntegrityError(f"{len(problems)} problem(s) in {store!r}:\n" + "\n".join(problems))
     absent = {key for key, result in checked.items() if result is None}
     complete = sorted(
-        {
-            split.name
-            for manifest in manifests
-            if manifest.id in partial
-            for split in manifest.splits
-            if not any(record_key(manifest.module(n)) in absent for n in split.modules)
-        },
+        {name for manifest in manifests if manifest.id in partial for name in splits_held_whole(manifest, absent)},
         key=natural_key,
     )
     present = [m for key, held in objects.items() if key not in absent for _, m in held.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import struct
@@ -13,6 +14,7 @@ import sys
 import termios
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DATA
@@ -196,3 +198,22 @@ def test_cli_ls_lists_every_lora_of_a_store(tmp_path: Path, capsys: pytest.Captu
     assert rows[four.id]["root"] == four.root and rows[four.id]["written"]
     assert main(["ls", str(store)]) == 0
     assert "3 LoRAs; * is the latest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": 0, "timeout": 5}, "retries, timeout do not apply to a local folder"),
+        ({"max_gap": None}, "max_gap must be"),
+        ({"max_gap": "256kB"}, "max_gap must be"),
+        ({"max_gap": math.nan}, "max_gap must be"),
+        ({"max_gap": math.inf}, "max_gap must be"),
+        ({"concurrency": "4"}, "concurrency must be"),
+        ({"deadline": -1}, "deadline must be"),
+    ],
+)
+def test_api_options_are_checked_like_cli_ones(options: dict[str, Any], message: str, tmp_path: Path) -> None:
+    """Issue #24 item 11: these raised raw TypeErrors or were accepted."""
+    lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", tmp_path / "s")
+    with pytest.raises(lorachunk.UsageError, match=message):
+        lorachunk.load(tmp_path / "s", **options)

@@ -285,3 +285,48 @@ def test_cache_size_cap_holds_after_a_load(published: tuple[FolderServer, lorach
         got = lora.load()
     assert len(got) == len(lora)
     assert 0 < cache.info().bytes <= cap
+
+
+def test_a_local_folder_is_read_where_it_is(tmp_path: Path) -> None:
+    """Issue #24 item 8: a load of a local folder with the default cache writes no decoded copy."""
+    lorachunk.pack(SAM, tmp_path / "s")
+    with lorachunk.open(tmp_path / "s") as lora:
+        assert lora.cache is None
+        assert len(lora.load()) == len(load_file(SAM))
+    assert not (tmp_path / "default-cache").exists()
+    with lorachunk.open(tmp_path / "s", cache=True) as lora:  # asked for: warm loads from decoded modules
+        lora.load()
+    assert lorachunk.Cache().info().bundles == 1
+
+
+def test_the_cache_has_a_default_cap(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorachunk._cli import main
+
+    assert lorachunk.Cache().max_size == 10 * 10**9
+    monkeypatch.setenv("LORACHUNK_CACHE_MAX_SIZE", "2GiB")
+    assert lorachunk.Cache().max_size == 2 * 2**30
+    assert main(["cache", "info"]) == 0
+    assert "cap 2.1 GB (LORACHUNK_CACHE_MAX_SIZE)" in capsys.readouterr().out
+    monkeypatch.setenv("LORACHUNK_CACHE_MAX_SIZE", "none")
+    assert lorachunk.Cache().max_size is None
+    monkeypatch.setenv("LORACHUNK_CACHE_MAX_SIZE", "lots")
+    with pytest.raises(lorachunk.UsageError, match="LORACHUNK_CACHE_MAX_SIZE"):
+        lorachunk.Cache()
+    assert lorachunk.Cache(max_size=5).max_size == 5
+
+
+def test_cache_info_shows_decoded_loras(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lorachunk._cli import main
+
+    lorachunk.pack(SAM, tmp_path / "s")
+    lorachunk.load(tmp_path / "s", cache=True)
+    assert main(["cache", "info"]) == 0
+    assert "1 decoded LoRA" in capsys.readouterr().out
+
+
+def test_a_pull_leaves_the_cache_alone(served: FolderServer, tmp_path: Path) -> None:
+    lorachunk.pack(SAM, served.root)
+    lorachunk.pull(served.url, tmp_path / "copy")
+    info = lorachunk.Cache().info()  # the manifest (a few kB, for offline opens) only
+    assert (info.shards, info.decoded, info.bundles) == (0, 0, 0)
+    assert lorachunk.verify(tmp_path / "copy").manifests == 1

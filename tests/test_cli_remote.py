@@ -65,10 +65,12 @@ def test_pull_split_then_info_verify_unpack(
     reference = load_file(ATTN)
     got = load_file(tmp_path / "up.safetensors")
     assert got and all(k in reference and (reference[k] == t).all() for k, t in got.items())
-    # the same split again comes from the cache, not the server
+    # A pull's destination is its verified copy: nothing goes into the cache too (issue #24 item 8),
+    # so another pull of the same split fetches it again.
     before = len(server.gets("/packs/"))
     assert main(["pull", server.url, "-o", str(tmp_path / "copy2"), "--split", split.name, "-q"]) == 0
-    assert len(server.gets("/packs/")) == before
+    assert len(server.gets("/packs/")) == before + 1
+    assert lorachunk.Cache().info().shards == 0
 
 
 def test_remote_info_unpack_verify(

@@ -185,3 +185,30 @@ def test_a_take_names_a_manifest_of_a_shared_store(tmp_path: Path) -> None:
     assert {m.shard for m in composed.modules} == {older.module(n).shard for n in older.split("text_encoder").modules}
     with pytest.raises(lorachunk.UsageError, match="SOURCE#MANIFEST"):
         parse_take(f"te={shared}#not-hex:x")
+
+
+def test_a_scale_that_overflows_is_refused(tmp_path: Path) -> None:
+    """Issue #24 item 11: --scale a=1e39 wrote inf into 350 tensors and exited 0."""
+    lorachunk.pack(DATA / "loras" / "smart_falcon_4_lokr.safetensors", tmp_path / "a")
+    with pytest.raises(lorachunk.UsageError, match=r"scale 1e\+39 overflows F16"):
+        lorachunk.compose(tmp_path / "out", [Take("a", str(tmp_path / "a"))], scales={"a": 1e39})
+    assert not (tmp_path / "out" / "manifests").exists()
+
+
+def test_composing_loras_for_different_base_models_warns_naming_both(tmp_path: Path) -> None:
+    sd15 = lorachunk.pack(DATA / "loras" / "diffusers_sd15_attnproc.safetensors", tmp_path / "sd15")
+    assert sd15.base_model == "sd_v1"
+    src = tmp_path / "sd2.safetensors"  # synthetic: the same layout with SD 2's 1024-wide cross-attention
+    tensors = load_file(DATA / "loras" / "diffusers_sd15_attnproc.safetensors")
+    for key in [k for k in tensors if "attn2.processor.to_" in k and k.endswith("down.weight") and "to_k" in k]:
+        tensors[key] = torch.zeros(tensors[key].shape[0], 1024)
+    from safetensors.torch import save_file
+
+    save_file(tensors, src)
+    assert lorachunk.pack(src, tmp_path / "sd2").base_model == "sd_v2"
+    takes = [
+        Take("old", str(tmp_path / "sd15"), "unet.down_blocks.0"),
+        Take("new", str(tmp_path / "sd2"), "unet.up_blocks.1"),
+    ]
+    with pytest.warns(lorachunk.BaseModelWarning, match="'old' is for sd_v1 and take 'new' for sd_v2"):
+        lorachunk.compose(tmp_path / "mixed", takes)

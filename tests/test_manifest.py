@@ -149,3 +149,16 @@ def test_hostile_packed_files_are_refused(files: dict[str, str]) -> None:
     stored = zstandard.ZstdCompressor().compress(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode())
     with pytest.raises(lorachunk.ManifestError):
         lorachunk.Manifest.from_bytes(stored)
+
+
+def test_a_pack_table_entry_that_holds_no_record_is_refused() -> None:
+    """Issue #24 item 7: an entry for an absent, unused pack made verify pass over a pack nothing checks."""
+    raw = json.loads(
+        lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", lorachunk.storage.MemoryStore()).canonical()
+    )
+    raw["packs"] = sorted([*raw["packs"], {"id": "xxh3-128:" + "f" * 32, "size": 10}], key=lambda p: p["id"])
+    for module in raw["modules"]:  # the table's order moved: indexes follow their pack
+        module["pack"] = next(i for i, p in enumerate(raw["packs"]) if p["size"] != 10)
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(lorachunk.ManifestError, match="holds no module's record"):
+        Manifest.from_bytes(zstandard.ZstdCompressor().compress(text))

@@ -16,6 +16,7 @@ import pytest
 
 import lorachunk
 from lorachunk._cli import main
+from lorachunk._info import info_dict
 from lorachunk._layout import auto_splits, natural_key
 from lorachunk.testing import synth
 
@@ -60,7 +61,9 @@ def test_distilbert_and_t5_adapters(tmp_path: Path) -> None:
     splits = auto_splits(DISTILBERT)
     assert {n for n, (kind, _) in splits.items() if kind == "layer"} == {f"layers.{i}" for i in range(6)}
     assert splits["q_lin"][1] == [m for m in DISTILBERT if m.endswith("q_lin")]
-    assert splits["heads"] == ("component", ["base_model.model.classifier"])
+    # pre_classifier is most of the head's bytes: `--split heads` must not drop it (issue #24 item 11).
+    assert splits["heads"] == ("component", ["base_model.model.pre_classifier", "base_model.model.classifier"])
+    assert {m for _, members in splits.values() for m in members} == set(DISTILBERT)  # every module in a split
     t5 = auto_splits(T5)  # two stacks, each numbered from 0: the layer splits say which
     assert sorted(n for n, (kind, _) in t5.items() if kind == "layer") == [
         "decoder.layers.0",
@@ -176,3 +179,11 @@ def test_a_checkpoint_that_is_not_a_lora_packs_with_a_note(tmp_path: Path, capsy
     lora = LORAS / "sam_lora_rank16.safetensors"  # an adapter, even with names of its own: no note
     assert main(["pack", str(lora), str(tmp_path / "t")]) == 0
     assert "not a LoRA" not in capsys.readouterr().out
+
+
+def test_info_names_modules_in_no_split(tmp_path: Path) -> None:
+    names = [*QWEN[:4], "base_model.model.some_adapter_nobody_names"]
+    store = tmp_path / "s"
+    lorachunk.pack(_peft(tmp_path / "odd.safetensors", names), store)
+    info = info_dict(str(store), None)
+    assert info["in_no_split"] == ["base_model.model.some_adapter_nobody_names"]

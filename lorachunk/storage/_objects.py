@@ -29,18 +29,36 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Literal
 
 from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import CacheWarning, IntegrityError, StoreError, UsageError
 from lorachunk._keys import MAX_STORED_MANIFEST_BYTES
 from lorachunk._manifest import MAX_SHARD_RAW_BYTES
+from lorachunk._units import parse_size
 from lorachunk.storage._local import open_regular, write_atomic
 
 __all__ = ["ObjectCache", "default_cache_dir"]
 
 #: Temp files older than this belong to a writer that died; pruning removes them.
 _STALE_TMP_S: Final = 3600.0
+
+
+#: The cache's size cap unless ``LORACHUNK_CACHE_MAX_SIZE`` or ``max_size=`` says otherwise.
+DEFAULT_MAX_SIZE: Final = 10 * 10**9
+
+
+def default_max_size() -> int | None:
+    """``$LORACHUNK_CACHE_MAX_SIZE`` (``20GB``, ``500MiB``; ``none`` for no cap), else 10 GB."""
+    configured = os.environ.get("LORACHUNK_CACHE_MAX_SIZE", "").strip()
+    if not configured:
+        return DEFAULT_MAX_SIZE
+    if configured.lower() in {"none", "unlimited"}:
+        return None
+    try:
+        return parse_size(configured)
+    except UsageError as exc:
+        raise UsageError(f"LORACHUNK_CACHE_MAX_SIZE: {exc}") from None
 
 
 def default_cache_dir() -> Path:
@@ -65,9 +83,13 @@ class ObjectCache:
     KINDS: ClassVar[tuple[str, ...]] = ("shards", "manifests")
     DIGEST_NAMED: ClassVar[tuple[str, ...]] = ("shards", "manifests")
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, *, max_size: int | None = None) -> None:
-        if max_size is not None and max_size < 0:
-            raise UsageError(f"max_size must be 0 or more bytes, got {max_size}")
+    def __init__(
+        self, root: str | os.PathLike[str] | None = None, *, max_size: int | Literal["auto"] | None = "auto"
+    ) -> None:
+        if max_size == "auto":
+            max_size = default_max_size()
+        if not (max_size is None or isinstance(max_size, int)) or isinstance(max_size, bool) or (max_size or 0) < 0:
+            raise UsageError(f"max_size must be 0 or more bytes, None or 'auto', got {max_size!r}")
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size = max_size
         self._unwritable = False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -62,7 +64,22 @@ def open_store(
             **(pooled | options),
         )
     if scheme is None or scheme == "file":
+        _check_options(LocalStore, options, text)
         return LocalStore(Path(text[len("file://") :] if scheme else text), **options)
     from lorachunk.storage._fsspec import FsspecStore
 
+    _check_options(FsspecStore, options, text)
     return FsspecStore(text, **options)
+
+
+def _check_options(cls: type[Store], options: Mapping[str, Any], source: str) -> None:
+    """Options the store does not take are the caller's mistake (``retries=`` for a folder), said
+    as such rather than as a TypeError from deep inside."""
+    taken = inspect.signature(cls).parameters
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        kind = "a local folder" if cls is LocalStore else f"{cls.__name__}"
+        raise UsageError(
+            f"{', '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to {kind} ({source}); "
+            "headers, timeout, retries, min_rate and max_bytes_per_s are for http(s):// and hf:// sources"
+        )
