@@ -27,7 +27,7 @@ import lorachunk
 from lorachunk._codec import Codec, codec_from_config, plane_groups
 from lorachunk._keys import manifest_key, pack_key
 from lorachunk._manifest import Module
-from lorachunk._repository import read_shard
+from lorachunk._repository import read_record
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
 
@@ -75,7 +75,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
     manifest = lorachunk.read_manifest(store)
     manifest_bytes = len(store.get(manifest_key(_latest(store))))
     stored = manifest.stored_size + manifest_bytes
-    shards = [(m, read_shard(store, m)) for m in manifest.modules]
+    shards = [(m, read_record(store, m)) for m in manifest.modules]
     objects = {pack_key(pack): store.get(pack_key(pack)) for pack in manifest.packs}
     codec = codec_from_config(manifest.codec)
     raws = [_decoded(codec, module, blob) for module, blob in shards]

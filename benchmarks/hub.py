@@ -65,14 +65,14 @@ def upload_rows(work: Path) -> list[str]:
         os.environ["HF_ENDPOINT"] = hub.url
         lorachunk.push(path, "bench/sdxl", token=TOKEN)
         manifest = lorachunk.pack(path, lorachunk.storage.MemoryStore())
-        in_repo = {m.shard for m in manifest.modules}
+        in_repo = {m.record for m in manifest.modules}
         for fraction in (0.01, 0.10, 0.50):
             version = work / f"v{fraction}.safetensors"
             chosen = changed_version(path, version, manifest, fraction)
             packed = lorachunk.pack(version, lorachunk.storage.MemoryStore())
             # The floor: records the repo lacks (a change that rounds back to the old F16 values
             # leaves a module's record as it was) plus the manifest pushed.
-            new = {m.shard: m.stored_size for m in packed.modules if m.shard not in in_repo}
+            new = {m.record: m.stored_size for m in packed.modules if m.record not in in_repo}
             in_repo |= new.keys()
             hub.log.clear()
             before = hub.repos[("model", "bench/sdxl")].refs["main"]

@@ -108,7 +108,7 @@ def run(path: Path, work: Path, links: dict[str, Link]) -> list[str]:
     (work / "www" / path.name).write_bytes(path.read_bytes())
     split = split_near_tenth(manifest)
     keys = {t.key for n in split.modules for t in manifest.module(n).tensors}
-    records = sum({manifest.module(n).shard: manifest.module(n).stored_size for n in split.modules}.values())
+    records = sum({manifest.module(n).record: manifest.module(n).stored_size for n in split.modules}.values())
     must = len((folder / LATEST_MANIFEST).read_bytes()) + records
     rows = []
     for name, link in links.items():

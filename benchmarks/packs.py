@@ -43,7 +43,7 @@ import lorachunk
 from lorachunk._codec import Segment, codec_from_config
 from lorachunk._digest import check
 from lorachunk._manifest import FORMAT_V1, Manifest, placements
-from lorachunk._repository import decode_module, read_shard
+from lorachunk._repository import decode_module, read_record
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import serve
@@ -89,7 +89,7 @@ def objects_and_bytes(paths: Iterable[Path], work: Path) -> None:
         manifest = lorachunk.pack(path, work / f"objects-{path.stem}")
         records = sum(manifest.packs.values())
         v1 = v1_manifest(manifest)
-        v1_stored = sum({m.shard: m.stored_size for m in manifest.modules}.values()) + len(v1.to_bytes())
+        v1_stored = sum({m.record: m.stored_size for m in manifest.modules}.values()) + len(v1.to_bytes())
         v2_stored = records + len(manifest.to_bytes())
         synthetic = path.stem.startswith("synthetic")
         target = 3 + math.ceil(records / (16 * MIB)) if synthetic else 4
@@ -97,7 +97,7 @@ def objects_and_bytes(paths: Iterable[Path], work: Path) -> None:
         assert files == len(manifest.packs) + 3
         print(
             f"| {path.name} | {path.stat().st_size / 1e6:.1f} | {len(manifest.modules)} "
-            f"| {len({m.shard for m in manifest.modules}) + 3} | {files} ({target}) "
+            f"| {len({m.record for m in manifest.modules}) + 3} | {files} ({target}) "
             f"| {v1_stored:,} | {v2_stored:,} | {v2_stored / v1_stored:.4f} |"
         )
 
@@ -153,7 +153,7 @@ def _time_share(path: Path, work: Path) -> str:
     manifest = lorachunk.pack(path, store)
     codec = codec_from_config(manifest.codec)
     raws = [decode_module(store, manifest, m) for m in manifest.modules]
-    records = [read_shard(store, m) for m in manifest.modules]
+    records = [read_record(store, m) for m in manifest.modules]
     counter = iter(range(10**6))
 
     def pack() -> None:
@@ -203,7 +203,7 @@ def _bundling(path: Path, work: Path, small: int) -> str | None:
         sizes = {t.itemsize for t in module.tensors}
         groups.setdefault((owner.get(module.name, ""), min(sizes) if len(sizes) == 1 else 0), []).append(module)
     raws = {m.name: bytes(decode_module(store, manifest, m)) for m in tiny}
-    records = {m.name: read_shard(store, m) for m in tiny}
+    records = {m.name: read_record(store, m) for m in tiny}
     bundles = []
     for members in groups.values():
         raw = b"".join(raws[m.name] for m in members)

@@ -75,7 +75,7 @@ def main() -> None:
             save_file(tensors, src)
             previous = latest
             latest = lorachunk.pack(src, store)
-            floor += sum(m.stored_size for m in latest.modules if previous.module(m.name).shard != m.shard)
+            floor += sum(m.stored_size for m in latest.modules if previous.module(m.name).record != m.record)
         pack_s = (time.perf_counter() - started) / (versions - 1)
         records = folder_bytes(store, "packs")
         manifests = folder_bytes(store, "manifests")

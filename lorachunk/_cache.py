@@ -33,7 +33,7 @@ class CacheInfo:
     """What a cache holds."""
 
     root: Path
-    shards: int
+    records: int
     manifests: int
     decoded: int
     bytes: int

@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    p = command("pull", cmd_pull, "copy a packed LoRA, or some splits of it, into a local folder, verifying each shard")
+    p = command(
+        "pull", cmd_pull, "copy a packed LoRA, or some splits of it, into a local folder, verifying each record"
+    )
     p.add_argument("source", metavar="SOURCE", help=source_help)
     p.add_argument("-o", "--output", required=True, help="the local folder (created if missing)")
     p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
@@ -185,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="composed.safetensors", help="file name the result unpacks to")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    p = command("cache", cmd_cache, "show, check, shrink or empty the shared shard cache")
+    p = command("cache", cmd_cache, "show, check, shrink or empty the shared cache")
     p.add_argument("action", choices=["info", "verify", "prune", "clear"])
     p.add_argument("--max-size", metavar="SIZE", help="for prune: evict least recently used down to SIZE (e.g. 2GB)")
     p.add_argument("--cache-dir", help="the cache folder (default $LORACHUNK_CACHE or the user cache folder)")

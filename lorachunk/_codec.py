@@ -1,4 +1,4 @@
-"""Shard codecs: a module's raw tensor bytes in, stored bytes out, and back.
+"""Record codecs: a module's raw tensor bytes in, stored bytes out, and back.
 
 A codec is named in the manifest by its config (a JSON object with an ``id``), so a later codec
 can be added without breaking readers: a reader looks the id up in :data:`REGISTRY` and refuses
@@ -36,7 +36,7 @@ class Segment:
 
 
 class Codec(ABC):
-    """Encodes the raw bytes of one module (its tensors, back to back) into a shard."""
+    """Encodes the raw bytes of one module (its tensors, back to back) into a record."""
 
     codec_id: ClassVar[str]
 
@@ -66,14 +66,14 @@ class BytePlaneZstd(Codec):
     The tensors of a module are grouped by element size; within a group, plane ``k`` holds byte
     ``k`` of every element of every tensor in table order. Each non-empty plane becomes one
     magicless zstd frame without content size, checksum or dictionary id (the manifest records
-    every size and the shard digest covers the bytes), so a plane pays 5 bytes of framing — it
+    every size and the record digest covers the bytes), so a plane pays 5 bytes of framing — it
     matters for LyCORIS files whose median tensor is 256 bytes.
     zstd stores incompressible planes as raw blocks by itself, so no separate raw mode is needed.
     Frames follow in order of (element size, plane). See docs/format.md for the measurements.
 
     ``params`` are zstd compression parameters that override level ``level``'s own. They change
     only the encoder (a decoder never needs them) and are kept in the config so that a config
-    reproduces its shards byte for byte. :meth:`for_level` picks them.
+    reproduces its records byte for byte. :meth:`for_level` picks them.
     """
 
     codec_id: ClassVar[str] = "bpz"
@@ -168,7 +168,7 @@ class BytePlaneZstd(Codec):
         into its column of the output, with none of the general path's per-tensor bookkeeping."""
         count = len(out) // itemsize
         if len(frames) != itemsize or sum(frames) != len(stored):
-            raise IntegrityError("shard frame table does not match its bytes")
+            raise IntegrityError("record frame table does not match its bytes")
         columns = np.frombuffer(out, dtype=np.uint8).reshape(count, itemsize)
         dctx = _decompressor()
         position = 0
@@ -178,7 +178,7 @@ class BytePlaneZstd(Codec):
                 columns[:, plane_index] = np.frombuffer(plane, dtype=np.uint8)
                 position += length
         except zstandard.ZstdError as exc:
-            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
+            raise IntegrityError(f"record does not decode with codec {self.codec_id}: {exc}") from exc
 
     def decode_planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview
@@ -191,7 +191,7 @@ class BytePlaneZstd(Codec):
             target[written : written + len(plane)] = plane
             written += len(plane)
         if written != len(target):
-            raise IntegrityError("shard frame table does not match its bytes")
+            raise IntegrityError("record frame table does not match its bytes")
 
     def _planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int]
@@ -209,9 +209,9 @@ class BytePlaneZstd(Codec):
                     position += length
                     yield itemsize, group, plane_index, np.frombuffer(plane, dtype=np.uint8)
         except (StopIteration, zstandard.ZstdError) as exc:
-            raise IntegrityError(f"shard does not decode with codec {self.codec_id}: {exc}") from exc
+            raise IntegrityError(f"record does not decode with codec {self.codec_id}: {exc}") from exc
         if position != len(stored) or next(lengths, None) is not None:
-            raise IntegrityError("shard frame table does not match its bytes")
+            raise IntegrityError("record frame table does not match its bytes")
 
 
 def _plane(dctx: zstandard.ZstdDecompressor, frame: memoryview, count: int) -> bytes:

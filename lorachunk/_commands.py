@@ -50,8 +50,8 @@ def _count(n: int, noun: str) -> str:
 
 
 @contextmanager
-def _progress(enabled: bool, description: str, *, shards: bool = False) -> Iterator[Progress | None]:
-    """A tqdm bar on stderr (bytes and rate; with ``shards``, one call per shard is counted too)."""
+def _progress(enabled: bool, description: str, *, records: bool = False) -> Iterator[Progress | None]:
+    """A tqdm bar on stderr (bytes and rate; with ``records``, one call per record is counted too)."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
@@ -63,9 +63,9 @@ def _progress(enabled: bool, description: str, *, shards: bool = False) -> Itera
         def update(done: int, total: int) -> None:
             nonlocal count
             bar.total = total
-            if shards:
+            if records:
                 count += 1
-                bar.set_postfix_str(_count(count, "shard"), refresh=False)
+                bar.set_postfix_str(_count(count, "record"), refresh=False)
             bar.update(done - bar.n)
 
         yield update
@@ -198,7 +198,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2, sort_keys=True))
     elif not args.quiet:
-        counts = f"{_count(report.manifests, 'manifest')}, {_count(report.shards, 'module record')}"
+        counts = f"{_count(report.manifests, 'manifest')}, {_count(report.records, 'module record')}"
         print(f"ok: {counts}, {_size(report.stored_bytes)} verified")
         if report.missing:
             held = ", ".join(report.complete_splits) or "none"
@@ -259,7 +259,7 @@ def _store_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    with _progress(not args.quiet, "pull", shards=True) as progress:
+    with _progress(not args.quiet, "pull", records=True) as progress:
         report = lorachunk.pull(
             args.source,
             args.output,
@@ -277,7 +277,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         print(
-            f"pulled {_count(report.shards, 'record')} into {args.output}: {report.fetched} fetched "
+            f"pulled {_count(report.records, 'record')} into {args.output}: {report.fetched} fetched "
             f"({_size(report.fetched_bytes)}), {report.cached} from the cache or already there"
         )
     return EXIT_OK
@@ -344,7 +344,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"cache     {info.root}")
         counts = ", ".join(
-            (_count(info.shards, "shard"), _count(info.manifests, "manifest"), _count(info.decoded, "decoded module"))
+            (_count(info.records, "record"), _count(info.manifests, "manifest"), _count(info.decoded, "decoded module"))
         )
         counts += f", {_count(info.bundles, 'decoded LoRA')}" if info.bundles else ""
         cap = "no cap" if cache.max_size is None else f"cap {_size(cache.max_size)} (LORACHUNK_CACHE_MAX_SIZE)"

@@ -28,10 +28,10 @@ from lorachunk._exceptions import BaseModelWarning, StoreError, UsageError
 from lorachunk._layout import as_names, auto_splits, finite_scales, scale_targets
 from lorachunk._lock import locked
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry
-from lorachunk._packs import layout_order
+from lorachunk._packing import layout_order
+from lorachunk._record import decode_checked, encode_module
 from lorachunk._repository import as_store, check_dest, fetch_records, read_manifest, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
-from lorachunk._shard import decode_checked, encode_module
 from lorachunk._threads import cpu_threads
 from lorachunk._writer import Writer, held_records
 from lorachunk.storage import Store

@@ -37,11 +37,11 @@ _JSON_FIELDS = """\
 `packed` (false when SOURCE is a .safetensors file or PEFT folder: then every field is what
 `lorachunk pack` would store, and nothing is written).
 
-`lorachunk verify --json`: `manifests`, `shards` (distinct module records), `stored_bytes` (what
+`lorachunk verify --json`: `manifests`, `records` (distinct module records), `stored_bytes` (what
 was checked), `missing` and `complete_splits` (a partial copy), `unreferenced` (packs and
 `lorachunk/1` shards no manifest names) and `temp_files` (left by writers that never finished).
 
-`lorachunk cache info --json`: `root`, `shards` (verified module records), `manifests`, `decoded`, `bytes`.
+`lorachunk cache info --json`: `root`, `records` (verified module records), `manifests`, `decoded`, `bytes`.
 `lorachunk cache verify --json`: `root`, `removed` (paths of corrupt entries; exit 1 if any).
 """
 

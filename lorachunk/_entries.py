@@ -1,4 +1,4 @@
-"""The entries of a manifest: tensors, modules (one shard each), splits and the source file."""
+"""The entries of a manifest: tensors, modules (one record each), splits and the source file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from lorachunk._codec import Segment
 from lorachunk._digest import split_digest
 from lorachunk._exceptions import ManifestError
-from lorachunk._manifest_json import MAX_SHARD_RAW_BYTES, canonical_json, check_name, count, product, shown, typed
+from lorachunk._manifest_json import MAX_MODULE_RAW_BYTES, canonical_json, check_name, count, product, shown, typed
 from lorachunk._safetensors import DTYPE_BITS, TensorInfo
 
 __all__ = ["Module", "Source", "Split", "TensorEntry", "module_from_json", "order_runs"]
@@ -23,13 +23,14 @@ TensorEntry = TensorInfo
 class Module:
     """One module: its tensors, the digests that pin them, and where its stored record lies.
 
-    ``shard`` and ``stored_size`` describe the record (the raw bytes encoded by the codec);
-    ``raw`` and ``raw_size`` the raw bytes. In ``lorachunk/2`` the record sits in the pack
-    ``pack`` at ``offset``; in ``lorachunk/1`` (``pack`` None) it is an object of its own.
+    ``record`` (the digest a manifest stores as ``"shard"``) and ``stored_size`` describe the
+    record (the raw bytes encoded by the codec); ``raw`` and ``raw_size`` the raw bytes. In
+    ``lorachunk/2`` the record sits in the pack ``pack`` at ``offset``; in ``lorachunk/1``
+    (``pack`` None) it is an object of its own.
     """
 
     name: str
-    shard: str
+    record: str
     raw: str
     stored_size: int
     raw_size: int
@@ -56,7 +57,7 @@ class Module:
         """The entry as ``lorachunk/1`` writes it (no place: the record is an object of its own)."""
         return {
             "name": self.name,
-            "shard": self.shard,
+            "shard": self.record,  # the format's key since lorachunk/1
             "raw": self.raw,
             "stored_size": self.stored_size,
             "raw_size": self.raw_size,
@@ -160,7 +161,7 @@ def module_from_json(
             raise ManifestError(f"tensor {tensor.key!r}: unknown dtype {tensor.dtype!r}")
     module = Module(
         name=check_name(typed(raw["name"], str), "module name"),
-        shard=typed(raw["shard"], str),
+        record=typed(raw["shard"], str),
         raw=typed(raw["raw"], str),
         stored_size=count(raw["stored_size"]),
         raw_size=count(raw["raw_size"]),
@@ -169,14 +170,14 @@ def module_from_json(
         pack=None if packs is None else _pack_of(raw, packs),
         offset=offset,
     )
-    for value in (module.shard, module.raw):
+    for value in (module.record, module.raw):
         if split_digest(value)[0] != algorithm:
             raise ManifestError(f"module {module.name!r}: digest {value} does not use the manifest's {algorithm}")
-    if module.stored_size > 2 * MAX_SHARD_RAW_BYTES:  # zstd never grows data by more than a little
+    if module.stored_size > 2 * MAX_MODULE_RAW_BYTES:  # zstd never grows data by more than a little
         raise ManifestError(f"module {module.name!r}: stored size {module.stored_size} is over the limit")
-    if module.raw_size > MAX_SHARD_RAW_BYTES:
+    if module.raw_size > MAX_MODULE_RAW_BYTES:
         raise ManifestError(
-            f"module {module.name!r}: raw size {module.raw_size} is over the {MAX_SHARD_RAW_BYTES} limit"
+            f"module {module.name!r}: raw size {module.raw_size} is over the {MAX_MODULE_RAW_BYTES} limit"
         )
     if sum(module.frames) != module.stored_size:
         raise ManifestError(f"module {module.name!r}: frames do not add up to its stored size")

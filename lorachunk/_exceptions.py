@@ -10,7 +10,7 @@ working::
     ├── IntegrityError(ValueError)         bytes do not match the digest or root that pins them
     ├── UsageError(ValueError)             an option names something that does not exist or matches nothing
     └── StoreError(OSError)                a store could not read or write an object
-        ├── ShardNotFoundError(FileNotFoundError)   an object is missing from the store
+        ├── ObjectNotFoundError(FileNotFoundError)  an object (pack, manifest, ref) is missing from the store
         ├── RepositoryNotFoundError(FileNotFoundError)  a Hub repo or revision does not exist (or is not visible)
         ├── AuthenticationError(PermissionError)    the credentials were refused (401/403)
         ├── StoreUnavailableError                   the store did not answer usefully (network, 5xx, 429)
@@ -34,6 +34,7 @@ __all__ = [
     "IntegrityError",
     "LorachunkError",
     "ManifestError",
+    "ObjectNotFoundError",
     "RepositoryNotFoundError",
     "ShardNotFoundError",
     "StoreError",
@@ -67,8 +68,12 @@ class StoreError(LorachunkError, OSError):
     """A store could not read or write an object."""
 
 
-class ShardNotFoundError(StoreError, FileNotFoundError):
+class ObjectNotFoundError(StoreError, FileNotFoundError):
     """The store has no object under the requested key."""
+
+
+#: The name before 0.3 (records were "shards" then); kept for one release.
+ShardNotFoundError = ObjectNotFoundError
 
 
 class RepositoryNotFoundError(StoreError, FileNotFoundError):

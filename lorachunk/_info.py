@@ -55,11 +55,11 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
     manifest = read_manifest(store, manifest_id)
     manifest_bytes = len(read_stored_manifest(store, manifest_key(manifest_id)))
     all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
-    shards: dict[str, int] = {}
+    records: dict[str, int] = {}
     referenced = 0
     for other in all_ids:
         for module in read_manifest(store, other).modules if other != manifest_id else manifest.modules:
-            shards[module.shard] = module.stored_size
+            records[module.record] = module.stored_size
             referenced += module.stored_size
     return {
         "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
@@ -95,7 +95,7 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "store": {
             "manifests": len(all_ids),
             "referenced_stored_bytes": referenced,
-            "unique_stored_bytes": sum(shards.values()),
+            "unique_stored_bytes": sum(records.values()),
         },
     }
 
@@ -108,7 +108,7 @@ def _partial(store: Store, manifest: Manifest) -> dict[str, Any] | None:
     held = [m for m in manifest.modules if record_key(m) not in absent]
     return {
         "modules": len(held),
-        "stored_bytes": sum(m.stored_size for m in {m.shard: m for m in held}.values()),
+        "stored_bytes": sum(m.stored_size for m in {m.record: m for m in held}.values()),
         "splits_held_whole": splits_held_whole(manifest, absent),
     }
 
@@ -122,11 +122,11 @@ def ls_dicts(dest: str) -> list[dict[str, Any]]:
         manifests = [read_manifest(store, i) for i in ids]
         users: dict[str, int] = {}
         for manifest in manifests:
-            for shard in {m.shard for m in manifest.modules}:
-                users[shard] = users.get(shard, 0) + 1
+            for record in {m.record for m in manifest.modules}:
+                users[record] = users.get(record, 0) + 1
         rows = []
         for manifest_id, manifest in zip(ids, manifests, strict=True):
-            sizes = {m.shard: m.stored_size for m in manifest.modules}
+            sizes = {m.record: m.stored_size for m in manifest.modules}
             written = None
             if isinstance(store, LocalStore):
                 with suppress(OSError):
@@ -141,7 +141,7 @@ def ls_dicts(dest: str) -> list[dict[str, Any]]:
                     "modules": len(manifest.modules),
                     "size": manifest.source.size,
                     "stored_bytes": sum(sizes.values()),
-                    "shared_bytes": sum(size for shard, size in sizes.items() if users[shard] > 1),
+                    "shared_bytes": sum(size for record, size in sizes.items() if users[record] > 1),
                     "written": written,
                 }
             )

@@ -1,4 +1,4 @@
-"""The loader: plan → fetch only the needed shards, concurrently → verify each → decode → place.
+"""The loader: plan → fetch only the needed records, concurrently → verify each → decode → place.
 
 torch is imported only by :mod:`lorachunk._torch`, and only when tensors are asked for:
 opening a LoRA, listing its keys, prefetching and pulling never import it.
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from lorachunk._cache import Cache
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import split_digest
-from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import IntegrityError, ManifestError, ObjectNotFoundError, StoreUnavailableError, UsageError
 from lorachunk._layout import as_names
 from lorachunk._manifest import Manifest, Module, Split
-from lorachunk._packs import DEFAULT_GAP
+from lorachunk._packing import DEFAULT_GAP
 from lorachunk._pipeline import Pipeline
 from lorachunk._repository import parse_manifest, partial_copy_error, read_manifest
 from lorachunk._select import layer_splits, scale_factors, select_modules
@@ -39,7 +39,7 @@ CacheOption = Cache | str | os.PathLike[str] | bool | Literal["auto"] | None
 Scales = Mapping[str, float]
 _T = TypeVar("_T")
 _R = TypeVar("_R")
-#: Remote fetches are mostly waiting: at 100 ms per request and ~25 kB shards, 8 in flight leave a
+#: Remote fetches are mostly waiting: at 100 ms per request and ~25 kB records, 8 in flight leave a
 #: 10 Mbit/s link idle between rounds (benchmarks/hub.py).
 REMOTE_CONCURRENCY = 16
 #: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
@@ -61,19 +61,19 @@ def _cache_for(option: CacheOption, *, remote: bool) -> Cache | None:
 
 @dataclass(frozen=True, slots=True)
 class PullReport:
-    """What a fetch did: shards wanted, how many came over the network, and their bytes."""
+    """What a fetch did: records wanted, how many came over the network, and their bytes."""
 
-    shards: int
+    records: int
     fetched: int
     fetched_bytes: int
     cached: int
 
 
 class LoRA(Mapping[str, "torch.Tensor"]):
-    """A packed LoRA, opened: the manifest is read and checked; no shard has been fetched.
+    """A packed LoRA, opened: the manifest is read and checked; no record has been fetched.
 
     Acts as a read-only mapping from tensor key to tensor (each access fetches just the owning
-    shard); :meth:`load` and :meth:`iter_tensors` fetch many shards at once. Create with
+    record); :meth:`load` and :meth:`iter_tensors` fetch many records at once. Create with
     :func:`lorachunk.open`.
     """
 
@@ -101,7 +101,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
 
     @property
     def fetched(self) -> int:
-        """Shards fetched from the store (not the cache) since this LoRA was opened."""
+        """Records fetched from the store (not the cache) since this LoRA was opened."""
         return self._pipeline.fetched
 
     @property
@@ -109,7 +109,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         """Their stored bytes."""
         return self._pipeline.fetched_bytes
 
-    # -- what is in it: no shard I/O ---------------------------------------------------------
+    # -- what is in it: no record I/O --------------------------------------------------------
 
     @property
     def manifest(self) -> Manifest:
@@ -198,7 +198,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         scales: Scales | None = None,
         deadline: float | None = None,
     ) -> Generator[tuple[str, torch.Tensor], None, None]:
-        """Yield ``(key, tensor)`` as shards arrive and decode, in no fixed order.
+        """Yield ``(key, tensor)`` as records arrive and decode, in no fixed order.
 
         Selection: ``splits`` (names), ``modules`` (globs over module names), ``layers`` (layer
         indices of a transformer adapter, e.g. ``range(0, 16)`` for a pipeline stage) and ``keys``
@@ -206,7 +206,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         each other; with none of them, everything. An option that keeps nothing is a
         :class:`UsageError` naming it (docs/loading.md).
 
-        ``device`` is ``"cpu"``, ``"cuda[:N]"`` (shards go straight to the GPU) or any other
+        ``device`` is ``"cpu"``, ``"cuda[:N]"`` (records go straight to the GPU) or any other
         device torch has, such as ``"mps"`` (decoded on the host, then copied).
         ``dtype`` casts floating-point tensors. ``scales`` maps split names or module globs to
         strength factors: each matching module's delta is multiplied by its factor (the last
@@ -217,8 +217,8 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         64 kB/s: generous, but finite however a server stalls.
 
         Raises :class:`UsageError` for unknown names or a stored dtype this torch lacks,
-        :class:`IntegrityError` for a shard that does not match the manifest, :class:`StoreError`
-        subclasses when it cannot be fetched; the error names the shard, its module and the store.
+        :class:`IntegrityError` for a record that does not match the manifest, :class:`StoreError`
+        subclasses when it cannot be fetched; the error names the pack, its module and the store.
         """
         from lorachunk import _torch
 
@@ -240,7 +240,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
                         if factor is not None:
                             _torch.scale_(tensor, factor)
                         yield key, tensor
-        except ShardNotFoundError as exc:
+        except ObjectNotFoundError as exc:
             # A pack a partial copy was never given: say so, and how to get it, as unpack does.
             error = partial_copy_error(self.store, self._manifest, chosen)
             if error is None:
@@ -292,7 +292,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         keys: Iterable[str] | None = None,
         progress: Progress | None = None,
     ) -> PullReport:
-        """Fetch and verify the selected shards into the cache without making tensors."""
+        """Fetch and verify the selected records into the cache without making tensors."""
         if self.cache is None:
             raise UsageError("prefetch needs a cache; open the LoRA with cache=True or a cache folder")
         chosen = self.select(splits=splits, modules=modules, layers=layers, keys=keys)
@@ -313,7 +313,7 @@ class LoRA(Mapping[str, "torch.Tensor"]):
         (default: when this LoRA has a cache, as prefetch wants) keeps every record in the cache
         and makes one that cannot be written an error; ``into_cache=False`` adds nothing to the
         cache (what it holds is still used)."""
-        unique = len({m.shard for m in chosen})
+        unique = len({m.record for m in chosen})
         keep = self.cache is not None if required is None else required
         seconds = check_deadline(deadline)
         if seconds is None:
@@ -400,7 +400,7 @@ def open(
         A packed folder, an ``http(s)://`` URL of one, an fsspec URL (``s3://…``,
         ``memory://…``), or a :class:`~lorachunk.storage.Store`.
     root:
-        The Merkle root you expect; :class:`IntegrityError` before any shard is fetched if the
+        The Merkle root you expect; :class:`IntegrityError` before any record is fetched if the
         manifest's root differs. Pin it to be sure you load exactly the LoRA you vetted.
     manifest:
         A manifest id or unique hex prefix; default the store's latest.

@@ -28,9 +28,9 @@ from lorachunk._manifest_json import (
     MAX_FILES,
     MAX_FILES_BYTES,
     MAX_MANIFEST_BYTES,
+    MAX_MODULE_RAW_BYTES,
     MAX_MODULES,
     MAX_PACK_BYTES,
-    MAX_SHARD_RAW_BYTES,
     MAX_SPLIT_ENTRIES,
     MAX_TENSORS,
     canonical_json,
@@ -52,8 +52,8 @@ __all__ = [
     "MAX_FILES_BYTES",
     "MAX_MANIFEST_BYTES",
     "MAX_MODULES",
+    "MAX_MODULE_RAW_BYTES",
     "MAX_PACK_BYTES",
-    "MAX_SHARD_RAW_BYTES",
     "MAX_SPLIT_ENTRIES",
     "MAX_TENSORS",
     "Manifest",
@@ -547,7 +547,7 @@ def _check_places(modules: Iterable[Module], packs: Mapping[str, int]) -> None:
     for pack, held in by_pack.items():
         held.sort(key=lambda m: (m.offset, m.stored_size))
         for before, after in itertools.pairwise(held):
-            same = (before.offset, before.stored_size, before.shard) == (after.offset, after.stored_size, after.shard)
+            same = (before.offset, before.stored_size, before.record) == (after.offset, after.stored_size, after.record)
             if not same and after.offset < before.offset + before.stored_size:
                 raise ManifestError(
                     f"pack {pack}: module {after.name!r} at offset {after.offset} points into module {before.name!r}"

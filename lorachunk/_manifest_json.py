@@ -20,8 +20,8 @@ __all__ = [
     "MAX_JSON_VALUES",
     "MAX_MANIFEST_BYTES",
     "MAX_MODULES",
+    "MAX_MODULE_RAW_BYTES",
     "MAX_PACK_BYTES",
-    "MAX_SHARD_RAW_BYTES",
     "MAX_SPLIT_ENTRIES",
     "MAX_TENSORS",
     "canonical_json",
@@ -47,9 +47,9 @@ MAX_JSON_VALUES: Final = 2_000_000
 #: Split kinds that pack derives from module names (lorachunk._layout.auto_splits); splits of
 #: every other kind (``user``, compose's ``part``) are pinned by a leaf of the root instead.
 AUTO_KINDS: Final = frozenset({"component", "block", "block-weight", "b-lora", "layer", "family", "projection"})
-MAX_SHARD_RAW_BYTES: Final = 16 * 1024**3
+MAX_MODULE_RAW_BYTES: Final = 16 * 1024**3
 #: A pack holds records up to its target size (at most 128 MiB), or one record larger than that.
-MAX_PACK_BYTES: Final = 2 * MAX_SHARD_RAW_BYTES
+MAX_PACK_BYTES: Final = 2 * MAX_MODULE_RAW_BYTES
 #: Small text files that travel with the tensors (a PEFT ``adapter_config.json``, a README).
 MAX_FILES: Final = 64
 MAX_FILES_BYTES: Final = 1024 * 1024
@@ -139,6 +139,6 @@ def product(shape: Sequence[int]) -> int:
     result = 1
     for dim in shape:
         result *= dim
-        if result > MAX_SHARD_RAW_BYTES:
+        if result > MAX_MODULE_RAW_BYTES:
             raise ManifestError(f"shape {list(shape)} is over the size limit")
     return result

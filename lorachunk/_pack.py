@@ -22,8 +22,8 @@ from lorachunk._lock import locked
 from lorachunk._manifest import (
     FORMAT_ID,
     MAX_FILES_BYTES,
+    MAX_MODULE_RAW_BYTES,
     MAX_MODULES,
-    MAX_SHARD_RAW_BYTES,
     MAX_TENSORS,
     Manifest,
     Module,
@@ -32,7 +32,8 @@ from lorachunk._manifest import (
     check_files,
     check_name,
 )
-from lorachunk._packs import DEFAULT_PACK_SIZE, layout_order
+from lorachunk._packing import DEFAULT_PACK_SIZE, layout_order
+from lorachunk._record import encode_module
 from lorachunk._repository import as_store, check_dest, write_manifest
 from lorachunk._safetensors import (
     SafetensorsLayout,
@@ -42,7 +43,6 @@ from lorachunk._safetensors import (
     parse_header,
     read_header_length,
 )
-from lorachunk._shard import encode_module
 from lorachunk._threads import Progress, bounded_map, cpu_threads
 from lorachunk._writer import Writer, check_pack_size, held_records
 from lorachunk.storage import LocalStore, Store
@@ -72,7 +72,7 @@ def pack(
         Extra named splits, ``{name: [glob, …]}`` (or ``{name: glob}``) over module names; they
         add to (and on a name clash replace) the automatic ones.
     level:
-        zstd level for the shards (1 to 22). Levels below 16 share one fast match finder tuned
+        zstd level for the records (1 to 22). Levels below 16 share one fast match finder tuned
         for byte planes, so they give nearly the same bytes; 16 and up use zstd's optimal parser,
         1-2% smaller on LoRAs of tiny tensors and tens of times slower (docs/format.md).
     hash:
@@ -89,7 +89,7 @@ def pack(
     level outside 1..22 or an unknown hash, and :class:`StoreError` when ``dest`` cannot be
     written. On any error no manifest or ref is written; in a local folder nothing at all appears
     (a folder this call created is removed again), while in stores whose writes show at once
-    (fsspec, memory) the shards written before the error stay, unreferenced, for the next pack
+    (fsspec, memory) the packs written before the error stay, unreferenced, for the next pack
     to reuse: a writer never deletes an object that another writer may have committed too.
 
     Example: ``pack("lora.safetensors", "lora.lcs", splits={"attn": ["*attn*"]}).root``
@@ -112,8 +112,8 @@ def pack(
             # The source's sha256 (one core at ~1 GB/s) runs beside the encoding, not after it.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorachunk-sha256") as hashing:
                 sha256 = hashing.submit(_sha256, data)
-                # One batch for shards, manifest and ref: in a local folder nothing appears unless
-                # all of it does, and each shard is durable before the manifest names it.
+                # One batch for packs, manifest and ref: in a local folder nothing appears unless
+                # all of it does, and each pack is durable before the manifest names it.
                 with locked(store, exclusive=False, command="pack"), store.batch():
                     held = held_records(store, algorithm=hash)
                     with Writer(store, algorithm=hash, pack_size=pack_size, held=held) as writer:
@@ -267,9 +267,9 @@ def _group(path: Path, tensors: Sequence[TensorInfo]) -> dict[str, list[TensorIn
     if len(grouped) > MAX_MODULES:
         raise FormatError(f"{path}: {len(grouped)} modules; a {FORMAT_ID} manifest holds at most {MAX_MODULES}")
     for name, group in grouped.items():
-        if (size := sum(t.length for t in group)) > MAX_SHARD_RAW_BYTES:
+        if (size := sum(t.length for t in group)) > MAX_MODULE_RAW_BYTES:
             raise FormatError(
-                f"{path}: module {name!r} holds {size} bytes; a {FORMAT_ID} module holds at most {MAX_SHARD_RAW_BYTES}"
+                f"{path}: module {name!r} holds {size} bytes; a {FORMAT_ID} module holds at most {MAX_MODULE_RAW_BYTES}"
             )
     return grouped
 

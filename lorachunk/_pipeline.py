@@ -17,7 +17,7 @@ from lorachunk._cache import Cache
 from lorachunk._digest import check
 from lorachunk._exceptions import IntegrityError
 from lorachunk._manifest import Manifest, Module
-from lorachunk._packs import DEFAULT_GAP
+from lorachunk._packing import DEFAULT_GAP
 from lorachunk._repository import fetch_records
 from lorachunk._threads import Progress, cpu_threads, overlapped
 from lorachunk.storage import Store
@@ -36,14 +36,14 @@ PARALLEL_MIN_BYTES = 128 * 1024
 class CachePolicy:
     """What loads of one LoRA take from and keep in the cache.
 
-    ``shards``: fetched shards are kept (for remote stores: a local folder is already as close
+    ``records``: fetched records are kept (for remote stores: a local folder is already as close
     as the cache). ``decoded``: decoded modules are kept and served, per module after a partial
     load and as one bundle per LoRA after a full one. Writes are best effort (a cache that cannot
     be written warns once and is left alone) except where the caller requires them.
     """
 
     cache: Cache | None
-    shards: bool
+    records: bool
     decoded: bool
 
     @classmethod
@@ -101,10 +101,10 @@ class Pipeline:
         policy decides, best effort. ``into_cache=False`` reads the cache but adds nothing to it
         (a pull, whose destination is a verified store of its own)."""
         cache = self.policy.cache
-        keep = cache is not None and (required or self.policy.shards)
+        keep = cache is not None and (required or self.policy.records)
         missing = []
         for module in modules:
-            cached = cache.get(module.shard, size=module.stored_size) if cache is not None and keep else None
+            cached = cache.get(module.record, size=module.stored_size) if cache is not None and keep else None
             if cached is None:
                 missing.append(module)
             else:
@@ -119,16 +119,16 @@ class Pipeline:
             where=f" from {self.store!r}",
             on_read=self._count_read,
         ):
-            if module.shard not in seen:
-                seen.add(module.shard)
+            if module.record not in seen:
+                seen.add(module.record)
                 with self._lock:
                     self.fetched += 1
                     self.fetched_bytes += len(data)
                 if cache is not None and keep and into_cache:
                     if required:
-                        cache.put(module.shard, data)
+                        cache.put(module.record, data)
                     else:
-                        cache.keep(functools.partial(cache.put, module.shard, data))
+                        cache.keep(functools.partial(cache.put, module.record, data))
             yield module, data
 
     def _count_read(self, size: int) -> None:
@@ -147,7 +147,7 @@ class Pipeline:
     ) -> tuple[int, int]:
         """Fetch each distinct record of ``chosen`` and hand it to ``sink``; return (fetched, bytes)."""
         before = (self.fetched, self.fetched_bytes)
-        chosen = list({m.shard: m for m in chosen}.values())
+        chosen = list({m.record: m for m in chosen}.values())
         total = sum(m.stored_size for m in chosen)
         done = 0
         for module, data in self.records(chosen, required=required, into_cache=into_cache):

@@ -13,13 +13,13 @@ from lorachunk._keys import manifest_key, pack_key, shard_key
 from lorachunk._loader import PullReport, check_deadline, open
 from lorachunk._lock import locked
 from lorachunk._manifest import FORMAT_V1, Manifest, Module
-from lorachunk._packs import layout_order
+from lorachunk._packing import layout_order
 from lorachunk._repository import (
     check_dest,
     list_manifest_ids,
     mark_partial,
     read_manifest,
-    read_shard,
+    read_record,
     record_key,
     write_manifest,
 )
@@ -67,31 +67,31 @@ def pull(
     target = LocalStore(dest)
     with open(source, **open_options) as lora, locked(target, exclusive=False, command="pull"):
         manifest = lora.manifest
-        unique = list({m.shard: m for m in lora.select(splits=splits, modules=modules, layers=layers)}.values())
-        if manifest.format == FORMAT_V1 and len(unique) < len({m.shard for m in manifest.modules}):
+        unique = list({m.record: m for m in lora.select(splits=splits, modules=modules, layers=layers)}.values())
+        if manifest.format == FORMAT_V1 and len(unique) < len({m.record for m in manifest.modules}):
             return _pull_v1(
                 lambda *args: lora.copy(*args, required=False, into_cache=False), manifest, unique, target, progress
             )
         held, damaged = _intact(target, held_records(target, algorithm=manifest.hash), unique)
-        missing = [m for m in unique if m.shard not in held.records]
+        missing = [m for m in unique if m.record not in held.records]
         records: dict[str, bytes | memoryview] = {}
         left = None if seconds is None else max(1e-3, seconds - (time.monotonic() - started))
         report = lora.copy(
             missing,
-            lambda m, data: records.__setitem__(m.shard, data),
+            lambda m, data: records.__setitem__(m.record, data),
             progress,
             required=False,
             deadline=left,
             into_cache=False,  # dest is a verified store already: a second copy would double the disk
         )
         with target.batch():
-            wanted = {m.shard for m in unique}
+            wanted = {m.record for m in unique}
             splits_of = {s.name: (s.kind, s.modules) for s in manifest.splits}
             with Writer(target, algorithm=manifest.hash, held=held, damaged=damaged) as writer:
                 for name, group in layout_order((m.name for m in manifest.modules), splits_of):
                     module = manifest.module(name)
-                    if module.shard in wanted:
-                        writer.add(module, records.get(module.shard, b""), group)
+                    if module.record in wanted:
+                        writer.add(module, records.get(module.record, b""), group)
                 placed, packs = writer.finish()
         # The packs are in place; the manifest is a read-modify-write of what the folder holds of
         # this LoRA, which another pull may have added to meanwhile: done under the store's mutex.
@@ -113,7 +113,7 @@ def _copy_manifest(target: LocalStore, manifest: Manifest, placed: list[Module],
     by_name = {m.name: m for m in placed}
     modules = []
     for module in manifest.modules:
-        where = held.records.get(module.shard)
+        where = held.records.get(module.record)
         if module.name in by_name:
             module = by_name[module.name]  # noqa: PLW2901
         elif where is not None and where[2] == module.stored_size:
@@ -145,7 +145,7 @@ def _intact(store: Store, held: Held, wanted: Iterable[Module]) -> tuple[Held, s
     """``held``, less the records in packs (of those ``wanted`` touches) that no longer hash to
     their names, and those packs: their records are fetched again, and a damaged pack is written
     again whole when the same pack is made."""
-    touched = {held.records[m.shard][0] for m in wanted if m.shard in held.records}
+    touched = {held.records[m.record][0] for m in wanted if m.record in held.records}
     bad = set()
     for pack in touched:
         try:
@@ -160,19 +160,19 @@ def _pull_v1(
 ) -> PullReport:
     """Some splits of a ``lorachunk/1`` LoRA: copied as they are, shard by shard (a
     ``lorachunk/2`` manifest cannot name records that are in no pack)."""
-    missing = [m for m in unique if not _shard_intact(target, m)]
-    report = copy(missing, lambda m, data: target.set(shard_key(m.shard), bytes(data)), progress)
+    missing = [m for m in unique if not _record_intact(target, m)]
+    report = copy(missing, lambda m, data: target.set(shard_key(m.record), bytes(data)), progress)
     with target.serialized():
         with target.batch():
             write_manifest(target, manifest)
-        whole = all(target.exists(shard_key(m.shard)) for m in manifest.modules)
+        whole = all(target.exists(shard_key(m.record)) for m in manifest.modules)
         mark_partial(target, manifest, partial=not whole)
     return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
 
 
-def _shard_intact(store: Store, module: Module) -> bool:
+def _record_intact(store: Store, module: Module) -> bool:
     try:
-        read_shard(store, module)
+        read_record(store, module)
     except LorachunkError:
         return False
     return True

@@ -21,7 +21,7 @@ from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
 from lorachunk._keys import ADAPTER_WEIGHTS, MANIFESTS, PACKS, pack_key
 from lorachunk._manifest import Manifest
-from lorachunk._packs import layout_order
+from lorachunk._packing import layout_order
 from lorachunk._repository import fetch_records, manifest_objects, read_manifest
 from lorachunk._threads import cpu_threads
 from lorachunk._writer import Held, Writer, held_records, placed_manifest
@@ -115,19 +115,19 @@ def push(
             if any(key.startswith(f"{prefix}{MANIFESTS}") for key in present)
             else Held({}, {})
         )
-        reused = len({m.shard for m in packed.modules if m.shard in held.records})
+        reused = len({m.record for m in packed.modules if m.record in held.records})
         uploads, held = _whole_packs(store, packed, held, present, prefix)
         # The rest (records of packs mostly held already, or of a lorachunk/1 folder) go into new
         # packs, made in a folder of their own and uploaded from there.
         staging = LocalStore(tmp)
         with staging.batch():
-            wanted = [m for m in packed.modules if m.shard not in held.records]
-            records = {m.shard: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
+            wanted = [m for m in packed.modules if m.record not in held.records]
+            records = {m.record: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
             splits = {s.name: (s.kind, s.modules) for s in packed.splits}
             with Writer(staging, algorithm=packed.hash, held=held) as writer:
                 for name, group in layout_order((m.name for m in packed.modules), splits):
                     module = packed.module(name)
-                    writer.add(module, records.get(module.shard, b""), group)
+                    writer.add(module, records.get(module.record, b""), group)
                 modules, packs = writer.finish()
         pushed = placed_manifest(packed, modules, packs)
         uploads += [(prefix + key, staging.path(key)) for key in staging.list_prefix(PACKS)]
@@ -179,7 +179,7 @@ def _whole_packs(
     repo has already, added."""
     records, sizes = dict(held.records), dict(held.packs)
     missing: dict[str, int] = {}
-    for module in {m.shard: m for m in packed.modules if m.shard not in records}.values():
+    for module in {m.record: m for m in packed.modules if m.record not in records}.values():
         if module.pack is not None:
             missing[module.pack] = missing.get(module.pack, 0) + module.stored_size
     uploads: list[tuple[str, Path]] = []
@@ -194,7 +194,7 @@ def _whole_packs(
         sizes[pack] = packed.packs[pack]
         for module in packed.modules:
             if module.pack == pack:
-                records.setdefault(module.shard, (pack, module.offset, module.stored_size))
+                records.setdefault(module.record, (pack, module.offset, module.stored_size))
     return uploads, Held(records, sizes)
 
 

@@ -13,7 +13,7 @@ from lorachunk._exceptions import UsageError
 from lorachunk._keys import MANIFESTS, PACKS, SHARDS, is_object_key, manifest_id_of, manifest_key
 from lorachunk._lock import STALE, break_locks, locked
 from lorachunk._manifest import FORMAT_ID, Manifest
-from lorachunk._packs import DEFAULT_PACK_SIZE, layout_order
+from lorachunk._packing import DEFAULT_PACK_SIZE, layout_order
 from lorachunk._repository import (
     as_store,
     fetch_records,
@@ -81,7 +81,7 @@ def repack(
     durable, the manifests that were rewritten and every object no remaining manifest names go,
     and hidden temp files older than ``grace`` seconds (left by writers killed mid-write). Only
     names of lorachunk's grammar are touched: a file a user put in ``packs/`` stays. A reader that
-    opened an old manifest before that gets :class:`ShardNotFoundError` naming the missing pack,
+    opened an old manifest before that gets :class:`ObjectNotFoundError` naming the missing pack,
     and must open the store again.
     """
     try:
@@ -171,14 +171,14 @@ def _rewrite(store: Store, manifest: Manifest, writer: Writer) -> None:
     already places are not read)."""
     splits = {s.name: (s.kind, s.modules) for s in manifest.splits}
     order = layout_order((m.name for m in manifest.modules), splits)
-    wanted = [m for m in manifest.modules if m.shard not in writer.index]
+    wanted = [m for m in manifest.modules if m.record not in writer.index]
     records: Mapping[str, bytes | memoryview] = {
-        module.shard: data
+        module.record: data
         for module, data in fetch_records(store, wanted, manifest.packs, threads=cpu_threads(), where=f" in {store!r}")
     }
     for name, group in order:
         module = manifest.module(name)
-        writer.add(module, records.get(module.shard, b""), group)
+        writer.add(module, records.get(module.record, b""), group)
 
 
 def _sync(store: Store) -> None:

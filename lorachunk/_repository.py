@@ -1,4 +1,4 @@
-"""Manifests, shards and refs in a store (the layout is :mod:`lorachunk._keys`): read, checked
+"""Manifests, packs, records and refs in a store (the layout is :mod:`lorachunk._keys`): read, checked
 and written through the :class:`~lorachunk.storage.Store` interface, whatever the store."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import zstandard
 
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import ALGORITHMS, check, digest, hex_of, split_digest
-from lorachunk._exceptions import IntegrityError, ManifestError, ShardNotFoundError, StoreError, UsageError
+from lorachunk._exceptions import IntegrityError, ManifestError, ObjectNotFoundError, StoreError, UsageError
 from lorachunk._keys import (
     LATEST,
     LATEST_MANIFEST,
@@ -34,8 +34,8 @@ from lorachunk._keys import (
 )
 from lorachunk._layout import natural_key
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
-from lorachunk._packs import DEFAULT_GAP, Read, Span, plan_reads
-from lorachunk._shard import decode_checked
+from lorachunk._packing import DEFAULT_GAP, Read, Span, plan_reads
+from lorachunk._record import decode_checked
 from lorachunk._threads import bounded_map
 from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 
@@ -52,7 +52,7 @@ __all__ = [
     "partial_copy_error",
     "partial_ids",
     "read_manifest",
-    "read_shard",
+    "read_record",
     "read_stored_manifest",
     "record_key",
     "splits_held_whole",
@@ -90,10 +90,10 @@ def write_manifest(store: Store, manifest: Manifest) -> str:
 
 
 def partial_ids(store: Store) -> set[str]:
-    """Ids of the manifests whose shards this store holds only some of (a ``pull --split`` copy)."""
+    """Ids of the manifests whose records this store holds only some of (a ``pull --split`` copy)."""
     try:
         text = store.get(PARTIAL, ByteRange(0, 1024 * 1024))
-    except ShardNotFoundError:
+    except ObjectNotFoundError:
         return set()
     ids = set()
     for line in text.decode("ascii", errors="replace").split():
@@ -180,7 +180,7 @@ def no_lora_error(store: Store) -> StoreError | UsageError:
 def latest_id(store: Store) -> str:
     try:
         text = store.get(LATEST, ByteRange(0, MAX_REF_BYTES + 1))
-    except ShardNotFoundError:
+    except ObjectNotFoundError:
         raise no_lora_error(store) from None
     if len(text) > MAX_REF_BYTES:
         raise ManifestError(f"{LATEST} in {store!r} is over {MAX_REF_BYTES} bytes, so it is not a manifest id")
@@ -224,7 +224,9 @@ def check_dest(dest: str | os.PathLike[str] | Store) -> None:
         if folder.exists() or folder.is_symlink():
             if not folder.is_dir():
                 what = "is a file" if folder == Path(text) else f"lies under the file {folder}"
-                raise UsageError(f"{text} {what}; pack into a folder (a packed LoRA is a folder of shards)")
+                raise UsageError(
+                    f"{text} {what}; pack into a folder (a packed LoRA is a folder of packs and manifests)"
+                )
             return
 
 
@@ -258,7 +260,7 @@ def _read_manifest(store: Store, selector: str | None, root: str | None) -> Mani
     if selector is None:
         try:
             stored = read_stored_manifest(store, LATEST_MANIFEST)
-        except ShardNotFoundError:
+        except ObjectNotFoundError:
             pass
         else:
             return parse_manifest(None, stored, what=f"{LATEST_MANIFEST} in {store!r}", root=root)
@@ -313,10 +315,10 @@ _PARSED_MAX: Final = 32
 
 def record_key(module: Module) -> str:
     """The object holding ``module``'s record: its pack, or (``lorachunk/1``) its own shard."""
-    return pack_key(module.pack) if module.pack is not None else shard_key(module.shard)
+    return pack_key(module.pack) if module.pack is not None else shard_key(module.record)
 
 
-def read_shard(store: Store, module: Module, *, where: str = "") -> bytes:
+def read_record(store: Store, module: Module, *, where: str = "") -> bytes:
     """The stored bytes of ``module``'s record, checked against its digest before any decoding.
 
     A record in a pack is one range of it; a ``lorachunk/1`` shard is read to at most one byte
@@ -341,7 +343,7 @@ def fetch_records(
     """The verified records of ``modules`` (every one, whether or not another shares its
     record), as the requests that carry them complete.
 
-    The requests are planned by :func:`~lorachunk._packs.plan_reads` from ``packs`` (each
+    The requests are planned by :func:`~lorachunk._packing.plan_reads` from ``packs`` (each
     pack's size): one request carries many records, and a pack read whole is checked against
     its name. Every record is checked against its digest before it is yielded, as a view of the
     request's bytes (no copy: a full load of a large LoRA would copy every byte once more).
@@ -351,10 +353,10 @@ def fetch_records(
     by_record: dict[str, list[Module]] = {}
     for module in modules:
         if module.stored_size == 0:  # a module of empty tensors: nothing to read
-            check(module.shard, b"", what=f"module {module.name!r}")
+            check(module.record, b"", what=f"module {module.name!r}")
             yield module, b""
             continue
-        by_record.setdefault(module.shard, []).append(module)
+        by_record.setdefault(module.record, []).append(module)
     if not by_record:
         return
     needs: dict[str, tuple[int, list[Span]]] = {}
@@ -385,7 +387,7 @@ def fetch_records(
 
     def checked(module: Module, record: memoryview, key: str) -> memoryview:
         what = f"{'shard' if module.pack is None else 'record in pack ' + key} (module {module.name!r}){where}"
-        check(module.shard, record, what=what)
+        check(module.record, record, what=what)
         return record
 
     def fetch(read: Read) -> tuple[Read, bytes, list[tuple[Module, memoryview]]]:
@@ -417,24 +419,24 @@ def fetch_records(
                 whole_records.append((module, checked(module, view[start - read.start : end - read.start], read.key)))
         return read, data, whole_records
 
-    # One request (a single record: read_shard, unpack and verify of a local folder) needs no pool.
+    # One request (a single record: read_record, unpack and verify of a local folder) needs no pool.
     done = map(fetch, reads) if len(reads) == 1 else bounded_map(fetch, reads, threads=threads, ordered=False)
     for read, data, whole_records in done:
         for module, record in whole_records:
-            for same in by_record[module.shard]:
+            for same in by_record[module.record]:
                 yield same, record
         for module in _inside(placed[read.key], read):
             start, end = module.offset, module.offset + module.stored_size
             if read.start <= start and end <= read.end:
                 continue
             # A record longer than one request: put together from its pieces.
-            buffer, got = partial.setdefault(module.shard, (bytearray(module.stored_size), [0]))
+            buffer, got = partial.setdefault(module.record, (bytearray(module.stored_size), [0]))
             lo, hi = max(start, read.start), min(end, read.end)
             buffer[lo - start : hi - start] = data[lo - read.start : hi - read.start]
             got[0] += hi - lo
             if got[0] == module.stored_size:
-                record = checked(module, memoryview(partial.pop(module.shard)[0]), read.key)
-                for same in by_record[module.shard]:
+                record = checked(module, memoryview(partial.pop(module.record)[0]), read.key)
+                for same in by_record[module.record]:
                     yield same, record
 
 
@@ -454,5 +456,5 @@ def _inside(entries: Sequence[tuple[int, Module]], read: Read) -> list[Module]:
 def decode_module(store: Store, manifest: Manifest, module: Module, codec: Codec | None = None) -> bytearray:
     """Fetch, verify (stored digest, then raw digest) and decode one module's raw bytes."""
     out = bytearray(module.raw_size)
-    decode_checked(codec or codec_from_config(manifest.codec), module, read_shard(store, module), memoryview(out))
+    decode_checked(codec or codec_from_config(manifest.codec), module, read_record(store, module), memoryview(out))
     return out

@@ -21,7 +21,7 @@ __all__ = ["CHUNK_BYTES", "Progress", "bounded_map", "cpu_threads", "overlapped"
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-#: ``progress(done, total)``, in bytes: of the source (pack), the output (unpack) or the shards
+#: ``progress(done, total)``, in bytes: of the source (pack), the output (unpack) or the records
 #: fetched (pull, prefetch).
 Progress = Callable[[int, int], None]
 #: Bytes of items one task takes at least, when items are grouped by size.

@@ -1,13 +1,13 @@
 """Where decoded module bytes become torch tensors, on the CPU or any torch device. The only module importing torch.
 
-Three placers share one interface: a worker thread calls ``stage`` (decode a verified shard into a
+Three placers share one interface: a worker thread calls ``stage`` (decode a verified record into a
 host buffer; runs in parallel, zstd releases the GIL) and the consuming thread calls ``finish``
 (turn the staged bytes into tensors on the device).
 
 * :class:`CPUPlacer` decodes straight into the module's final buffer: tensors are views of it,
   no copy after decoding.
 * :class:`CUDAPlacer` decodes the byte planes into a reusable pinned staging buffer, copies them
-  to the device with ``non_blocking`` on a side stream while workers decode the next shards, and
+  to the device with ``non_blocking`` on a side stream while workers decode the next records, and
   un-groups the planes on the GPU, so tensors are created on the device with no CPU-side copy.
   Host memory stays at a few staging buffers, whatever the LoRA's size.
 * :class:`CopyPlacer`, for any other device torch has (Apple's ``mps``, ``xpu``, …), decodes as
@@ -27,7 +27,7 @@ import torch
 from lorachunk._codec import BytePlaneZstd, Codec, plane_groups, tiled_itemsize
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
-from lorachunk._shard import decode_checked
+from lorachunk._record import decode_checked
 
 __all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "require_dtypes", "scale_", "scale_bytes"]
 
@@ -294,7 +294,7 @@ def make_placer(
     if target.type == "cpu":
         return CPUPlacer(codec, target, parse_dtype(dtype))
     try:
-        torch.empty(0, device=target)  # fails now, not after the first shard, where torch lacks the backend
+        torch.empty(0, device=target)  # fails now, not after the first record, where torch lacks the backend
     except (RuntimeError, AssertionError, ImportError) as exc:
         # torch's own message for a missing backend runs to a page; its first line says why.
         raise UsageError(f"device {device!r} is not available here: {str(exc).splitlines()[0]}") from exc

@@ -14,10 +14,10 @@ from lorachunk._exceptions import IntegrityError, LorachunkError, StoreError, Us
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._loader import REMOTE_CONCURRENCY
 from lorachunk._manifest import Manifest, Module
+from lorachunk._record import decode_checked
 from lorachunk._repository import as_store, decode_module, fetch_records, partial_copy_error, read_manifest
 from lorachunk._safetensors import encode_header
 from lorachunk._select import select_modules
-from lorachunk._shard import decode_checked
 from lorachunk._threads import Progress, bounded_map, cpu_threads
 from lorachunk.storage import Store
 from lorachunk.storage._local import create_temp, write_atomic
@@ -145,11 +145,11 @@ def _decoder(store: Store, manifest: Manifest, chosen: Sequence[Module], codec: 
     planned requests (a few per pack, not one per module), held until decoded."""
     if not is_remote(store):
         return lambda module: decode_module(store, manifest, module, codec)
-    records = {m.shard: r for m, r in fetch_records(store, chosen, manifest.packs, threads=REMOTE_CONCURRENCY)}
+    records = {m.record: r for m, r in fetch_records(store, chosen, manifest.packs, threads=REMOTE_CONCURRENCY)}
 
     def decode(module: Module) -> bytearray:
         out = bytearray(module.raw_size)
-        decode_checked(codec, module, records[module.shard], memoryview(out))
+        decode_checked(codec, module, records[module.record], memoryview(out))
         return out
 
     return decode

@@ -1,4 +1,4 @@
-"""verify: every manifest and shard of a store checked again, a partial copy's included."""
+"""verify: every manifest, pack and record of a store checked again, a partial copy's included."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import check, digest, split_digest
-from lorachunk._exceptions import IntegrityError, LorachunkError, ShardNotFoundError
+from lorachunk._exceptions import IntegrityError, LorachunkError, ObjectNotFoundError
 from lorachunk._keys import LATEST, LATEST_MANIFEST, MANIFESTS, PACKS, SHARDS, is_object_key, pack_id_of
 from lorachunk._layout import natural_key
 from lorachunk._manifest import Manifest, Module
+from lorachunk._record import decode_checked
 from lorachunk._repository import (
     as_store,
     latest_id,
@@ -24,7 +25,6 @@ from lorachunk._repository import (
     resolve,
     splits_held_whole,
 )
-from lorachunk._shard import decode_checked
 from lorachunk._threads import bounded_map, cpu_threads
 from lorachunk.storage import ByteRange, LocalStore, Store
 
@@ -33,9 +33,9 @@ __all__ = ["VerifyReport", "verify"]
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
-    """What :func:`verify` checked: manifests, distinct shards and their stored bytes.
+    """What :func:`verify` checked: manifests, distinct records and their stored bytes.
 
-    ``shards`` counts the distinct module records checked. A partial copy (``lorachunk pull
+    ``records`` counts the distinct module records checked. A partial copy (``lorachunk pull
     --split``) holds only some: ``missing`` counts those it was never given, and
     ``complete_splits`` names the splits it holds whole.
 
@@ -48,7 +48,7 @@ class VerifyReport:
     """
 
     manifests: int
-    shards: int
+    records: int
     stored_bytes: int
     missing: int = 0
     complete_splits: tuple[str, ...] = ()
@@ -85,7 +85,7 @@ def _check_latest(store: Store, ids: Sequence[str]) -> list[str]:
         return [f"{LATEST} names {latest}, which is not in the store"]
     try:
         copy = read_stored_manifest(store, LATEST_MANIFEST)
-    except ShardNotFoundError:
+    except ObjectNotFoundError:
         return []  # a store written before the copy existed
     except LorachunkError as exc:
         return [str(exc)]
@@ -110,7 +110,7 @@ def _verify(store: Store) -> VerifyReport:
     objects: dict[str, dict[str, tuple[Manifest, Module]]] = {}
     for manifest in manifests:
         for module in manifest.modules:
-            objects.setdefault(record_key(module), {}).setdefault(module.shard, (manifest, module))
+            objects.setdefault(record_key(module), {}).setdefault(module.record, (manifest, module))
     # Objects that only partial copies name may be absent; any other absence is damage.
     partial = partial_ids(store)
     whole = {record_key(m) for manifest in manifests if manifest.id not in partial for m in manifest.modules}
@@ -130,7 +130,7 @@ def _verify(store: Store) -> VerifyReport:
         kind = "shard" if v1 else "pack"
         try:
             data = store.get(key, ByteRange(0, size + 1))
-        except ShardNotFoundError as exc:
+        except ObjectNotFoundError as exc:
             return key, None if key not in whole else [str(exc)]
         except LorachunkError as exc:
             return key, [str(exc)]
@@ -144,7 +144,7 @@ def _verify(store: Store) -> VerifyReport:
             try:
                 if len(record) != module.stored_size:
                     raise IntegrityError(f"{kind} {key}: module {module.name!r} lies past its end")
-                check(module.shard, record, what=f"{kind} {key} (module {module.name!r})")
+                check(module.record, record, what=f"{kind} {key} (module {module.name!r})")
                 out = bytearray(module.raw_size)
                 decode_checked(codec_of(manifest), module, record, memoryview(out))
             except LorachunkError as exc:

@@ -15,7 +15,7 @@ from lorachunk._digest import check
 from lorachunk._exceptions import IntegrityError, LorachunkError
 from lorachunk._keys import PACKS, manifest_key, pack_key
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, placements
-from lorachunk._packs import DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE, Pack, PackBuilder
+from lorachunk._packing import DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE, Pack, PackBuilder
 from lorachunk._repository import list_manifest_ids, read_stored_manifest
 from lorachunk.storage import Store
 
@@ -64,9 +64,9 @@ def held_records(store: Store, *, algorithm: str, skip: Iterable[str] = ()) -> H
         if found is None:
             continue  # damaged, or another format or algorithm: its records are not reused
         packs, records = found
-        for shard, pack, offset, size in records:
+        for record, pack, offset, size in records:
             if pack_key(pack) in present:
-                index.setdefault(shard, (pack, offset, size))
+                index.setdefault(record, (pack, offset, size))
                 sizes[pack] = packs[pack]
     return Held(index, sizes)
 
@@ -151,14 +151,14 @@ class Writer:
             self._io.shutdown(wait=True)
 
     def add(self, module: Module, stored: bytes | memoryview, group: str = "") -> None:
-        """Take ``module`` and its stored record (already checked against ``module.shard``)."""
-        held = self.index.get(module.shard)
+        """Take ``module`` and its stored record (already checked against ``module.record``)."""
+        held = self.index.get(module.record)
         if held is not None:
             self._place(module, held)
-        elif module.shard in self._waiting:
-            self._waiting[module.shard].append(module)  # the same record under another name
+        elif module.record in self._waiting:
+            self._waiting[module.record].append(module)  # the same record under another name
         else:
-            self._waiting[module.shard] = [module]
+            self._waiting[module.record] = [module]
             for pack in self._builder.add(module, stored, group):
                 self._write(pack)
 
@@ -199,14 +199,14 @@ class Writer:
         self._sizes[pack_id] = size
         for placed in placed_modules:
             placement = (pack_id, placed.offset, placed.stored_size)
-            self.index[placed.shard] = placement
-            for module in self._waiting.pop(placed.shard):
+            self.index[placed.record] = placement
+            for module in self._waiting.pop(placed.record):
                 self._place(placed if module.name == placed.name else module, placement)
 
     def _place(self, module: Module, placement: Placement) -> None:
         pack, offset, size = placement
         if size != module.stored_size:
-            raise IntegrityError(f"record {module.shard} is {size} bytes in pack {pack}, not {module.stored_size}")
+            raise IntegrityError(f"record {module.record} is {size} bytes in pack {pack}, not {module.stored_size}")
         self._placed[module.name] = (
             module if (module.pack, module.offset) == (pack, offset) else module.placed(pack, offset)
         )

@@ -35,8 +35,8 @@ def test_all_is_sorted_and_complete() -> None:
 
 
 def test_exception_tree() -> None:
-    assert issubclass(lorachunk.ShardNotFoundError, lorachunk.StoreError)
-    assert issubclass(lorachunk.ShardNotFoundError, FileNotFoundError)
+    assert issubclass(lorachunk.ObjectNotFoundError, lorachunk.StoreError)
+    assert issubclass(lorachunk.ObjectNotFoundError, FileNotFoundError)
     assert issubclass(lorachunk.StoreError, OSError)
     for error in (lorachunk.FormatError, lorachunk.ManifestError, lorachunk.IntegrityError, lorachunk.UsageError):
         assert issubclass(error, lorachunk.LorachunkError) and issubclass(error, ValueError)
@@ -146,7 +146,7 @@ def test_progress_bars_show_on_a_terminal_only(falcon: Path, tmp_path: Path) -> 
         assert "pack in memory: 100%" in stderr_of("info", str(falcon), tty=True)
         assert stderr_of("info", str(tmp_path / "a"), tty=True) == ""
         pulled = stderr_of("pull", str(tmp_path / "a"), "-o", str(tmp_path / "p"), "--split", "text_encoder", tty=True)
-        assert "pull: 100%" in pulled and "72 shards" in pulled
+        assert "pull: 100%" in pulled and "72 records" in pulled
     finally:
         os.close(terminal)
         os.close(terminal_end)

@@ -153,7 +153,7 @@ def test_pack_refuses_what_a_reader_would(falcon: Path, tmp_path: Path, monkeypa
     with pytest.raises(lorachunk.FormatError, match="the header holds more than 1749 tensors"):
         lorachunk.pack(falcon, tmp_path / "many")
     monkeypatch.undo()
-    monkeypatch.setattr("lorachunk._pack.MAX_SHARD_RAW_BYTES", 1000)
+    monkeypatch.setattr("lorachunk._pack.MAX_MODULE_RAW_BYTES", 1000)
     with pytest.raises(lorachunk.FormatError, match="fc1' holds 1346 bytes; a lorachunk/2 module holds at most 1000"):
         lorachunk.pack(falcon, tmp_path / "large")
     monkeypatch.undo()

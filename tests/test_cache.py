@@ -36,7 +36,7 @@ def test_corrupt_cache_entry_is_refetched(published: tuple[FolderServer, lorachu
     with open_http(server, tmp_path) as lora:
         lora.prefetch()
     victim = max(manifest.modules, key=lambda m: m.stored_size)
-    path = tmp_path / "cache" / shard_key(victim.shard)
+    path = tmp_path / "cache" / shard_key(victim.record)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -68,7 +68,7 @@ def test_concurrent_processes_share_an_empty_cache(
     assert [child.returncode for child in children] == [0, 0, 0]
     assert outputs == [str(sum(len(m.tensors) for m in manifest.modules))] * 3
     assert_cache_clean(cache)
-    assert lorachunk.Cache(cache).info().shards == len({m.shard for m in manifest.modules})
+    assert lorachunk.Cache(cache).info().records == len({m.record for m in manifest.modules})
 
 
 def test_cache_prune_is_lru(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         lora.load(splits=[split.name])
     info = cache.info()
-    assert (info.shards, info.manifests, info.bundles) == (0, 0, 0)  # the folder is already local
+    assert (info.records, info.manifests, info.bundles) == (0, 0, 0)  # the folder is already local
     assert info.decoded == len({manifest.module(n).raw for n in split.modules})  # a partial load: per module
     with lorachunk.open(tmp_path / "s", cache=cache) as lora:
         cold = lora.load()
@@ -118,7 +118,7 @@ def test_local_folder_keeps_only_decoded_modules(tmp_path: Path) -> None:
     data = bytearray(bundle.read_bytes())
     data[len(data) // 2] ^= 1
     bundle.write_bytes(bytes(data))
-    with lorachunk.open(tmp_path / "s", cache=cache) as lora, pytest.raises(lorachunk.ShardNotFoundError):
+    with lorachunk.open(tmp_path / "s", cache=cache) as lora, pytest.raises(lorachunk.ObjectNotFoundError):
         lora.load()
     assert not bundle.exists()
 
@@ -328,5 +328,5 @@ def test_a_pull_leaves_the_cache_alone(served: FolderServer, tmp_path: Path) -> 
     lorachunk.pack(SAM, served.root)
     lorachunk.pull(served.url, tmp_path / "copy")
     info = lorachunk.Cache().info()  # the manifest (a few kB, for offline opens) only
-    assert (info.shards, info.decoded, info.bundles) == (0, 0, 0)
+    assert (info.records, info.decoded, info.bundles) == (0, 0, 0)
     assert lorachunk.verify(tmp_path / "copy").manifests == 1

@@ -40,11 +40,11 @@ def test_pull_split_then_info_verify_unpack(
     # A partial copy is a normal state: verify checks what it holds and says what it lacks.
     assert main(["verify", str(out)]) == 0
     printed = capsys.readouterr().out
-    others = len({m.shard for m in manifest.modules}) - len(split.modules)
+    others = len({m.record for m in manifest.modules}) - len(split.modules)
     assert f"partial copy: {others} records not pulled" in printed
     assert split.name in printed.rpartition("splits held whole:")[2]
     report = lorachunk.verify(out)
-    assert (report.shards, report.missing) == (len(split.modules), others)
+    assert (report.records, report.missing) == (len(split.modules), others)
     # A split it was never given: a usage error that says how to get it, and no file.
     assert main(["unpack", str(out), "-o", str(tmp_path / "te.safetensors"), "--split", "unet.down_blocks.0"]) == 2
     err = capsys.readouterr().err
@@ -70,7 +70,7 @@ def test_pull_split_then_info_verify_unpack(
     before = len(server.gets("/packs/"))
     assert main(["pull", server.url, "-o", str(tmp_path / "copy2"), "--split", split.name, "-q"]) == 0
     assert len(server.gets("/packs/")) == before + 1
-    assert lorachunk.Cache().info().shards == 0
+    assert lorachunk.Cache().info().records == 0
 
 
 def test_remote_info_unpack_verify(
@@ -111,7 +111,7 @@ def test_cache_commands(
     with lorachunk.open(server.url, cache=cache) as lora:
         lora.prefetch()
     assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
-    assert f"{len(manifest.modules)} shards, 1 manifest," in capsys.readouterr().out
+    assert f"{len(manifest.modules)} records, 1 manifest," in capsys.readouterr().out
     assert main(["cache", "verify", "--cache-dir", str(cache)]) == 0
     victim = next(p for p in (cache / "shards").rglob("*") if p.is_file())
     victim.write_bytes(b"rot")
@@ -121,7 +121,7 @@ def test_cache_commands(
     for bad in ("-1MB", "inf", "1e400", "nan", "10 parsecs"):
         assert main(["cache", "prune", f"--max-size={bad}", "--cache-dir", str(cache)]) == 2
         assert "cannot read size" in capsys.readouterr().err
-    assert lorachunk.Cache(cache).info().shards == len(manifest.modules) - 1
+    assert lorachunk.Cache(cache).info().records == len(manifest.modules) - 1
     assert main(["cache", "prune", "--max-size", "10kB", "--cache-dir", str(cache)]) == 0
     assert lorachunk.Cache(cache).info().bytes <= 10_000
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0

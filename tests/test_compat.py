@@ -9,7 +9,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._codec import codec_from_config
-from lorachunk._repository import decode_module, read_shard
+from lorachunk._repository import decode_module, read_record
 from lorachunk.storage import LocalStore
 
 STORE = DATA / "store-v1"
@@ -22,7 +22,7 @@ def test_store_v1_verifies_and_unpacks(tmp_path: Path) -> None:
     manifest = lorachunk.read_manifest(LocalStore(STORE))
     assert manifest.format == "lorachunk/1"
     assert manifest.root == ROOT
-    assert lorachunk.verify(STORE).shards == 350
+    assert lorachunk.verify(STORE).records == 350
     out = lorachunk.unpack(STORE, tmp_path / "whole.safetensors")
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(SOURCE.read_bytes()).hexdigest()
     part = lorachunk.unpack(STORE, tmp_path / "attn.safetensors", splits=["attn"])
@@ -37,7 +37,7 @@ def test_recorded_codec_reproduces_store_v1_shards() -> None:
     codec = codec_from_config(manifest.codec)
     for module in manifest.modules:
         stored, frames = codec.encode(memoryview(decode_module(store, manifest, module)), module.segments)
-        assert stored == read_shard(store, module), module.name
+        assert stored == read_record(store, module), module.name
         assert frames == module.frames
 
 
@@ -56,7 +56,7 @@ def test_store_v2_verifies_and_unpacks(tmp_path: Path) -> None:
         MANIFEST_V2,
         1,
     )
-    assert lorachunk.verify(STORE_V2).shards == 350
+    assert lorachunk.verify(STORE_V2).records == 350
     out = lorachunk.unpack(STORE_V2, tmp_path / "whole.safetensors")
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(SOURCE.read_bytes()).hexdigest()
     with lorachunk.open(STORE_V2, root=ROOT_V2, cache=False) as lora:

@@ -43,7 +43,7 @@ def test_style_of_one_content_of_the_other(two: tuple[Path, Path], tmp_path: Pat
     style_a, content_b = lorachunk.load(a, splits=["style"]), lorachunk.load(b, splits=["content"])
     assert got.keys() == style_a.keys() | content_b.keys()
     assert all(torch.equal(got[k], v) for k, v in (style_a | content_b).items())
-    assert lorachunk.verify(tmp_path / "mix.lcs").shards == len(manifest.modules)
+    assert lorachunk.verify(tmp_path / "mix.lcs").records == len(manifest.modules)
 
     # It unpacks to a valid safetensors file whose sha256 the manifest recorded (unpack checks it).
     out = lorachunk.unpack(tmp_path / "mix.lcs", tmp_path / "mix.safetensors")
@@ -182,7 +182,7 @@ def test_a_take_names_a_manifest_of_a_shared_store(tmp_path: Path) -> None:
     assert (take.source, take.manifest, take.split) == (str(shared), prefix, "text_encoder")
     assert parse_take(f"te={shared}#{older.id}").manifest == older.id
     composed = lorachunk.compose(tmp_path / "out", [take])
-    assert {m.shard for m in composed.modules} == {older.module(n).shard for n in older.split("text_encoder").modules}
+    assert {m.record for m in composed.modules} == {older.module(n).record for n in older.split("text_encoder").modules}
     with pytest.raises(lorachunk.UsageError, match="SOURCE#MANIFEST"):
         parse_take(f"te={shared}#not-hex:x")
 

@@ -356,7 +356,7 @@ def test_a_wrong_sized_or_fifo_cache_entry_is_never_read(served: FolderServer, t
     cache = lorachunk.Cache(tmp_path / "cache", decoded=False)
     big, fifo = manifest.modules[0], manifest.modules[1]
     for module in (big, fifo):
-        path = cache.root / shard_key(module.shard)
+        path = cache.root / shard_key(module.record)
         path.parent.mkdir(parents=True, exist_ok=True)
         if module is big:
             with path.open("wb") as handle:
@@ -365,7 +365,7 @@ def test_a_wrong_sized_or_fifo_cache_entry_is_never_read(served: FolderServer, t
             os.mkfifo(path)
     got = lorachunk.load(served.url, cache=cache)
     assert len(got) == len(manifest.owners)
-    assert not (cache.root / shard_key(big.shard)).stat().st_size > big.stored_size
+    assert not (cache.root / shard_key(big.record)).stat().st_size > big.stored_size
     assert cache.verify() == []  # what the load put back is right; the FIFO is gone, not waited on
 
 
@@ -431,8 +431,8 @@ def test_a_mirror_that_keeps_the_root_but_swaps_a_record_is_caught_after_decodin
 
     from lorachunk._codec import codec_from_config
     from lorachunk._digest import digest
+    from lorachunk._record import encode_module
     from lorachunk._repository import decode_module
-    from lorachunk._shard import encode_module
 
     store = tmp_path / "store"
     manifest = lorachunk.pack(falcon, store)

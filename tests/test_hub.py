@@ -190,7 +190,7 @@ def test_missing_repo_revision_and_shard(hub: HubServer) -> None:
     hub.remove(REPO, record_key(module))
     with (
         lorachunk.open(f"hf://{REPO}", cache=False, retries=0) as lora,
-        pytest.raises(lorachunk.ShardNotFoundError, match=module.name),
+        pytest.raises(lorachunk.ObjectNotFoundError, match=module.name),
     ):
         lora.load(modules=[module.name])
 
@@ -214,7 +214,7 @@ def test_corrupted_shard_on_the_hub_is_refused_and_not_cached(hub: HubServer, tm
     cache = lorachunk.Cache(tmp_path / "cache")
     with pytest.raises(lorachunk.IntegrityError), lorachunk.open(f"hf://{REPO}", cache=cache) as lora:
         lora.load(modules=[module.name])
-    assert not cache.contains(module.shard)
+    assert not cache.contains(module.record)
 
 
 def test_offline_after_a_pull_makes_no_request(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,7 +279,7 @@ def test_push_of_a_copy_of_a_clone_is_a_local_store(hub: HubServer, tmp_path: Pa
     """The repo layout is the local layout: pulling everything gives a folder that verifies and loads."""
     lorachunk.push(SAM, REPO)
     lorachunk.pull(f"hf://{REPO}", tmp_path / "clone")
-    assert lorachunk.verify(tmp_path / "clone").shards > 0
+    assert lorachunk.verify(tmp_path / "clone").records > 0
     shutil.copytree(tmp_path / "clone", tmp_path / "copy")
     assert (tmp_path / "copy" / manifest_key(_manifest(tmp_path / "copy").id)).is_file()
 

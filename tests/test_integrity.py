@@ -72,7 +72,7 @@ def test_missing_pack_is_named(falcon: Path, tmp_path: Path) -> None:
     victim.unlink()
     with pytest.raises(lorachunk.IntegrityError, match=victim.name):
         lorachunk.verify(store)
-    with pytest.raises(lorachunk.ShardNotFoundError):
+    with pytest.raises(lorachunk.ObjectNotFoundError):
         lorachunk.unpack(store, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
     assert not list(tmp_path.glob(".*tmp"))
@@ -100,7 +100,7 @@ def test_pack_is_deterministic(falcon: Path, tmp_path: Path) -> None:
 
 def test_sha256_stores_verify(falcon: Path, tmp_path: Path) -> None:
     manifest = lorachunk.pack(falcon, tmp_path / "s", hash="sha256")
-    assert manifest.root.startswith("sha256:") and all(m.shard.startswith("sha256:") for m in manifest.modules)
+    assert manifest.root.startswith("sha256:") and all(m.record.startswith("sha256:") for m in manifest.modules)
     assert lorachunk.unpack(tmp_path / "s", tmp_path / "o.safetensors").read_bytes() == falcon.read_bytes()
 
 
@@ -121,7 +121,7 @@ def test_shared_modules_are_stored_once(tmp_path: Path, capsys: pytest.CaptureFi
     mb = lorachunk.pack(b_path, store)
     assert ma.split("text_encoder").root == mb.split("text_encoder").root
     assert ma.split("unet").root != mb.split("unet").root
-    unique = {m.shard: m.stored_size for m in (*ma.modules, *mb.modules)}
+    unique = {m.record: m.stored_size for m in (*ma.modules, *mb.modules)}
     assert len(unique) == len(ma.modules) + len(mb.modules) - len(ma.split("text_encoder").modules)
     # b's text encoder is named where a put it; only b's UNet went into a pack of its own.
     assert all(mb.module(n).pack == ma.module(n).pack for n in mb.split("text_encoder").modules)
@@ -196,7 +196,7 @@ def test_chunked_encoding_stores_each_shard_once_and_reports_every_module(
     seen: list[tuple[int, int]] = []
     manifest = lorachunk.pack(src, store, progress=lambda done, total: seen.append((done, total)))
     (pack,) = [key for key in store.sets if key.startswith("packs/")]
-    unique = {m.shard: m.stored_size for m in manifest.modules}
+    unique = {m.record: m.stored_size for m in manifest.modules}
     assert len(unique) == 12 - 3 and len(store.get(pack)) == sum(unique.values())
     # the duplicates name one record: the same place in the pack
     assert len({(m.pack, m.offset) for m in manifest.modules}) == len(unique)

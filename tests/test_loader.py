@@ -280,7 +280,7 @@ def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path:
     """The CUDA path decodes byte planes on the host and un-groups them on the device; the
     un-grouping is plain torch, so it is checked here on the CPU for every module of every fixture."""
     from lorachunk._codec import BytePlaneZstd
-    from lorachunk._repository import decode_module, read_shard
+    from lorachunk._repository import decode_module, read_record
     from lorachunk._torch import _ungroup
 
     manifest = lorachunk.pack(fixture_lora, tmp_path / "s")
@@ -288,7 +288,7 @@ def test_device_side_ungrouping_matches_cpu_decode(fixture_lora: Path, tmp_path:
     codec = BytePlaneZstd()
     for module in manifest.modules:
         planes = torch.empty(module.raw_size, dtype=torch.uint8)
-        codec.decode_planes(memoryview(read_shard(store, module)), module.segments, module.frames, planes.numpy().data)
+        codec.decode_planes(memoryview(read_record(store, module)), module.segments, module.frames, planes.numpy().data)
         assert bytes(_ungroup(planes, module).numpy()) == bytes(decode_module(store, manifest, module)), module.name
 
 

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file as save_numpy
 import lorachunk
 from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key
 from lorachunk._manifest import Manifest
-from lorachunk._packs import MAX_REQUEST, WHOLE_MAX, PackBuilder, Span, plan_reads
+from lorachunk._packing import MAX_REQUEST, WHOLE_MAX, PackBuilder, Span, plan_reads
 from lorachunk._repository import list_manifest_ids, record_key, write_manifest
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
@@ -280,7 +280,7 @@ def test_repack_converts_a_v1_store_and_every_pinned_root_still_opens(tmp_path: 
     new = lorachunk.read_manifest(LocalStore(store))
     assert new.format == "lorachunk/2" and new.v1_root == old.root and new.root in old.roots
     assert not (store / "shards").exists() and not (store / manifest_key(old.id)).exists()
-    assert report.deleted == len({m.shard for m in old.modules}) + 0  # every v1 shard, pruned
+    assert report.deleted == len({m.record for m in old.modules}) + 0  # every v1 shard, pruned
     for root in (old.root, new.root):
         with lorachunk.open(store, root=root, cache=False) as lora:
             assert len(lora.load(splits=["unet.mid_block"])) > 0
@@ -410,12 +410,12 @@ def test_max_gap_joins_ranges_or_keeps_them_apart(tmp_path: Path) -> None:
 
 def test_a_reader_holding_a_manifest_a_prune_replaced_is_told_to_open_again(tmp_path: Path) -> None:
     """docs/security.md: after `repack --prune`, a handle opened before it finds its records gone
-    (ShardNotFoundError, no wrong byte), and opening again gives the same LoRA."""
+    (ObjectNotFoundError, no wrong byte), and opening again gives the same LoRA."""
     store = tmp_path / "s"
     shutil.copytree(DATA / "store-v1", store)
     with lorachunk.open(store, cache=False) as before:
         lorachunk.repack(store, prune=True)
-        with pytest.raises(lorachunk.ShardNotFoundError):
+        with pytest.raises(lorachunk.ObjectNotFoundError):
             before.load()
         with lorachunk.open(store, root=before.root, cache=False) as again:
             assert again.load().keys() == load_numpy(FALCON4).keys()

@@ -101,7 +101,7 @@ def test_the_root_pins_the_config(adapter: tuple[Path, torch.Tensor], tmp_path: 
     config["lora_alpha"] = 16  # same tensors, twice the effect
     (folder / "adapter_config.json").write_text(json.dumps(config))
     second = lorachunk.pack(folder, tmp_path / "b")
-    assert [m.shard for m in first.modules] == [m.shard for m in second.modules]
+    assert [m.record for m in first.modules] == [m.record for m in second.modules]
     assert first.root != second.root
 
 

@@ -17,7 +17,7 @@ def test_pull_a_split_then_work_offline(published: tuple[FolderServer, lorachunk
     server, manifest = published
     split = manifest.splits[0]
     report = lorachunk.pull(server.url, tmp_path / "copy", splits=[split.name], cache=False, retries=1)
-    assert report.shards == report.fetched == len({manifest.module(n).shard for n in split.modules})
+    assert report.records == report.fetched == len({manifest.module(n).record for n in split.modules})
     server.shutdown()
     with lorachunk.open(tmp_path / "copy") as lora:
         assert lora.root == manifest.root
@@ -26,7 +26,7 @@ def test_pull_a_split_then_work_offline(published: tuple[FolderServer, lorachunk
     # The split's records, and nothing else, in one new pack of the copy.
     (pack,) = (tmp_path / "copy" / "packs").iterdir()
     assert pack.stat().st_size == sum(
-        {manifest.module(n).shard: manifest.module(n).stored_size for n in split.modules}.values()
+        {manifest.module(n).record: manifest.module(n).stored_size for n in split.modules}.values()
     )
 
 

@@ -33,7 +33,7 @@ def test_fixture_roundtrip(fixture_lora: Path, tmp_path: Path) -> None:
     assert len(manifest.modules) == modules
     for name, count in splits.items():
         assert len(manifest.split(name).modules) == count, name
-    assert lorachunk.verify(store).shards == modules
+    assert lorachunk.verify(store).records == modules
     # docs/format.md: every real fixture's header is regenerated, not stored verbatim
     assert manifest.source.header is None
     out = lorachunk.unpack(store, tmp_path / "out.safetensors")

@@ -130,7 +130,7 @@ class TestFsspecS3(StoreTests):
 def test_pack_into_memory_store(tmp_path: Path) -> None:
     store = MemoryStore()
     manifest = lorachunk.pack(DATA / "loras" / "sam_lora_rank16.safetensors", store)
-    assert lorachunk.verify(store).shards == len(manifest.modules)
+    assert lorachunk.verify(store).records == len(manifest.modules)
     out = lorachunk.unpack(store, tmp_path / "o.safetensors")
     assert out.read_bytes() == (DATA / "loras" / "sam_lora_rank16.safetensors").read_bytes()
 
@@ -169,7 +169,7 @@ def test_open_store_pool_sizes_http_and_the_callers_concurrency_wins() -> None:
 
 def test_credentials_in_an_fsspec_url_are_never_shown() -> None:
     store = open_store("memory://me:pa55word@bucket/lora")
-    with pytest.raises(lorachunk.ShardNotFoundError) as caught:
+    with pytest.raises(lorachunk.ObjectNotFoundError) as caught:
         store.get("refs/latest")
     assert "pa55word" not in repr(store) + str(caught.value)
     assert "memory://***@bucket/lora/refs/latest" in str(caught.value)
@@ -219,7 +219,7 @@ def test_429_storm_gives_up_with_a_clear_error(
     assert record_key(victim) in message and victim.name in message and server.url in message
     assert "429" in message
     assert len([r for r in server.gets() if r.path == f"/{record_key(victim)}"]) == 3
-    assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
+    assert not (tmp_path / "cache" / shard_key(victim.record)).exists()
 
 
 def test_retry_after_is_honoured(
@@ -260,7 +260,7 @@ def test_unrecoverable_faults(
     with open_http(server, tmp_path) as lora, pytest.raises(error, match=match) as caught:
         lora.load(modules=[victim.name])
     assert record_key(victim) in str(caught.value) and victim.name in str(caught.value)
-    assert not (tmp_path / "cache" / shard_key(victim.shard)).exists()
+    assert not (tmp_path / "cache" / shard_key(victim.record)).exists()
     assert_cache_clean(tmp_path / "cache")
 
 
@@ -306,7 +306,7 @@ def test_missing_shard(published: tuple[FolderServer, lorachunk.Manifest], tmp_p
     server, manifest = published
     victim = manifest.modules[3]
     (server.root / record_key(victim)).unlink()
-    with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.ShardNotFoundError) as caught:
+    with open_http(server, tmp_path) as lora, pytest.raises(lorachunk.ObjectNotFoundError) as caught:
         lora.load(modules=[victim.name])
     assert record_key(victim) in str(caught.value) and victim.name in str(caught.value)
     assert_cache_clean(tmp_path / "cache")
@@ -413,7 +413,7 @@ def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_pat
     assert (tmp_path / "cache" / manifest_key(other_id)).read_bytes() == other
     lorachunk.pull(served.url, tmp_path / "copy", cache=False, retries=1)
     assert (tmp_path / "copy" / manifest_key(other_id)).read_bytes() == other
-    assert lorachunk.verify(tmp_path / "copy").shards == len(original.modules)
+    assert lorachunk.verify(tmp_path / "copy").records == len(original.modules)
 
 
 def test_retry_after_forms() -> None:
@@ -439,7 +439,7 @@ def test_s3_source_end_to_end(s3_endpoint: str, tmp_path: Path) -> None:
         assert lora.root == manifest.root
         got = lora.load()
     assert all(torch.equal(got[k], reference[k]) for k in reference)
-    assert lorachunk.Cache(tmp_path / "cache").info().shards == len(manifest.modules)
+    assert lorachunk.Cache(tmp_path / "cache").info().records == len(manifest.modules)
 
 
 def test_memory_fsspec_source(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ class Store(ABC):
 
         A range reaching past the end gives the bytes there are, as a file read does: readers
         ask for one byte more than they expect, to bound what a hostile server can send.
-        Raises :class:`~lorachunk.ShardNotFoundError` if there is no such object.
+        Raises :class:`~lorachunk.ObjectNotFoundError` if there is no such object.
         """
 
     @abstractmethod

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from typing import Any
 
-from lorachunk._exceptions import ShardNotFoundError, StoreError, StoreUnavailableError, UsageError
+from lorachunk._exceptions import ObjectNotFoundError, StoreError, StoreUnavailableError, UsageError
 from lorachunk.storage._base import ByteRange, Store, check_key, shown_url
 
 __all__ = ["FsspecStore"]
@@ -53,7 +53,7 @@ class FsspecStore(Store):
             else:
                 data = self.fs.cat_file(path, start=byte_range.start, end=byte_range.end)
         except FileNotFoundError:
-            raise ShardNotFoundError(f"{self.url}/{key}: no such object") from None
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
         except OSError as exc:
             if byte_range is not None and self._starts_past_end(path, byte_range.start):
                 return b""  # S3 refuses such a range (InvalidRange); a file read gives nothing

@@ -22,7 +22,7 @@ import httpx
 
 from lorachunk._exceptions import (
     AuthenticationError,
-    ShardNotFoundError,
+    ObjectNotFoundError,
     StoreError,
     StoreUnavailableError,
     UsageError,
@@ -168,7 +168,7 @@ class HTTPStore(Store):
     A body that breaks off is resumed with ``Range: bytes=N-`` from where it stopped; the answer
     must be a 206 whose ``Content-Range`` starts at N (a server that answers 200 instead is read
     again from the start). Every failure ends in :class:`StoreUnavailableError` naming the URL,
-    or :class:`ShardNotFoundError` for a 404.
+    or :class:`ObjectNotFoundError` for a 404.
     """
 
     supports_writes = False
@@ -249,7 +249,7 @@ class HTTPStore(Store):
                 with self._send("GET", url, headers) as response:
                     status = response.status_code
                     if status == 404:
-                        raise ShardNotFoundError(f"{shown}: not found (404)")
+                        raise ObjectNotFoundError(f"{shown}: not found (404)")
                     if status in (401, 403):
                         raise AuthenticationError(f"{shown}: credentials refused (HTTP {status})")
                     if status in _RETRY_STATUS:

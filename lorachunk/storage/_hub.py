@@ -2,7 +2,7 @@
 
 A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``shards/``), at
 its root or under a path, so a clone is a valid :class:`~lorachunk.storage.LocalStore` and several
-LoRAs or versions share one repo's shards.
+LoRAs or versions share one repo's packs.
 
 Reading resolves the revision to a commit once, then fetches every object of that commit through
 :class:`~lorachunk.storage.HTTPStore` (concurrent, resumable, verified by the loader) from the
@@ -34,8 +34,8 @@ from huggingface_hub.hf_api import RepoFile
 
 from lorachunk._exceptions import (
     AuthenticationError,
+    ObjectNotFoundError,
     RepositoryNotFoundError,
-    ShardNotFoundError,
     StoreError,
     StoreUnavailableError,
     UsageError,
@@ -104,7 +104,7 @@ def _raise(exc: Exception, what: str) -> NoReturn:
     if isinstance(exc, HubRepoNotFound):
         raise RepositoryNotFoundError(f"{what}: repository not found, or the token cannot see it") from exc
     if isinstance(exc, EntryNotFoundError):
-        raise ShardNotFoundError(f"{what}: not found") from exc
+        raise ObjectNotFoundError(f"{what}: not found") from exc
     if isinstance(exc, OfflineModeIsEnabled):
         raise StoreUnavailableError(f"{what}: HF_HUB_OFFLINE is set") from exc
     if isinstance(exc, HfHubHTTPError):
@@ -186,7 +186,7 @@ class HubStore(Store):
             try:
                 with http.deadline(deadline):
                     data, answer = http.fetch(f"{http.url}/{key}", ByteRange(0, _FIRST_LIMIT))
-            except ShardNotFoundError:
+            except ObjectNotFoundError:
                 continue  # not there, or no such repo or revision: the API says which below
             except BaseException:
                 http.close()
@@ -235,7 +235,7 @@ class HubStore(Store):
             if len(data) < _FIRST_LIMIT or (end is not None and end <= len(data)):
                 return data[start:end]
         if key == LATEST_MANIFEST and self._first is not None and self._first[0] == LATEST:
-            raise ShardNotFoundError(f"{self!r}: no {LATEST_MANIFEST} (a repo pushed before it existed)")
+            raise ObjectNotFoundError(f"{self!r}: no {LATEST_MANIFEST} (a repo pushed before it existed)")
         return http.get(key, byte_range)
 
     def exists(self, key: str) -> bool:

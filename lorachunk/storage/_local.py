@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from lorachunk._exceptions import ShardNotFoundError, StoreError
+from lorachunk._exceptions import ObjectNotFoundError, StoreError
 from lorachunk.storage._base import ByteRange, Store, check_key
 
 __all__ = ["LocalStore", "create_temp", "open_regular", "write_atomic"]
@@ -93,7 +93,7 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
 def _read_range(path: Path, byte_range: ByteRange | None) -> bytes:
     """The bytes of a regular file ``path`` in ``byte_range`` (clipped to the file, as a read is:
     a range from a hostile manifest, 2**62 bytes, allocates nothing), by ``pread`` on a descriptor:
-    a shard read is one open, one stat and one read, which for a LoRA of hundreds of small
+    a record read is one open, one stat and one read, which for a LoRA of hundreds of small
     modules is a good part of a cold load."""
     fd, size = _open_regular_fd(path)
     try:
@@ -186,7 +186,7 @@ class LocalStore(Store):
 
         With ``fsync``, one ``syncfs`` before the renames makes them all durable: one flush of the
         file system instead of an fsync per object, which takes a sixth to nearly half off writing
-        the shard files of the small real fixtures (docs/benchmarks.md). Where syncfs is missing
+        the packs of the small real fixtures (docs/benchmarks.md). Where syncfs is missing
         (not Linux) each temp file is flushed as it is written. A crash leaves at worst hidden
         temp files, never a partial object under its name. Writes from several threads are fine.
 
@@ -272,7 +272,7 @@ class LocalStore(Store):
         try:
             return _read_range(path, byte_range)
         except FileNotFoundError:
-            raise ShardNotFoundError(f"{path}: no such object") from None
+            raise ObjectNotFoundError(f"{path}: no such object") from None
         except OSError as exc:
             raise StoreError(f"{path}: {exc.strerror or exc}") from exc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from lorachunk._exceptions import ShardNotFoundError
+from lorachunk._exceptions import ObjectNotFoundError
 from lorachunk.storage._base import ByteRange, Store, check_key
 
 __all__ = ["MemoryStore"]
@@ -23,7 +23,7 @@ class MemoryStore(Store):
             try:
                 value = self._objects[check_key(key)]
             except KeyError:
-                raise ShardNotFoundError(f"memory store has no object {key!r}") from None
+                raise ObjectNotFoundError(f"memory store has no object {key!r}") from None
         if byte_range is None:
             return value
         return value[byte_range.start : byte_range.end]

@@ -1,6 +1,6 @@
-"""The digest-addressed object cache: verified shards and manifests by digest, for every source.
+"""The digest-addressed object cache: verified records and manifests by digest, for every source.
 
-Layout under the cache root (itself a valid store of shards)::
+Layout under the cache root (itself a valid store of records)::
 
     shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
     manifests/<hex>.json.zst          manifests, named by their id
@@ -34,7 +34,7 @@ from typing import ClassVar, Final, Literal
 from lorachunk._digest import check, from_hex, hex_of, split_digest
 from lorachunk._exceptions import CacheWarning, IntegrityError, StoreError, UsageError
 from lorachunk._keys import MAX_STORED_MANIFEST_BYTES
-from lorachunk._manifest import MAX_SHARD_RAW_BYTES
+from lorachunk._manifest import MAX_MODULE_RAW_BYTES
 from lorachunk._units import parse_size
 from lorachunk.storage._local import open_regular, write_atomic
 
@@ -95,7 +95,7 @@ class ObjectCache:
         self._unwritable = False
 
     def keep(self, write: Callable[[], object]) -> None:
-        """Run ``write``, a write to this cache that only saves work later (a fetched shard, a
+        """Run ``write``, a write to this cache that only saves work later (a fetched record, a
         decoded module, a manifest, pruning to ``max_size``).
 
         If the cache cannot be written, the first failure warns (:class:`~lorachunk.CacheWarning`)
@@ -148,7 +148,7 @@ class ObjectCache:
         """The object named ``digest`` (of ``size`` bytes, when the caller knows), checked
         again; None on a miss or a wrong entry (removed)."""
         path = self._path(kind, digest)
-        data = self._read(path, size, MAX_STORED_MANIFEST_BYTES if kind == "manifests" else MAX_SHARD_RAW_BYTES)
+        data = self._read(path, size, MAX_STORED_MANIFEST_BYTES if kind == "manifests" else MAX_MODULE_RAW_BYTES)
         if data is None:
             return None
         try:

@@ -129,7 +129,7 @@ class HubServer(ThreadingHTTPServer):
                 files[path] = Entry(len(data), git_blob_sha1(oid.encode()), sha256=oid)
 
     def remove(self, repo_id: str, path: str, *, kind: str = "model", revision: str = "main") -> None:
-        """Drop a file from the commit ``revision`` points at (a shard gone missing on the server)."""
+        """Drop a file from the commit ``revision`` points at (a pack gone missing on the server)."""
         with self.lock:
             repo = self.repos[(kind, repo_id)]
             del repo.commits[repo.refs[revision]][path]

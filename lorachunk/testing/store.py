@@ -30,7 +30,7 @@ class StoreTests:
 
     def test_missing(self, store: Store) -> None:
         assert not store.exists("shards/00/none")
-        with pytest.raises(lorachunk.ShardNotFoundError) as caught:
+        with pytest.raises(lorachunk.ObjectNotFoundError) as caught:
             store.get("shards/00/none")
         assert isinstance(caught.value, FileNotFoundError)
 

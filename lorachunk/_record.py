@@ -1,4 +1,4 @@
-"""A module's shard: made from raw bytes, and decoded back with both digests checked."""
+"""A module's record: made from raw bytes, and decoded back with both digests checked."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def encode_module(
 def decode_checked(
     codec: Codec, module: Module, stored: bytes | memoryview, out: memoryview, *, what: str = ""
 ) -> None:
-    """Decode ``stored`` (already checked against ``module.shard``) into ``out`` and check the
+    """Decode ``stored`` (already checked against ``module.record``) into ``out`` and check the
     result against ``module.raw``: no decoded byte is used unchecked."""
     codec.decode(memoryview(stored), module.segments, module.frames, out)
     check(module.raw, out, what=f"module {module.name!r}{what} after decoding")
