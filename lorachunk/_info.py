@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lorachunk._exceptions import UsageError
-from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, manifest_key
+from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, flat_twin, manifest_key
 from lorachunk._layout import is_adapter
 from lorachunk._manifest import Manifest
 from lorachunk._pack import pack
@@ -130,7 +130,9 @@ def ls_dicts(dest: str) -> list[dict[str, Any]]:
             written = None
             if isinstance(store, LocalStore):
                 with suppress(OSError):
-                    mtime = (store.root / manifest_key(manifest_id)).stat().st_mtime
+                    key = manifest_key(manifest_id)
+                    path = store.root / (key if store.exists(key) else flat_twin(key) or key)
+                    mtime = path.stat().st_mtime
                     written = datetime.fromtimestamp(mtime, tz=timezone.utc).isoformat(timespec="seconds")
             rows.append(
                 {

@@ -6,9 +6,10 @@
     refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
     refs/partial                      text: ids of manifests this copy holds only some modules of
                                       (written by ``lorachunk pull --split``), one per line
-    manifests/<hex>.json.zst          a manifest, named by the digest of its stored bytes
-    packs/<hex>                       lorachunk/2: module records back to back, named by the
-                                      digest of the pack's bytes
+    manifests/<2 hex>/<hex>.json.zst  a manifest, named by the digest of its stored bytes
+    packs/<2 hex>/<hex>               module records back to back, named by the digest of the
+                                      pack's bytes (lorachunk 0.2 wrote both folders flat:
+                                      ``manifests/<hex>.json.zst``, ``packs/<hex>``; still read)
     shards/<first 2 hex>/<hex>        lorachunk/1: one module's record, named by its digest
     locks/<32 hex>                    a writer's lock (:mod:`lorachunk._lock`)
 
@@ -37,6 +38,7 @@ __all__ = [
     "PACKS",
     "PARTIAL",
     "SHARDS",
+    "flat_twin",
     "is_object_key",
     "manifest_id_of",
     "manifest_key",
@@ -57,8 +59,12 @@ SHARDS: Final = "shards/"
 PACKS: Final = "packs/"
 LOCKS: Final = "locks/"
 _HEX: Final = "(?:[0-9a-f]{32}|[0-9a-f]{64})"
+# Fanned out by the first two hex digits (256 folders), so no folder of a store of 30,000 LoRAs
+# holds more than ~10,000 entries (the Hub's guidance per folder); flat, as written before 0.3.
+_FANNED: Final = "(?P<{0}>[0-9a-f]{{2}})/(?P={0})(?:[0-9a-f]{{30}}|[0-9a-f]{{62}})"
 _OBJECT: Final = re.compile(
-    rf"(?:{MANIFESTS}{_HEX}\.json\.zst|{PACKS}{_HEX}|{SHARDS}(?P<fan>[0-9a-f]{{2}})/(?P=fan)(?:[0-9a-f]{{30}}|[0-9a-f]{{62}}))"
+    rf"(?:{MANIFESTS}(?:{_HEX}|{_FANNED.format('m')})\.json\.zst|{PACKS}(?:{_HEX}|{_FANNED.format('p')})"
+    rf"|{SHARDS}{_FANNED.format('s')})"
 )
 _MANIFEST_SUFFIX: Final = ".json.zst"
 #: A manifest's stored (compressed) bytes may not exceed this; checked before decompressing.
@@ -78,18 +84,32 @@ def shard_key(digest: str) -> str:
 
 
 def manifest_key(manifest_id: str) -> str:
-    return f"{MANIFESTS}{hex_of(manifest_id)}{_MANIFEST_SUFFIX}"
+    """Where a manifest is written: ``manifests/<2 hex>/<hex>.json.zst``."""
+    hexpart = hex_of(manifest_id)
+    return f"{MANIFESTS}{hexpart[:2]}/{hexpart}{_MANIFEST_SUFFIX}"
 
 
 def manifest_id_of(key: str) -> str:
-    """The manifest id a key under ``manifests/`` names."""
-    return from_hex(key[len(MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX))
+    """The manifest id a key under ``manifests/`` names (fanned out or flat)."""
+    return from_hex(key[len(MANIFESTS) :].removesuffix(_MANIFEST_SUFFIX).rpartition("/")[2])
 
 
 def pack_key(digest: str) -> str:
-    return f"{PACKS}{hex_of(digest)}"
+    """Where a pack is written: ``packs/<2 hex>/<hex>``."""
+    hexpart = hex_of(digest)
+    return f"{PACKS}{hexpart[:2]}/{hexpart}"
 
 
 def pack_id_of(key: str) -> str:
-    """The pack digest a key under ``packs/`` names."""
-    return from_hex(key[len(PACKS) :])
+    """The pack digest a key under ``packs/`` names (fanned out or flat)."""
+    return from_hex(key[len(PACKS) :].rpartition("/")[2])
+
+
+def flat_twin(key: str) -> str | None:
+    """For a fanned-out pack or manifest key, where lorachunk 0.2 put the same object (the flat
+    folder); None for any other key. Readers look there when an object is not where 0.3 puts it."""
+    for prefix in (PACKS, MANIFESTS):
+        head, sep, tail = key.removeprefix(prefix).partition("/")
+        if key.startswith(prefix) and sep and len(head) == 2 and tail.startswith(head):
+            return prefix + tail
+    return None

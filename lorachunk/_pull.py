@@ -9,13 +9,14 @@ from typing import Any
 
 from lorachunk._digest import check
 from lorachunk._exceptions import LorachunkError
-from lorachunk._keys import manifest_key, pack_key, shard_key
+from lorachunk._keys import flat_twin, manifest_key, pack_key, shard_key
 from lorachunk._loader import PullReport, check_deadline, open
 from lorachunk._lock import locked
 from lorachunk._manifest import FORMAT_V1, Manifest, Module
 from lorachunk._packing import layout_order
 from lorachunk._repository import (
     check_dest,
+    get_object,
     list_manifest_ids,
     mark_partial,
     read_manifest,
@@ -138,7 +139,9 @@ def _drop_superseded(target: LocalStore, copy: Manifest) -> None:
             continue
         if root == copy.root:
             mark_partial(target, manifest_id, partial=False)
-            target.delete(manifest_key(manifest_id))
+            for key in (manifest_key(manifest_id), flat_twin(manifest_key(manifest_id))):
+                if key is not None:
+                    target.delete(key)
 
 
 def _intact(store: Store, held: Held, wanted: Iterable[Module]) -> tuple[Held, set[str]]:
@@ -149,7 +152,7 @@ def _intact(store: Store, held: Held, wanted: Iterable[Module]) -> tuple[Held, s
     bad = set()
     for pack in touched:
         try:
-            check(pack, store.get(pack_key(pack)), what=f"pack {pack_key(pack)}")
+            check(pack, get_object(store, pack_key(pack)), what=f"pack {pack_key(pack)}")
         except LorachunkError:
             bad.add(pack)
     return Held({d: p for d, p in held.records.items() if p[0] not in bad}, held.packs), bad

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from lorachunk._digest import check
 from lorachunk._exceptions import UsageError
-from lorachunk._keys import ADAPTER_WEIGHTS, MANIFESTS, PACKS, pack_key
+from lorachunk._keys import ADAPTER_WEIGHTS, MANIFESTS, PACKS, flat_twin, pack_key
 from lorachunk._manifest import Manifest
 from lorachunk._packing import layout_order
 from lorachunk._repository import fetch_records, manifest_objects, read_manifest
@@ -185,12 +185,13 @@ def _whole_packs(
     uploads: list[tuple[str, Path]] = []
     for pack, need in missing.items():
         key = pack_key(pack)
-        there = prefix + key in present
+        there = prefix + key in present or prefix + (flat_twin(key) or key) in present
         if not there and need * _MAX_OVERHEAD < packed.packs[pack]:
             continue
         if not there:
-            check(pack, store.get(key), what=f"pack {key} in {store!r}")  # checked before it leaves
-            uploads.append((prefix + key, store.path(key)))
+            local = key if store.exists(key) else flat_twin(key) or key  # a folder packed by 0.2 is flat
+            check(pack, store.get(local), what=f"pack {local} in {store!r}")  # checked before it leaves
+            uploads.append((prefix + key, store.path(local)))
         sizes[pack] = packed.packs[pack]
         for module in packed.modules:
             if module.pack == pack:

@@ -16,6 +16,7 @@ from lorachunk._manifest import FORMAT_ID, Manifest
 from lorachunk._packing import DEFAULT_PACK_SIZE, layout_order
 from lorachunk._repository import (
     as_store,
+    canonical_key,
     fetch_records,
     latest_id,
     list_manifest_ids,
@@ -50,6 +51,8 @@ class RepackReport:
     temp_files_removed: int = 0
     temp_files_kept: int = 0
     locks_broken: int = 0
+    #: Packs and manifests moved from lorachunk 0.2's flat folders to the fanned-out layout.
+    moved: int = 0
 
 
 #: Temp files at least this old are a killed writer's: no writer of this version runs beside a
@@ -99,7 +102,8 @@ def repack(
             if not ids and not (prune and _leftovers(store)):
                 raise no_lora_error(store)
             report, kept = _repack(store, ids, pack_size)
-            report = dataclasses.replace(report, locks_broken=broken)
+            moved = _fan_out(store)
+            report = dataclasses.replace(report, locks_broken=broken, moved=moved)
             return _prune(store, report, kept, grace) if prune else report
 
 
@@ -150,7 +154,7 @@ def _prune(store: Store, report: RepackReport, kept: dict[str, Manifest], grace:
             store.delete(key)
     named = {record_key(m) for manifest in kept.values() for m in manifest.modules}
     for key in [*store.list_prefix(PACKS), *store.list_prefix(SHARDS)]:
-        if is_object_key(key) and key not in named:
+        if is_object_key(key) and canonical_key(key) not in named:
             deleted_bytes += _size(store, key)
             store.delete(key)
             deleted += 1
@@ -158,6 +162,23 @@ def _prune(store: Store, report: RepackReport, kept: dict[str, Manifest], grace:
     return dataclasses.replace(
         report, deleted=deleted, deleted_bytes=deleted_bytes, temp_files_removed=removed, temp_files_kept=left
     )
+
+
+def _fan_out(store: Store) -> int:
+    """Move the packs and manifests lorachunk 0.2 kept in flat folders to where this version
+    keeps them (``packs/<2 hex>/<hex>``); return how many moved. Each is written at its new key
+    and made durable before the old one goes, so a reader finds it at one of the two."""
+    flat = [k for p in (PACKS, MANIFESTS) for k in store.list_prefix(p) if is_object_key(k) and canonical_key(k) != k]
+    if not flat:
+        return 0
+    with store.batch():
+        for key in flat:
+            if not store.exists(canonical_key(key)):
+                store.set(canonical_key(key), store.get(key))
+    _sync(store)
+    for key in flat:
+        store.delete(key)
+    return len(flat)
 
 
 def _leftovers(store: Store) -> bool:

@@ -23,8 +23,10 @@ from lorachunk._keys import (
     MANIFESTS,
     MAX_REF_BYTES,
     MAX_STORED_MANIFEST_BYTES,
+    PACKS,
     PARTIAL,
     SHARDS,
+    flat_twin,
     is_object_key,
     manifest_id_of,
     manifest_key,
@@ -42,12 +44,15 @@ from lorachunk.storage import ByteRange, LocalStore, Store, open_store
 __all__ = [
     "absent_records",
     "as_store",
+    "canonical_key",
     "check_dest",
     "decode_module",
     "fetch_records",
+    "get_object",
     "list_manifest_ids",
     "manifest_objects",
     "mark_partial",
+    "object_exists",
     "parse_manifest",
     "partial_copy_error",
     "partial_ids",
@@ -58,6 +63,47 @@ __all__ = [
     "splits_held_whole",
     "write_manifest",
 ]
+
+
+def get_object(store: Store, key: str, byte_range: ByteRange | None = None) -> bytes:
+    """``store.get`` of a pack or manifest where this version puts it (fanned out), else where
+    lorachunk 0.2 did (flat). A store once found flat is tried flat first from then on, so an old
+    store over HTTP costs one extra request per store, not per object."""
+    twin = flat_twin(key)
+    if twin is None:
+        return store.get(key, byte_range)
+    first, second = (twin, key) if _FLAT.get(id(store)) is store else (key, twin)
+    try:
+        return store.get(first, byte_range)
+    except ObjectNotFoundError:
+        data = store.get(second, byte_range)
+    if second == twin:
+        with _FLAT_LOCK:
+            _FLAT[id(store)] = store
+            while len(_FLAT) > 64:
+                _FLAT.pop(next(iter(_FLAT)))
+    return data
+
+
+def canonical_key(key: str) -> str:
+    """Where this version puts the object ``key`` names (a flat 0.2 key → its fanned-out one)."""
+    if key.startswith(PACKS):
+        return pack_key(pack_id_of(key))
+    if key.startswith(MANIFESTS):
+        return manifest_key(manifest_id_of(key))
+    return key
+
+
+def object_exists(store: Store, key: str) -> bool:
+    """Whether ``store`` holds the object ``key`` names, fanned out or (lorachunk 0.2) flat."""
+    twin = flat_twin(key)
+    return store.exists(key) or (twin is not None and store.exists(twin))
+
+
+# Stores found to hold flat objects (lorachunk 0.2), by id, with the store itself (so a new
+# object at a reused id is not taken for it).
+_FLAT: dict[int, Store] = {}
+_FLAT_LOCK = threading.Lock()
 
 
 def manifest_objects(manifest: Manifest) -> list[tuple[str, bytes]]:
@@ -83,7 +129,7 @@ def manifest_objects(manifest: Manifest) -> list[tuple[str, bytes]]:
 def write_manifest(store: Store, manifest: Manifest) -> str:
     """Store ``manifest`` and make it the store's latest; return its id."""
     for index, (key, value) in enumerate(manifest_objects(manifest)):
-        if index == 0 and store.exists(key):
+        if index == 0 and object_exists(store, key):
             continue  # named by its digest: the same bytes are there
         store.set(key, value)
     return manifest.id
@@ -122,7 +168,7 @@ def mark_partial(store: Store, manifest: Manifest | str, *, partial: bool) -> No
 def absent_records(store: Store, manifest: Manifest) -> set[str]:
     """The objects (packs, ``lorachunk/1`` shards) of ``manifest`` that ``store`` lacks: those a
     partial copy was never given. One existence check per object."""
-    return {key for key in {record_key(m) for m in manifest.modules if m.stored_size} if not store.exists(key)}
+    return {key for key in {record_key(m) for m in manifest.modules if m.stored_size} if not object_exists(store, key)}
 
 
 def splits_held_whole(manifest: Manifest, absent: set[str]) -> list[str]:
@@ -274,7 +320,7 @@ def _read_manifest(store: Store, selector: str | None, root: str | None) -> Mani
 def read_stored_manifest(store: Store, key: str) -> bytes:
     """A manifest's stored bytes, unchecked; never more than the limit is read, however much a
     server would send."""
-    stored = store.get(key, ByteRange(0, MAX_STORED_MANIFEST_BYTES + 1))
+    stored = get_object(store, key, ByteRange(0, MAX_STORED_MANIFEST_BYTES + 1))
     if len(stored) > MAX_STORED_MANIFEST_BYTES:
         raise ManifestError(f"{key}: over the {MAX_STORED_MANIFEST_BYTES}-byte limit for a stored manifest")
     return stored
@@ -397,7 +443,7 @@ def fetch_records(
         # One byte more than an object read whole should hold: a longer one is refused, not read on.
         extra = 1 if read.whole else 0
         try:
-            data = store.get(read.key, ByteRange(read.start, read.end + extra))
+            data = get_object(store, read.key, ByteRange(read.start, read.end + extra))
         except StoreError as exc:
             raise type(exc)(f"{described(read)}: {exc}") from exc
         want = read.end - read.start

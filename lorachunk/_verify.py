@@ -15,6 +15,8 @@ from lorachunk._manifest import Manifest, Module
 from lorachunk._record import decode_checked
 from lorachunk._repository import (
     as_store,
+    canonical_key,
+    get_object,
     latest_id,
     list_manifest_ids,
     no_lora_error,
@@ -129,7 +131,7 @@ def _verify(store: Store) -> VerifyReport:
         size = held[0][1].stored_size if v1 else held[0][0].packs[held[0][1].pack]  # type: ignore[index]
         kind = "shard" if v1 else "pack"
         try:
-            data = store.get(key, ByteRange(0, size + 1))
+            data = get_object(store, key, ByteRange(0, size + 1))
         except ObjectNotFoundError as exc:
             return key, None if key not in whole else [str(exc)]
         except LorachunkError as exc:
@@ -177,9 +179,8 @@ def _verify(store: Store) -> VerifyReport:
 def _unreferenced(store: Store, named: set[str]) -> int:
     if not store.supports_listing:
         return 0
-    return sum(
-        1 for prefix in (PACKS, SHARDS) for key in store.list_prefix(prefix) if is_object_key(key) and key not in named
-    )
+    listed = (key for prefix in (PACKS, SHARDS) for key in store.list_prefix(prefix) if is_object_key(key))
+    return sum(1 for key in listed if canonical_key(key) not in named)
 
 
 def foreign_files(store: Store) -> tuple[str, ...]:

@@ -13,10 +13,10 @@ from typing import Final
 
 from lorachunk._digest import check
 from lorachunk._exceptions import IntegrityError, LorachunkError
-from lorachunk._keys import PACKS, manifest_key, pack_key
+from lorachunk._keys import PACKS, is_object_key, manifest_key, pack_id_of, pack_key
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, placements
 from lorachunk._packing import DEFAULT_PACK_SIZE, MAX_PACK_SIZE, MIN_PACK_SIZE, Pack, PackBuilder
-from lorachunk._repository import list_manifest_ids, read_stored_manifest
+from lorachunk._repository import list_manifest_ids, object_exists, read_stored_manifest
 from lorachunk.storage import Store
 
 __all__ = ["Held", "Writer", "check_pack_size", "held_records", "placed_manifest"]
@@ -53,7 +53,7 @@ def held_records(store: Store, *, algorithm: str, skip: Iterable[str] = ()) -> H
     """
     if not store.supports_listing:
         return Held({}, {})
-    present = set(store.list_prefix(PACKS))
+    present = {pack_id_of(key) for key in store.list_prefix(PACKS) if is_object_key(key)}
     skipped = set(skip)
     index: dict[str, Placement] = {}
     sizes: dict[str, int] = {}
@@ -65,7 +65,7 @@ def held_records(store: Store, *, algorithm: str, skip: Iterable[str] = ()) -> H
             continue  # damaged, or another format or algorithm: its records are not reused
         packs, records = found
         for record, pack, offset, size in records:
-            if pack_key(pack) in present:
+            if pack in present:
                 index.setdefault(record, (pack, offset, size))
                 sizes[pack] = packs[pack]
     return Held(index, sizes)
@@ -186,7 +186,7 @@ class Writer:
         pack_id, data, placed = pack.assemble()
         key = pack_key(pack_id)
         # Named by its digest: the same bytes are there, unless it is known to be damaged.
-        new = pack_id in self.damaged or not self.store.exists(key)
+        new = pack_id in self.damaged or not object_exists(self.store, key)
         if new:
             self.store.set(key, data)
         return pack_id, len(data), placed, new

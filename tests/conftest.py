@@ -42,6 +42,11 @@ def _doctest_tmp_path(doctest_namespace: dict[str, object], tmp_path: Path) -> N
     doctest_namespace["tmp_path"] = tmp_path
 
 
+def pack_files(store: Path) -> list[Path]:
+    """The pack files of a store folder (fanned out under ``packs/``)."""
+    return sorted(p for p in (store / "packs").rglob("*") if p.is_file())
+
+
 @contextmanager
 def serving(root: Path) -> Iterator[FolderServer]:
     """A real HTTP server on 127.0.0.1 serving the new folder ``root``."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, pack_files
 from safetensors.torch import load_file
 
 import lorachunk
@@ -51,7 +51,7 @@ def test_pull_split_then_info_verify_unpack(
     assert "partial copy" in err and "lorachunk pull" in err
     assert not (tmp_path / "te.safetensors").exists()
     # A pack damaged in the copy fails verify, and the next pull writes it again.
-    (damaged,) = (out / "packs").iterdir()
+    (damaged,) = pack_files(out)
     damaged.write_bytes(b"rot" + damaged.read_bytes()[3:])
     assert main(["verify", str(out), "-q"]) == 1
     capsys.readouterr()

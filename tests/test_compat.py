@@ -9,7 +9,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk._codec import codec_from_config
-from lorachunk._repository import decode_module, read_record
+from lorachunk._repository import canonical_key, decode_module, read_record
 from lorachunk.storage import LocalStore
 
 STORE = DATA / "store-v1"
@@ -75,7 +75,30 @@ def test_one_lora_has_one_content_root_in_both_formats() -> None:
 def test_this_version_packs_store_v2_byte_for_byte(tmp_path: Path) -> None:
     manifest = lorachunk.pack(SOURCE, tmp_path / "again", splits={"attn": ["*attn*"]})
     assert manifest.id == MANIFEST_V2
-    same = {p.relative_to(STORE_V2): p.read_bytes() for p in STORE_V2.rglob("*") if p.is_file()}
-    assert {
-        p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()
-    } == same
+    # store-v2 was written by 0.2, whose folders were flat: the same objects, fanned out now.
+    same = {
+        canonical_key(p.relative_to(STORE_V2).as_posix()): p.read_bytes() for p in STORE_V2.rglob("*") if p.is_file()
+    }
+    again = tmp_path / "again"
+    assert {p.relative_to(again).as_posix(): p.read_bytes() for p in again.rglob("*") if p.is_file()} == same
+
+
+def test_a_store_of_0_2_is_read_flat_and_repack_fans_it_out(tmp_path: Path) -> None:
+    """Issue #25 item 5: stores written before the fanned-out layout keep being read (over HTTP
+    too, at one extra request per store), and repack moves their objects."""
+    import shutil
+
+    from lorachunk.testing.http_server import serve
+
+    shutil.copytree(STORE_V2, tmp_path / "www" / "v2")
+    with serve(tmp_path / "www") as server:
+        got = lorachunk.load(f"{server.url}/v2", manifest=MANIFEST_V2, cache=False)
+        assert len(got) == 1750
+        misses = [r for r in server.log if r.path.startswith(("/packs/", "/manifests/")) and r.sent == 0]
+        assert len(misses) <= 2  # the fanned-out key tried once, then the flat one first
+    store = tmp_path / "www" / "v2"
+    report = lorachunk.repack(store)
+    assert report.moved == 2 and report.rewritten == 0
+    assert all(len(p.relative_to(store).parts) == 3 for p in store.glob("packs/**/*") if p.is_file())
+    assert lorachunk.verify(store).records == 350
+    assert lorachunk.read_manifest(store).id == MANIFEST_V2

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file as save_numpy
 
 import lorachunk
 from lorachunk._cli import main as cli
-from lorachunk._keys import LATEST_MANIFEST, manifest_key
+from lorachunk._keys import LATEST_MANIFEST, manifest_key, pack_key
 from lorachunk._repository import record_key
 from lorachunk.storage import HubStore, Store
 from lorachunk.testing import Put, StoreTests
@@ -107,8 +107,8 @@ def test_second_version_uploads_only_the_changed_shard(hub: HubServer, tmp_path:
     commits = hub.repos[("model", REPO)].commits
     before, after = commits[first.commit], commits[second.commit]
     touched = {path for path, entry in after.items() if before.get(path) != entry}
-    assert touched == {f"manifests/{pushed.id[9:]}.json.zst", "refs/latest", "refs/latest.json.zst"} | {
-        f"packs/{pack[9:]}"
+    assert touched == {manifest_key(pushed.id), "refs/latest", "refs/latest.json.zst"} | {
+        pack_key(pack)
         for pack in pushed.packs
         if pack not in lorachunk.read_manifest(f"hf://{REPO}@{first.commit}").packs
     }

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DATA, flip_record
+from conftest import DATA, flip_record, pack_files
 
 import lorachunk
 from lorachunk._cli import main
@@ -68,7 +68,7 @@ def test_byte_flips_in_real_store_are_named(falcon: Path, tmp_path: Path, capsys
 def test_missing_pack_is_named(falcon: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     lorachunk.pack(falcon, store)
-    (victim,) = (store / "packs").iterdir()
+    (victim,) = pack_files(store)
     victim.unlink()
     with pytest.raises(lorachunk.IntegrityError, match=victim.name):
         lorachunk.verify(store)
@@ -126,7 +126,7 @@ def test_shared_modules_are_stored_once(tmp_path: Path, capsys: pytest.CaptureFi
     # b's text encoder is named where a put it; only b's UNet went into a pack of its own.
     assert all(mb.module(n).pack == ma.module(n).pack for n in mb.split("text_encoder").modules)
     assert {mb.module(n).pack for n in mb.split("unet").modules}.isdisjoint(ma.packs)
-    stored = [p for p in (store / "packs").iterdir()]
+    stored = pack_files(store)
     assert sum(p.stat().st_size for p in stored) == sum(unique.values())
     # the latest is b; a is still there by id
     assert lorachunk.read_manifest(LocalStore(store)).root == mb.root

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import ATTN, DATA, SAM, serving
+from conftest import ATTN, DATA, SAM, pack_files, serving
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 import lorachunk
-from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key
+from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key, pack_key
 from lorachunk._manifest import Manifest
 from lorachunk._packing import MAX_REQUEST, WHOLE_MAX, PackBuilder, Span, plan_reads
 from lorachunk._repository import list_manifest_ids, record_key, write_manifest
@@ -160,7 +160,7 @@ def test_a_new_version_in_the_same_store_writes_only_its_new_records(tmp_path: P
     second = lorachunk.pack(tmp_path / "v2.safetensors", store)
     changed = [m for m in second.modules if key in {t.key for t in m.tensors}]
     (new_pack,) = set(second.packs) - set(first.packs)
-    assert (store / "packs" / new_pack[9:]).stat().st_size == sum(m.stored_size for m in changed)
+    assert (store / pack_key(new_pack)).stat().st_size == sum(m.stored_size for m in changed)
     assert all(m.pack in first.packs for m in second.modules if m not in changed)
     assert lorachunk.verify(store).manifests == 2
     got = lorachunk.load(store, keys=[key], cache=False)
@@ -196,6 +196,7 @@ def _hostile(store: Path, change: Any) -> None:
     from lorachunk._digest import digest
 
     manifest_id = digest(manifest.hash, stored)
+    (store / manifest_key(manifest_id)).parent.mkdir(exist_ok=True)
     (store / manifest_key(manifest_id)).write_bytes(stored)
     (store / LATEST_MANIFEST).write_bytes(stored)
     (store / LATEST).write_text(f"{manifest_id}\n")
@@ -245,14 +246,16 @@ def test_a_hostile_pack_table_is_refused_naming_the_pack(
 
 def test_a_truncated_pack_is_named(tmp_path: Path) -> None:
     manifest = lorachunk.pack(FALCON4, tmp_path / "s")
-    (pack,) = (tmp_path / "s" / "packs").iterdir()
+    (pack,) = pack_files(tmp_path / "s")
     pack.write_bytes(pack.read_bytes()[:-100])
     last = max(manifest.modules, key=lambda m: m.offset)
     with pytest.raises(lorachunk.IntegrityError, match=f"{pack.name}.*truncated"):
         lorachunk.load(tmp_path / "s", modules=[last.name], cache=False)
     with pytest.raises(lorachunk.IntegrityError, match=pack.name):
         lorachunk.load(tmp_path / "s", cache=False)
-    with pytest.raises(lorachunk.IntegrityError, match=f"pack packs/{pack.name}: .* bytes where the manifest"):
+    with pytest.raises(
+        lorachunk.IntegrityError, match=f"pack packs/{pack.name[:2]}/{pack.name}: .* bytes where the manifest"
+    ):
         lorachunk.verify(tmp_path / "s")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, pack_files
 
 import lorachunk
 from lorachunk._cli import main
@@ -24,7 +24,7 @@ def test_pull_a_split_then_work_offline(published: tuple[FolderServer, lorachunk
         got = lora.load(splits=[split.name])
     assert len(got) == sum(len(manifest.module(n).tensors) for n in split.modules)
     # The split's records, and nothing else, in one new pack of the copy.
-    (pack,) = (tmp_path / "copy" / "packs").iterdir()
+    (pack,) = pack_files(tmp_path / "copy")
     assert pack.stat().st_size == sum(
         {manifest.module(n).record: manifest.module(n).stored_size for n in split.modules}.values()
     )

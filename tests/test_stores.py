@@ -405,12 +405,13 @@ def test_manifest_keeps_the_id_it_was_stored_under(served: FolderServer, tmp_pat
     other = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(original.canonical())
     other_id = digest(original.hash, other)
     assert other_id != original.id
+    (served.root / manifest_key(other_id)).parent.mkdir(exist_ok=True)
     (served.root / manifest_key(other_id)).write_bytes(other)
     (served.root / LATEST).write_text(f"{other_id}\n")
     (served.root / LATEST_MANIFEST).write_bytes(other)
     with open_http(served, tmp_path) as lora:
         assert lora.manifest.id == other_id and lora.manifest.to_bytes() == other
-    assert (tmp_path / "cache" / manifest_key(other_id)).read_bytes() == other
+    assert (tmp_path / "cache" / "manifests" / f"{other_id[9:]}.json.zst").read_bytes() == other
     lorachunk.pull(served.url, tmp_path / "copy", cache=False, retries=1)
     assert (tmp_path / "copy" / manifest_key(other_id)).read_bytes() == other
     assert lorachunk.verify(tmp_path / "copy").records == len(original.modules)
