@@ -37,6 +37,7 @@ from lorachunk._loader import LoRA, PullReport, load, open
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
 from lorachunk._pack import pack
 from lorachunk._pull import pull
+from lorachunk._remove import remove
 from lorachunk._repack import RepackReport, repack
 from lorachunk._repository import read_manifest
 from lorachunk._unpack import unpack
@@ -87,6 +88,7 @@ __all__ = [
     "pull",
     "push",
     "read_manifest",
+    "remove",
     "repack",
     "unpack",
     "verify",

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 verification failed, 2 bad input or usage, 3 store or networ
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,7 @@ from lorachunk._commands import (
     cmd_pull,
     cmd_push,
     cmd_repack,
+    cmd_rm,
     cmd_unpack,
     cmd_verify,
 )
@@ -66,19 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hash", choices=ALGORITHMS, default="xxh3-128", help="digest algorithm (sha256 resists tampering)")
     p.add_argument("--pack-size", type=int, default=16, metavar="MIB", help=_PACK_SIZE_HELP)
+    p.add_argument(
+        "--name",
+        help="the LoRA's name in the store (default: the file's stem or the folder's name); "
+        "packing again under a name adds a version",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
-    source_help = "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL"
+    source_help = (
+        "a packed folder, an http(s):// URL of one, hf://NAMESPACE/NAME[@REV][/PATH], or an fsspec URL; "
+        "#NAME, #NAME@N, #ROOT or #MANIFEST-ID after it picks a LoRA of a store of several"
+    )
     p = command("info", cmd_info, "show modules, splits, sizes and roots of a packed LoRA")
     p.add_argument(
         "dest", metavar="SOURCE", help=f"{source_help}; or a .safetensors file or PEFT folder: what pack would store"
     )
-    p.add_argument("--manifest", help="manifest id or hex prefix (default: the latest packed)")
+    p.add_argument("--manifest", help="a name, manifest id or hex prefix (as #… after SOURCE; default: the latest)")
     p.add_argument("--json", action="store_true", help="machine-readable output (fields in docs/cli.md)")
 
-    p = command("ls", cmd_ls, "list every LoRA (manifest) in a store: source, root, size, what it shares, the latest")
+    p = command("ls", cmd_ls, "list the LoRAs of a store by name: versions, sizes, what they share, base model")
     p.add_argument("dest", metavar="SOURCE", help=source_help)
+    p.add_argument("--all", action="store_true", help="every version, not only each name's latest")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("rm", cmd_rm, "remove a LoRA from a store: SOURCE#NAME (all versions), #NAME@N or #MANIFEST-ID")
+    p.add_argument("dest", metavar="SOURCE#NAME", help="the store and what to remove")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     p = command("verify", cmd_verify, "re-hash every manifest, pack and record in a store; exit 1 naming each bad one")
     p.add_argument("dest", metavar="SOURCE", help=source_help)
@@ -195,8 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Notes(logging.Handler):
+    """The library's INFO lines (which LoRA an open without a name took) as notes on the stderr
+    of the moment (not the one there was when the handler was made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"note: {record.getMessage()}", file=sys.stderr)
+
+
+def _notes() -> None:
+    log = logging.getLogger("lorachunk")
+    if not any(isinstance(h, _Notes) for h in log.handlers):
+        log.addHandler(_Notes())
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _notes()
     try:
         code: int = args.handler(args)
     except IntegrityError as exc:

@@ -103,11 +103,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
             level=args.level,
             hash=args.hash,
             pack_size=_mib(args.pack_size),
+            name=args.name,
             progress=progress,
         )
     if not args.quiet:
         counts = f"{_count(len(manifest.modules), 'module')}, {_count(len(manifest.splits), 'split')}"
-        print(f"packed {manifest.source.name}: {counts}")
+        print(f"packed {manifest.source.name} as {manifest.name}: {counts}")
         packs = _count(len(manifest.packs), "pack")
         print(f"{_size(manifest.source.size)} -> {_size(manifest.stored_size)} in {packs} into {args.dest}")
         print(f"root {manifest.root}")
@@ -177,19 +178,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = ls_dicts(args.dest)
+    rows = ls_dicts(args.dest, all_versions=args.all)
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
         return EXIT_OK
-    width = max(len(row["source"]) for row in rows)
+    width = max((len(row["name"]) for row in rows), default=4)
     for row in rows:
         mark = "*" if row["latest"] else " "
-        when = (row["written"] or "")[:16].replace("T", " ")
+        version = f"v{row['version']}/{row['versions']}"
+        base = row["base_model"] or "-"
         print(
-            f"{mark} {row['manifest'].partition(':')[2][:12]}  {row['source']:<{width}}  {row['root']}  "
-            f"{_size(row['stored_bytes']):>9} stored, {_size(row['shared_bytes']):>9} shared  {when}".rstrip()
+            f"{mark} {row['name']:<{width}}  {version:>7}  {row['manifest'].partition(':')[2][:12]}  "
+            f"{_size(row['stored_bytes']):>9} stored, {_size(row['shared_bytes']):>9} shared  {base}  "
+            f"{row['added'][:16].replace('T', ' ')}"
         )
-    print(f"{_count(len(rows), 'LoRA')}; * is the latest")
+    names = len({row["name"] for row in rows})
+    print(f"{_count(names, 'LoRA')}{', every version' if args.all else ''}; * is the latest packed")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    removed = lorachunk.remove(args.dest)
+    if not args.quiet:
+        print(f"removed {_count(len(removed), 'version')}; `lorachunk repack --prune` frees their records")
     return EXIT_OK
 
 

@@ -30,7 +30,7 @@ from lorachunk._lock import locked
 from lorachunk._manifest import Manifest, Module, Source, TensorEntry
 from lorachunk._packing import layout_order
 from lorachunk._record import decode_checked, encode_module
-from lorachunk._repository import as_store, check_dest, fetch_records, read_manifest, write_manifest
+from lorachunk._repository import as_store, catalog_added, check_dest, fetch_records, read_manifest, write_manifest
 from lorachunk._safetensors import TensorInfo, encode_header
 from lorachunk._threads import cpu_threads
 from lorachunk._writer import Writer, held_records
@@ -184,6 +184,7 @@ def compose(
                 hash=algorithm, codec=codec.get_config(), source=source, modules=placed, splits=splits, packs=packs
             )
             write_manifest(out, manifest)
+        catalog_added(out, manifest, new_bytes=writer.written_bytes)
     return manifest
 
 

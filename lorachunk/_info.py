@@ -3,11 +3,10 @@ packing a file would store."""
 
 from __future__ import annotations
 
-from contextlib import suppress
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lorachunk._catalog import Catalog, ordered_versions, read_catalog
 from lorachunk._exceptions import UsageError
 from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, flat_twin, manifest_key
 from lorachunk._layout import is_adapter
@@ -19,9 +18,9 @@ from lorachunk._repository import (
     list_manifest_ids,
     partial_ids,
     read_manifest,
-    read_stored_manifest,
     record_key,
     resolve,
+    split_source,
     splits_held_whole,
 )
 from lorachunk._threads import Progress
@@ -31,15 +30,17 @@ __all__ = ["info_dict", "ls_dicts", "unpacked"]
 
 
 def info_dict(dest: str, selector: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
-    """``info`` of a packed LoRA; of a .safetensors file or PEFT folder, what packing it would give
-    (``progress`` follows that pack, which takes seconds for a file of gigabytes)."""
+    """``info`` of a packed LoRA (``dest`` may name one: ``SOURCE#NAME``); of a .safetensors file
+    or PEFT folder, what packing it would give (``progress`` follows that pack, which takes
+    seconds for a file of gigabytes)."""
     if unpacked(dest):
         if selector is not None:
             raise UsageError(f"{dest} is not packed, so it has no manifests to choose from")
         memory = MemoryStore()
         pack(dest, memory, progress=progress)
         return _info(memory, None) | {"packed": False}
-    with as_store(dest) as store:
+    source, selector = split_source(dest, selector)
+    with as_store(source) as store:
         return _info(store, selector) | {"packed": True}
 
 
@@ -51,16 +52,15 @@ def unpacked(dest: str) -> bool:
 
 
 def _info(store: Store, selector: str | None) -> dict[str, Any]:
-    manifest_id = resolve(store, selector)
-    manifest = read_manifest(store, manifest_id)
-    manifest_bytes = len(read_stored_manifest(store, manifest_key(manifest_id)))
-    all_ids = list_manifest_ids(store) if store.supports_listing else [manifest_id]
-    records: dict[str, int] = {}
-    referenced = 0
-    for other in all_ids:
-        for module in read_manifest(store, other).modules if other != manifest_id else manifest.modules:
-            records[module.record] = module.stored_size
-            referenced += module.stored_size
+    manifest = read_manifest(store, selector)
+    manifest_id = manifest.id
+    manifest_bytes = len(manifest.to_bytes())
+    # The store's totals from its catalog (one read; O(1) manifests per LoRA), else its manifests.
+    catalog = read_catalog(store)
+    if catalog is None:
+        catalog = Catalog(tuple(ordered_versions(_manifests(store), None)))
+    referenced = sum(v.stored_size for v in catalog.versions)
+    unique = sum(min(v.new_bytes, v.stored_size) for v in catalog.versions)
     return {
         "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
         "root": manifest.root,
@@ -92,10 +92,13 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "partial": _partial(store, manifest),
         # A module no split names is loaded only whole or by name: said, so no one drops it unaware.
         "in_no_split": sorted({m.name for m in manifest.modules} - {n for s in manifest.splits for n in s.modules}),
+        "name": manifest.name,
+        "base_model": manifest.base_model,
         "store": {
-            "manifests": len(all_ids),
+            "manifests": len(catalog.versions),
+            "names": len(catalog.names()),
             "referenced_stored_bytes": referenced,
-            "unique_stored_bytes": sum(records.values()),
+            "unique_stored_bytes": unique,
         },
     }
 
@@ -113,38 +116,53 @@ def _partial(store: Store, manifest: Manifest) -> dict[str, Any] | None:
     }
 
 
-def ls_dicts(dest: str) -> list[dict[str, Any]]:
-    """Every LoRA (manifest) in a store: its source, root, sizes, the stored bytes it shares with
-    the others, when it was written (local folders only) and whether it is the latest."""
-    with as_store(dest) as store:
-        latest = resolve(store, None)
-        ids = list_manifest_ids(store) if store.supports_listing else [latest]
-        manifests = [read_manifest(store, i) for i in ids]
-        users: dict[str, int] = {}
-        for manifest in manifests:
-            for record in {m.record for m in manifest.modules}:
-                users[record] = users.get(record, 0) + 1
+def ls_dicts(dest: str, *, all_versions: bool = False) -> list[dict[str, Any]]:
+    """The LoRAs of a store, by name: each name's latest version (every version with
+    ``all_versions``), from the catalog in one read; a store written before 0.3 (no catalog) by
+    reading its manifests. ``shared_bytes``: stored bytes of records a version reuses from those
+    added before it (its other ``stored_bytes`` it added)."""
+    source, selector = split_source(dest, None)
+    if selector is not None:
+        raise UsageError("ls lists every LoRA of a store; give the store without #…")
+    with as_store(source) as store:
+        catalog = read_catalog(store)
+        if catalog is None:
+            catalog = Catalog(tuple(ordered_versions(_manifests(store), None)))
         rows = []
-        for manifest_id, manifest in zip(ids, manifests, strict=True):
-            sizes = {m.record: m.stored_size for m in manifest.modules}
-            written = None
-            if isinstance(store, LocalStore):
-                with suppress(OSError):
-                    key = manifest_key(manifest_id)
-                    path = store.root / (key if store.exists(key) else flat_twin(key) or key)
-                    mtime = path.stat().st_mtime
-                    written = datetime.fromtimestamp(mtime, tz=timezone.utc).isoformat(timespec="seconds")
-            rows.append(
-                {
-                    "manifest": manifest_id,
-                    "latest": manifest_id == latest,
-                    "source": manifest.source.name,
-                    "root": manifest.root,
-                    "modules": len(manifest.modules),
-                    "size": manifest.source.size,
-                    "stored_bytes": sum(sizes.values()),
-                    "shared_bytes": sum(size for record, size in sizes.items() if users[record] > 1),
-                    "written": written,
-                }
-            )
-    return sorted(rows, key=lambda row: (row["written"] or "", row["manifest"]))
+        last = catalog.versions[-1].manifest if catalog.versions else None
+        for name, versions in catalog.names().items():
+            shown = versions if all_versions else versions[-1:]
+            for version in shown:
+                rows.append(
+                    {
+                        "name": name,
+                        "version": versions.index(version) + 1,
+                        "versions": len(versions),
+                        "manifest": version.manifest,
+                        "root": version.root,
+                        "stored_bytes": version.stored_size,
+                        "raw_bytes": version.raw_size,
+                        "shared_bytes": version.stored_size - min(version.new_bytes, version.stored_size),
+                        "base_model": version.base_model,
+                        "added": version.added,
+                        "latest": version.manifest == last,
+                    }
+                )
+    return rows
+
+
+def _manifests(store: Store) -> list[Manifest]:
+    """Every manifest of a store without a catalog (the latest alone where it cannot list)."""
+    ids = list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
+    found = [read_manifest(store, i) for i in ids]
+    if isinstance(store, LocalStore):  # written order, as the catalog would have had it
+        found.sort(key=lambda m: _written(store, m.id))
+    return found
+
+
+def _written(store: LocalStore, manifest_id: str) -> float:
+    key = manifest_key(manifest_id)
+    try:
+        return (store.root / (key if store.exists(key) else flat_twin(key) or key)).stat().st_mtime
+    except OSError:
+        return 0.0

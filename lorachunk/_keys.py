@@ -4,6 +4,7 @@
 
     refs/latest                       text: the manifest id last packed into this store
     refs/latest.json.zst              a copy of that manifest, so a remote reader needs one request
+    refs/catalog.json.zst             the catalog: every LoRA by name (:mod:`lorachunk._catalog`)
     refs/partial                      text: ids of manifests this copy holds only some modules of
                                       (written by ``lorachunk pull --split``), one per line
     manifests/<2 hex>/<hex>.json.zst  a manifest, named by the digest of its stored bytes
@@ -29,6 +30,7 @@ from lorachunk._digest import from_hex, hex_of
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "CATALOG",
     "LATEST",
     "LATEST_MANIFEST",
     "LOCKS",
@@ -53,6 +55,7 @@ ADAPTER_CONFIG: Final = "adapter_config.json"
 
 LATEST: Final = "refs/latest"
 LATEST_MANIFEST: Final = "refs/latest.json.zst"
+CATALOG: Final = "refs/catalog.json.zst"
 PARTIAL: Final = "refs/partial"
 MANIFESTS: Final = "manifests/"
 SHARDS: Final = "shards/"

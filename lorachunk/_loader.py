@@ -6,6 +6,7 @@ opening a LoRA, listing its keys, prefetching and pulling never import it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from lorachunk._cache import Cache
+from lorachunk._catalog import count_versions
 from lorachunk._codec import codec_from_config
 from lorachunk._digest import split_digest
 from lorachunk._exceptions import IntegrityError, ManifestError, ObjectNotFoundError, StoreUnavailableError, UsageError
@@ -23,7 +25,7 @@ from lorachunk._layout import as_names
 from lorachunk._manifest import Manifest, Module, Split
 from lorachunk._packing import DEFAULT_GAP
 from lorachunk._pipeline import Pipeline
-from lorachunk._repository import parse_manifest, partial_copy_error, read_manifest
+from lorachunk._repository import parse_manifest, partial_copy_error, read_manifest, split_source
 from lorachunk._select import layer_splits, scale_factors, select_modules
 from lorachunk._threads import Progress, cpu_threads
 from lorachunk.storage import Store, open_store
@@ -403,7 +405,9 @@ def open(
         The Merkle root you expect; :class:`IntegrityError` before any record is fetched if the
         manifest's root differs. Pin it to be sure you load exactly the LoRA you vetted.
     manifest:
-        A manifest id or unique hex prefix; default the store's latest.
+        Which LoRA of the store (also ``SOURCE#…``): a name (its latest version), ``NAME@N``,
+        a root, a manifest id or unique hex prefix of one; default the store's latest. A
+        ``root`` alone also selects: the LoRA of that root, where the catalog lists one.
     cache:
         ``"auto"`` (the default): the shared cache (:class:`~lorachunk.Cache`'s default folder,
         capped at 10 GB) for remote sources, where verified records and decoded modules are
@@ -433,6 +437,7 @@ def open(
         with lorachunk.open("https://example.org/loras/ink", root="xxh3-128:…") as lora:
             state_dict = lora.load(splits=["unet"])
     """
+    source, manifest = split_source(source, manifest)
     if not isinstance(source, Store) and Path(source).is_file():
         raise UsageError(f"{source} is a file; lorachunk reads packed folders (run `lorachunk pack` first)")
     if root is not None:
@@ -455,6 +460,8 @@ def open(
         cache_obj = _cache_for(cache, remote=remote)
         with store.deadline(seconds):
             loaded = _read_manifest(store, manifest, cache_obj, root)
+        if manifest is None and root is None and not remote:
+            _note_implicit(store, loaded)
         if root is not None and root not in loaded.roots:
             raise IntegrityError(f"{store!r}: manifest root is {loaded.root}, expected {root}")
         # Only a full id pins the manifest's bytes; a hex prefix is resolved by the store.
@@ -466,6 +473,27 @@ def open(
         if owns:
             store.close()
         raise
+
+
+def _note_implicit(store: Store, manifest: Manifest) -> None:
+    """Say (once per store and LoRA, at INFO: the CLI shows it as a note) which LoRA of a store of
+    several an open without a name took. Local folders only: over a network it would cost a request."""
+    key = (store.identity, manifest.id)
+    if key in _NOTED:
+        return
+    versions = count_versions(store)
+    if versions > 1:
+        _NOTED.add(key)
+        LOG.info(
+            "%r holds %d LoRA versions; this is %r, the latest packed (name one: SOURCE#NAME)",
+            store,
+            versions,
+            manifest.name,
+        )
+
+
+_NOTED: set[tuple[str, str]] = set()
+LOG = logging.getLogger("lorachunk")
 
 
 def _is_int(value: object) -> bool:

@@ -35,8 +35,10 @@ from lorachunk._manifest_json import (
     MAX_TENSORS,
     canonical_json,
     check_files,
+    check_lora_name,
     check_name,
     count,
+    default_lora_name,
     load_json,
     shown,
     typed,
@@ -89,6 +91,8 @@ class Manifest:
     #: The ``lorachunk/1`` root of the store this was converted from (by ``repack``, records
     #: unchanged), which the module entries still prove: a root pinned before keeps working.
     v1_root: str | None = None
+    #: The LoRA's name in its store when it was given one (``pack --name``); see :attr:`name`.
+    given_name: str | None = None
     _by_name: dict[str, Module] = field(default_factory=dict, init=False, repr=False, compare=False)
     _stored: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
     # Derived tables, built on first use: a manifest is immutable, and a program that opens one
@@ -111,6 +115,7 @@ class Manifest:
         packs: Mapping[str, int] | None = None,
         format: str = FORMAT_ID,
         v1_root: str | None = None,
+        name: str | None = None,
     ) -> Manifest:
         """Assemble a manifest, sorting modules and computing every root.
 
@@ -124,14 +129,16 @@ class Manifest:
         leaves = {m.name: m.leaf() if format == FORMAT_V1 else m.content_leaf() for m in ordered}
         built = []
         # Listed with their numbers in order (blocks.7 before blocks.12); JSON sorts them anyway.
-        for name, (kind, members) in sorted(splits.items(), key=lambda item: natural_key(item[0])):
+        for split, (kind, members) in sorted(splits.items(), key=lambda item: natural_key(item[0])):
             names = tuple(sorted(set(members)))
-            built.append(Split(name, kind, names, merkle_root(hash, [leaves[n] for n in names])))
+            built.append(Split(split, kind, names, merkle_root(hash, [leaves[n] for n in names])))
         root = merkle_root(hash, list(leaves.values()) + _extra_leaves(files, built))
         # Packs sorted by digest: the table is a function of where the records are, not of the
         # order a writer happened to make or meet the packs in.
         table = dict(sorted((packs or {}).items()))
-        return cls(hash, dict(codec), source, ordered, tuple(built), root, format, files, table, v1_root)
+        if name is not None:
+            check_lora_name(name)
+        return cls(hash, dict(codec), source, ordered, tuple(built), root, format, files, table, v1_root, name)
 
     @property
     def roots(self) -> frozenset[str]:
@@ -171,6 +178,13 @@ class Manifest:
             # existed) says nothing of which modules a user split names.
             return root == _v1_roots(self)[0] or not any(s.kind not in AUTO_KINDS for s in self.splits)
         return root in self.roots  # a lorachunk/1 manifest's content root, which has the leaf
+
+    @property
+    def name(self) -> str:
+        """The LoRA's name in a store: the one it was packed under (``--name``), else its source
+        file's stem made a valid name. Pinned by the manifest id, not by the root (the same LoRA
+        may go by different names in different libraries)."""
+        return self.given_name or default_lora_name(self.source.name.rpartition(".")[0] or self.source.name)
 
     @property
     def base_model(self) -> str | None:
@@ -266,7 +280,8 @@ class Manifest:
             entry = module.to_json() | {"pack": index[module.pack]}  # type: ignore[index]
             modules.append(entry if module.offset == implied else entry | {"offset": module.offset})
         packs = [{"id": pack, "size": size} for pack, size in self.packs.items()]
-        return body | {"modules": modules, "packs": packs} | ({"v1_root": self.v1_root} if self.v1_root else {})
+        extra = {"v1_root": self.v1_root, "name": self.given_name}
+        return body | {"modules": modules, "packs": packs} | {k: v for k, v in extra.items() if v}
 
     def canonical(self) -> bytes:
         return canonical_json(self.to_json())
@@ -377,16 +392,21 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         for name, s in splits_raw.items()
     }
     known = set(names)
-    for name, (_, members) in splits.items():
+    for split_name, (_, members) in splits.items():
         missing = sorted(set(members) - known)
         if missing:
-            raise ManifestError(f"split {name!r} names modules that do not exist: {missing[:3]}")
+            raise ManifestError(f"split {split_name!r} names modules that do not exist: {missing[:3]}")
     v1_root = raw.get("v1_root")
     if "v1_root" in raw:  # present means a digest: null, "" or a number is malformed, not absent
         if fmt == FORMAT_V1:
             raise ManifestError("a lorachunk/1 manifest has no v1_root")
         if split_digest(typed(v1_root, str))[0] != algorithm:
             raise ManifestError(f"v1_root {shown(v1_root)} does not use the manifest's {algorithm}")
+    name: str | None = raw.get("name")
+    if "name" in raw:
+        if fmt == FORMAT_V1:
+            raise ManifestError("a lorachunk/1 manifest has no name")
+        check_lora_name(name)
     manifest = Manifest.build(
         hash=algorithm,
         codec=typed(raw["codec"], dict),
@@ -397,6 +417,7 @@ def _parse(raw: dict[str, Any]) -> Manifest:
         packs=packs,
         format=fmt,
         v1_root=v1_root,
+        name=name,
     )
     _check_source(manifest)
     if manifest.root != raw["root"]:

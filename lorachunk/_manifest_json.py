@@ -15,6 +15,7 @@ from lorachunk._keys import ADAPTER_WEIGHTS
 
 __all__ = [
     "AUTO_KINDS",
+    "LORA_NAME",
     "MAX_FILES",
     "MAX_FILES_BYTES",
     "MAX_JSON_VALUES",
@@ -26,8 +27,10 @@ __all__ = [
     "MAX_TENSORS",
     "canonical_json",
     "check_files",
+    "check_lora_name",
     "check_name",
     "count",
+    "default_lora_name",
     "load_json",
     "product",
     "shown",
@@ -106,6 +109,28 @@ def check_name(name: str, what: str) -> str:
     if not name or _CONTROL.search(name):
         raise ManifestError(f"{what} {shown(name)} is empty or holds control characters")
     return name
+
+
+#: A LoRA's name in a store: ASCII letters and digits first, then those, ``.``, ``_``, ``-``
+#: and ``+``; at most 128 characters. No ``/`` (no path tricks), no ``#`` or ``@`` (they separate
+#: a name from a source and a version), no spaces or control characters. Case-sensitive.
+LORA_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_lora_name(name: object, error: type[Exception] = ManifestError) -> str:
+    """``name`` if it is a valid LoRA name (:data:`LORA_NAME`); ``error`` naming the rule otherwise."""
+    if not isinstance(name, str) or not LORA_NAME.fullmatch(name):
+        raise error(
+            f"LoRA name {shown(name)} is not valid: 1 to 128 of A-Z a-z 0-9 . _ - +, starting with a letter or digit"
+        )
+    return name
+
+
+def default_lora_name(stem: str) -> str:
+    """The name a LoRA gets when none is given: its file's (or folder's) stem with every other
+    character made ``-`` (``my lora (v2)`` → ``my-lora-v2``)."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).strip("-._+")[:128]
+    return name or "lora"
 
 
 def check_files(files: Mapping[str, str]) -> None:

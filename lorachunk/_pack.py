@@ -32,9 +32,10 @@ from lorachunk._manifest import (
     check_files,
     check_name,
 )
+from lorachunk._manifest_json import check_lora_name, default_lora_name
 from lorachunk._packing import DEFAULT_PACK_SIZE, layout_order
 from lorachunk._record import encode_module
-from lorachunk._repository import as_store, check_dest, write_manifest
+from lorachunk._repository import as_store, catalog_added, check_dest, write_manifest
 from lorachunk._safetensors import (
     SafetensorsLayout,
     TensorInfo,
@@ -59,6 +60,7 @@ def pack(
     level: int = BytePlaneZstd.DEFAULT_LEVEL,
     hash: str = DEFAULT_ALGORITHM,
     pack_size: int = DEFAULT_PACK_SIZE,
+    name: str | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Pack the safetensors file ``src`` into ``dest`` (a folder or a :class:`Store`).
@@ -77,6 +79,9 @@ def pack(
         1-2% smaller on LoRAs of tiny tensors and tens of times slower (docs/format.md).
     hash:
         ``"xxh3-128"`` (fast, catches accidents) or ``"sha256"`` (resists tampering).
+    name:
+        The LoRA's name in the store (docs/library.md); default the file's stem, or the PEFT
+        folder's name, made a valid name. Packing again under a name adds a version of it.
     pack_size:
         Bytes of module records per pack object (1 to 128 MiB; default 16 MiB). A LoRA smaller
         than this is one pack. Records ``dest`` already holds (an earlier version of the LoRA)
@@ -100,8 +105,12 @@ def pack(
         check_pack_size(pack_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if name is not None:
+        check_lora_name(name, UsageError)
     check_dest(dest)
     path, files = _adapter_folder(Path(src)) if Path(src).is_dir() else (Path(src), {})
+    if name is None and Path(src).is_dir():
+        name = default_lora_name(Path(src).resolve().name)
     with ExitStack() as stack, _mapped_source(path) as (layout, data, size):
         grouped = _group(path, layout.tensors)
         names = list(grouped)
@@ -114,25 +123,36 @@ def pack(
                 sha256 = hashing.submit(_sha256, data)
                 # One batch for packs, manifest and ref: in a local folder nothing appears unless
                 # all of it does, and each pack is durable before the manifest names it.
-                with locked(store, exclusive=False, command="pack"), store.batch():
-                    held = held_records(store, algorithm=hash)
-                    with Writer(store, algorithm=hash, pack_size=pack_size, held=held) as writer:
-                        order = layout_order(names, all_splits)
-                        _encode_all(
-                            data, layout, grouped, order, codec=codec, algorithm=hash, writer=writer, progress=progress
+                with locked(store, exclusive=False, command="pack"):
+                    with store.batch():
+                        held = held_records(store, algorithm=hash, name=name or default_lora_name(path.stem))
+                        with Writer(store, algorithm=hash, pack_size=pack_size, held=held) as writer:
+                            order = layout_order(names, all_splits)
+                            _encode_all(
+                                data,
+                                layout,
+                                grouped,
+                                order,
+                                codec=codec,
+                                algorithm=hash,
+                                writer=writer,
+                                progress=progress,
+                            )
+                            modules, packs = writer.finish()
+                        source = _source(path, size, sha256.result(), layout, modules)
+                        manifest = Manifest.build(
+                            hash=hash,
+                            codec=codec.get_config(),
+                            source=source,
+                            modules=modules,
+                            splits=all_splits,
+                            files=files,
+                            packs=packs,
+                            name=name,
                         )
-                        modules, packs = writer.finish()
-                    source = _source(path, size, sha256.result(), layout, modules)
-                    manifest = Manifest.build(
-                        hash=hash,
-                        codec=codec.get_config(),
-                        source=source,
-                        modules=modules,
-                        splits=all_splits,
-                        files=files,
-                        packs=packs,
-                    )
-                    write_manifest(store, manifest)
+                        write_manifest(store, manifest)
+                    # After the batch: the catalog never names a manifest that is not in place.
+                    catalog_added(store, manifest, new_bytes=writer.written_bytes)
         except BaseException:
             if created is not None:
                 _remove_empty_folders(created)

@@ -15,10 +15,12 @@ from lorachunk._lock import locked
 from lorachunk._manifest import FORMAT_V1, Manifest, Module
 from lorachunk._packing import layout_order
 from lorachunk._repository import (
+    catalog_added,
     check_dest,
     get_object,
     list_manifest_ids,
     mark_partial,
+    object_exists,
     read_manifest,
     read_record,
     record_key,
@@ -100,9 +102,10 @@ def pull(
             copy = _copy_manifest(target, manifest, placed, packs)
             with target.batch():
                 write_manifest(target, copy)
-            whole = all(target.exists(record_key(m)) for m in copy.modules)
+            whole = all(object_exists(target, record_key(m)) for m in copy.modules)
             mark_partial(target, copy, partial=not whole)
-            _drop_superseded(target, copy)
+            dropped = _drop_superseded(target, copy)
+            catalog_added(target, copy, new_bytes=writer.written_bytes, removed=dropped)
     return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
 
 
@@ -126,10 +129,11 @@ def _copy_manifest(target: LocalStore, manifest: Manifest, placed: list[Module],
     return placed_manifest(manifest, modules, packs)
 
 
-def _drop_superseded(target: LocalStore, copy: Manifest) -> None:
+def _drop_superseded(target: LocalStore, copy: Manifest) -> list[str]:
     """A pulled folder keeps one manifest per LoRA: the one written before for the same root
     (fewer splits, or a record since repaired) goes, and what only it named is left over for
     ``repack --prune``."""
+    dropped = []
     for manifest_id in list_manifest_ids(target):
         if manifest_id == copy.id:
             continue
@@ -142,6 +146,8 @@ def _drop_superseded(target: LocalStore, copy: Manifest) -> None:
             for key in (manifest_key(manifest_id), flat_twin(manifest_key(manifest_id))):
                 if key is not None:
                     target.delete(key)
+            dropped.append(manifest_id)
+    return dropped
 
 
 def _intact(store: Store, held: Held, wanted: Iterable[Module]) -> tuple[Held, set[str]]:
@@ -170,6 +176,7 @@ def _pull_v1(
             write_manifest(target, manifest)
         whole = all(target.exists(shard_key(m.record)) for m in manifest.modules)
         mark_partial(target, manifest, partial=not whole)
+        catalog_added(target, manifest, new_bytes=report.fetched_bytes)
     return PullReport(len(unique), report.fetched, report.fetched_bytes, len(unique) - report.fetched)
 
 

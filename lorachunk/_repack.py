@@ -24,6 +24,7 @@ from lorachunk._repository import (
     no_lora_error,
     partial_ids,
     read_manifest,
+    rebuild_catalog,
     record_key,
 )
 from lorachunk._threads import cpu_threads
@@ -101,16 +102,19 @@ def repack(
             ids = list_manifest_ids(store)
             if not ids and not (prune and _leftovers(store)):
                 raise no_lora_error(store)
-            report, kept = _repack(store, ids, pack_size)
+            report, kept, renamed = _repack(store, ids, pack_size)
             moved = _fan_out(store)
+            if ids:
+                # The catalog follows the manifests, in its order, before any it named goes.
+                rebuild_catalog(store, renamed, kept.values())
             report = dataclasses.replace(report, locks_broken=broken, moved=moved)
             return _prune(store, report, kept, grace) if prune else report
 
 
-def _repack(store: Store, ids: list[str], pack_size: int) -> tuple[RepackReport, dict[str, Manifest]]:
+def _repack(store: Store, ids: list[str], pack_size: int) -> tuple[RepackReport, dict[str, Manifest], dict[str, str]]:
     """Rewrite every manifest of ``ids``; the report and the manifests the store now holds, by id."""
     if not ids:
-        return RepackReport(0, 0, 0, 0, 0), {}
+        return RepackReport(0, 0, 0, 0, 0), {}, {}
     latest = latest_id(store)
     partial = partial_ids(store)
     # A damaged manifest stops the repack before anything is written: verify says what it is.
@@ -140,7 +144,7 @@ def _repack(store: Store, ids: list[str], pack_size: int) -> tuple[RepackReport,
             for key, value in manifest_objects(kept[replaced[latest]])[1:]:
                 store.set(key, value)
     rewritten = sum(1 for old, new in replaced.items() if old != new)
-    return RepackReport(len(ids), rewritten, converted, written, written_bytes), kept
+    return RepackReport(len(ids), rewritten, converted, written, written_bytes), kept, replaced
 
 
 def _prune(store: Store, report: RepackReport, kept: dict[str, Manifest], grace: float) -> RepackReport:

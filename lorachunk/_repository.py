@@ -14,9 +14,17 @@ from typing import Final
 
 import zstandard
 
+from lorachunk._catalog import Catalog, Version, ordered_versions, read_catalog, update_catalog, write_catalog
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import ALGORITHMS, check, digest, hex_of, split_digest
-from lorachunk._exceptions import IntegrityError, ManifestError, ObjectNotFoundError, StoreError, UsageError
+from lorachunk._exceptions import (
+    IntegrityError,
+    LorachunkError,
+    ManifestError,
+    ObjectNotFoundError,
+    StoreError,
+    UsageError,
+)
 from lorachunk._keys import (
     LATEST,
     LATEST_MANIFEST,
@@ -36,6 +44,7 @@ from lorachunk._keys import (
 )
 from lorachunk._layout import natural_key
 from lorachunk._manifest import MAX_MANIFEST_BYTES, Manifest, Module
+from lorachunk._manifest_json import LORA_NAME
 from lorachunk._packing import DEFAULT_GAP, Read, Span, plan_reads
 from lorachunk._record import decode_checked
 from lorachunk._threads import bounded_map
@@ -45,6 +54,7 @@ __all__ = [
     "absent_records",
     "as_store",
     "canonical_key",
+    "catalog_added",
     "check_dest",
     "decode_module",
     "fetch_records",
@@ -59,7 +69,9 @@ __all__ = [
     "read_manifest",
     "read_record",
     "read_stored_manifest",
+    "rebuild_catalog",
     "record_key",
+    "split_source",
     "splits_held_whole",
     "write_manifest",
 ]
@@ -133,6 +145,43 @@ def write_manifest(store: Store, manifest: Manifest) -> str:
             continue  # named by its digest: the same bytes are there
         store.set(key, value)
     return manifest.id
+
+
+def catalog_added(store: Store, manifest: Manifest, *, new_bytes: int, removed: Iterable[str] = ()) -> None:
+    """Add ``manifest`` (just written, with ``new_bytes`` of new packs) to the store's catalog,
+    and drop the manifest ids ``removed``, under the store's mutex. A store without a readable
+    catalog (one written before 0.3) gets it written whole from its manifests."""
+    if not store.supports_writes:
+        return
+    version = Version.of(manifest, new_bytes=new_bytes)
+    with store.serialized():
+        if update_catalog(store, [version], removed):
+            return
+        rebuild_catalog(store)
+
+
+def rebuild_catalog(
+    store: Store, renamed: Mapping[str, str] | None = None, manifests: Iterable[Manifest] | None = None
+) -> Catalog:
+    """Write the catalog again from ``manifests`` (default: every manifest of the store), in the
+    order the old one had them (if it reads; ``renamed`` maps a repack's old ids to new ones),
+    others after; return it. Partial copies are listed as the LoRAs they copy."""
+    try:
+        previous = read_catalog(store)
+    except LorachunkError:
+        previous = None
+    if manifests is None:
+        ids = list_manifest_ids(store) if store.supports_listing else [latest_id(store)]
+        found = []
+        for manifest_id in ids:
+            try:
+                found.append(_read_manifest(store, manifest_id, None))
+            except LorachunkError:
+                continue  # damaged: verify says so; it is no LoRA to list
+        manifests = found
+    catalog = Catalog(tuple(ordered_versions(manifests, previous, renamed)))
+    write_catalog(store, catalog)
+    return catalog
 
 
 def partial_ids(store: Store) -> set[str]:
@@ -238,10 +287,28 @@ def latest_id(store: Store) -> str:
     return value
 
 
-def resolve(store: Store, selector: str | None) -> str:
-    """A manifest id from None (latest), a full id, or a unique hex prefix of an id."""
+def resolve(store: Store, selector: str | None, *, root: str | None = None) -> str:
+    """The manifest id ``selector`` names: None (the store's latest; with ``root``, the LoRA of
+    that root if the catalog lists one), a LoRA's name (its latest version), ``NAME@N``, a root,
+    a full manifest id, or a unique hex prefix of one (docs/loading.md)."""
+    if selector is None and root is None:
+        return latest_id(store)
+    try:
+        catalog = read_catalog(store)
+    except ManifestError:
+        if selector is not None and _is_name(selector):
+            raise
+        catalog = None  # damaged: ids and roots still resolve without it (verify says what is wrong)
+    if catalog is not None:
+        hits = catalog.find(selector) if selector is not None else [v for v in catalog.versions if v.root == root]
+        if len({v.manifest for v in hits}) > 1 and not _is_name(selector):
+            raise UsageError(f"{selector!r} is ambiguous in {store!r} ({len(hits)} versions); name one by its full id")
+        if hits:
+            return hits[-1].manifest
     if selector is None:
         return latest_id(store)
+    if _is_name(selector):
+        return _by_name(store, selector, catalog is not None)
     if not store.supports_listing:
         try:
             split_digest(selector)
@@ -254,6 +321,43 @@ def resolve(store: Store, selector: str | None) -> str:
         problem = "matches no manifest" if not matches else f"is ambiguous ({len(matches)} manifests)"
         raise UsageError(f"manifest {selector!r} {problem} in {store!r}")
     return matches[0]
+
+
+def _is_name(selector: str | None) -> bool:
+    """Whether ``selector`` reads as a LoRA name (``NAME`` or ``NAME@N``) rather than a digest."""
+    if selector is None or ":" in selector:
+        return False
+    name = selector.partition("@")[0]
+    return LORA_NAME.fullmatch(name) is not None and (len(name) < 6 or bool(name.strip("0123456789abcdef")))
+
+
+def _by_name(store: Store, selector: str, catalogued: bool) -> str:
+    """A name in a store without a catalog (written before 0.3), by reading its manifests."""
+    name = selector.partition("@")[0]
+    if catalogued or not store.supports_listing:
+        where = "its catalog lists" if catalogued else "it has no catalog and cannot list manifests"
+        raise UsageError(f"no LoRA named {name!r} in {store!r} ({where})")
+    found = [i for i in list_manifest_ids(store) if _read_manifest(store, i, None).name == name]
+    if not found:
+        raise UsageError(f"no LoRA named {name!r} in {store!r}")
+    if len(found) > 1 and "@" not in selector:
+        raise UsageError(f"{len(found)} versions of {name!r} in {store!r} and no catalog to order them: repack it")
+    return found[0]
+
+
+def split_source(
+    source: str | os.PathLike[str] | Store, selector: str | None
+) -> tuple[str | os.PathLike[str] | Store, str | None]:
+    """``SOURCE#SELECTOR`` split in two (the fragment is never sent to a server); a local folder
+    whose own name holds ``#`` is left whole. Naming a LoRA both ways is a :class:`UsageError`."""
+    if isinstance(source, Store) or "#" not in os.fspath(source) or Path(source).exists():
+        return source, selector
+    text, _, fragment = os.fspath(source).rpartition("#")
+    if not fragment:
+        raise UsageError(f"{os.fspath(source)!r}: nothing after '#'; name a LoRA, a manifest id or a root")
+    if selector is not None and selector != fragment:
+        raise UsageError(f"{os.fspath(source)!r} names a LoRA and manifest= names {selector!r}: name it once")
+    return text, fragment
 
 
 def check_dest(dest: str | os.PathLike[str] | Store) -> None:
@@ -298,6 +402,7 @@ def read_manifest(
     (the ref, then the manifest), which on a link with long round trips is a good part of a
     small load. Stores written before the copy existed fall back to the ref.
     """
+    source, selector = split_source(source, selector)
     with as_store(source) as store:
         return _read_manifest(store, selector, root)
 
@@ -309,12 +414,26 @@ def _read_manifest(store: Store, selector: str | None, root: str | None) -> Mani
         except ObjectNotFoundError:
             pass
         else:
-            return parse_manifest(None, stored, what=f"{LATEST_MANIFEST} in {store!r}", root=root)
-    manifest_id = resolve(store, selector)
+            latest = parse_manifest(None, stored, what=f"{LATEST_MANIFEST} in {store!r}")
+            if root is None or root in latest.roots:
+                return latest
+            # A root pinned in a store of many LoRAs selects: the catalog says which has it.
+    manifest_id = resolve(store, selector, root=root)
     key = manifest_key(manifest_id)
-    stored = read_stored_manifest(store, key)
+    try:
+        stored = read_stored_manifest(store, key)
+    except ObjectNotFoundError:
+        if selector is not None or root is None:
+            raise
+        # The catalog named a manifest of that root that is gone: no LoRA here has the root.
+        raise IntegrityError(f"{store!r}: no LoRA has root {root} (the catalog's is missing)") from None
     check(manifest_id, stored, what=key)
-    return parse_manifest(manifest_id, stored, what=f"{key} in {store!r}", root=root)
+    manifest = parse_manifest(manifest_id, stored, what=f"{key} in {store!r}", root=root)
+    name = selector.partition("@")[0] if selector is not None and _is_name(selector) else None
+    if name is not None and manifest.name != name:
+        # The catalog only points; the manifest it points at must be the LoRA asked for.
+        raise IntegrityError(f"{store!r}: the catalog names {manifest_id} for {name!r}; it is {manifest.name!r}")
+    return manifest
 
 
 def read_stored_manifest(store: Store, key: str) -> bytes:

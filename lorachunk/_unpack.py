@@ -15,7 +15,14 @@ from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorachunk._loader import REMOTE_CONCURRENCY
 from lorachunk._manifest import Manifest, Module
 from lorachunk._record import decode_checked
-from lorachunk._repository import as_store, decode_module, fetch_records, partial_copy_error, read_manifest
+from lorachunk._repository import (
+    as_store,
+    decode_module,
+    fetch_records,
+    partial_copy_error,
+    read_manifest,
+    split_source,
+)
 from lorachunk._safetensors import encode_header
 from lorachunk._select import select_modules
 from lorachunk._threads import Progress, bounded_map, cpu_threads
@@ -51,6 +58,7 @@ def unpack(
     """
     if format not in ("safetensors", "peft"):
         raise UsageError(f"format must be 'safetensors' or 'peft', got {format!r}")
+    dest, manifest = split_source(dest, manifest)
     with as_store(dest) as store:
         if format == "safetensors":
             return _unpack(

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lorachunk._catalog import catalog_problems, read_catalog
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import check, digest, split_digest
 from lorachunk._exceptions import IntegrityError, LorachunkError, ObjectNotFoundError
@@ -25,6 +26,7 @@ from lorachunk._repository import (
     read_stored_manifest,
     record_key,
     resolve,
+    split_source,
     splits_held_whole,
 )
 from lorachunk._threads import bounded_map, cpu_threads
@@ -71,10 +73,15 @@ def verify(dest: str | os.PathLike[str] | Store) -> VerifyReport:
     every module it damages); the latest manifest's copy
     (``refs/latest.json.zst``) must be the manifest ``refs/latest`` names.
 
+    ``dest#NAME`` (or a manifest id or root after ``#``) checks that LoRA alone. The store's
+    catalog is checked against its manifests: every version it lists must be there, with its
+    name, root and size.
+
     Raises :class:`IntegrityError` naming every bad object, one per line, if anything is wrong.
     """
-    with as_store(dest) as store:
-        return _verify(store)
+    source, selector = split_source(dest, None)
+    with as_store(source) as store:
+        return _verify(store, None if selector is None else resolve(store, selector))
 
 
 def _check_latest(store: Store, ids: Sequence[str]) -> list[str]:
@@ -96,10 +103,23 @@ def _check_latest(store: Store, ids: Sequence[str]) -> list[str]:
     return []
 
 
-def _verify(store: Store) -> VerifyReport:
+def _check_catalog(store: Store, manifests: Sequence[Manifest]) -> list[str]:
+    """The catalog (where there is one) against the manifests: every version it lists is a
+    manifest of the store, with that name, root and size. (A manifest it does not list, one a
+    repack replaced and did not prune, is no damage.)"""
+    try:
+        catalog = read_catalog(store)
+    except LorachunkError as exc:
+        return [str(exc)]
+    if catalog is None:
+        return []
+    return catalog_problems(catalog, manifests) if store.supports_listing else []
+
+
+def _verify(store: Store, only: str | None = None) -> VerifyReport:
     problems: list[str] = []
     manifests: list[Manifest] = []
-    ids = list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
+    ids = [only] if only else list_manifest_ids(store) if store.supports_listing else [resolve(store, None)]
     if not ids:
         raise no_lora_error(store)
     for manifest_id in ids:
@@ -107,7 +127,9 @@ def _verify(store: Store) -> VerifyReport:
             manifests.append(read_manifest(store, manifest_id))
         except LorachunkError as exc:
             problems.append(str(exc))
-    problems.extend(_check_latest(store, ids))
+    if only is None:
+        problems.extend(_check_latest(store, ids))
+        problems.extend(_check_catalog(store, manifests))
     # Each object (pack, or lorachunk/1 shard) once, with the records any manifest places in it.
     objects: dict[str, dict[str, tuple[Manifest, Module]]] = {}
     for manifest in manifests:

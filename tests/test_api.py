@@ -113,7 +113,7 @@ def test_cli_info_of_a_file_not_yet_packed(falcon: Path, tmp_path: Path, capsys:
 def test_cli_counts_agree_with_their_nouns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     synth.write(tmp_path / "one.safetensors", {"w": ("F16", (2,), b"\x00<\x00<")})
     assert main(["pack", str(tmp_path / "one.safetensors"), str(tmp_path / "s")]) == 0
-    assert "one.safetensors: 1 module, 0 splits" in capsys.readouterr().out
+    assert "one.safetensors as one: 1 module, 0 splits" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "s")]) == 0
     assert "B, 1 tensor)\n" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "s")]) == 0
@@ -192,10 +192,14 @@ def test_cli_ls_lists_every_lora_of_a_store(tmp_path: Path, capsys: pytest.Captu
     lorachunk.compose(store, [lorachunk.Take("te", store, "text_encoder")])  # shares eight's text encoder
     assert main(["ls", str(store), "--json"]) == 0
     rows = {row["manifest"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {four.id, eight.id} | {lorachunk.read_manifest(store).id}
-    assert [row["latest"] for row in rows.values()].count(True) == 1 and not rows[eight.id]["latest"]
-    assert rows[four.id]["shared_bytes"] == 0 < rows[eight.id]["shared_bytes"] < rows[eight.id]["stored_bytes"]
-    assert rows[four.id]["root"] == four.root and rows[four.id]["written"]
+    composed = lorachunk.read_manifest(store)
+    assert set(rows) == {four.id, eight.id, composed.id}
+    assert {row["name"] for row in rows.values()} == {four.name, eight.name, composed.name}
+    assert [row["latest"] for row in rows.values()].count(True) == 1 and rows[composed.id]["latest"]
+    # shared: what a version reuses of the records added before it (the composed one: all of them)
+    assert rows[four.id]["shared_bytes"] == rows[eight.id]["shared_bytes"] == 0
+    assert rows[composed.id]["shared_bytes"] == rows[composed.id]["stored_bytes"] > 0
+    assert rows[four.id]["root"] == four.root and rows[four.id]["added"] and rows[four.id]["base_model"] == "sd_v1"
     assert main(["ls", str(store)]) == 0
     assert "3 LoRAs; * is the latest" in capsys.readouterr().out
 

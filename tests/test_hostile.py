@@ -21,7 +21,7 @@ from conftest import DATA, HUB_TOKEN, serving
 import lorachunk
 from lorachunk import _manifest
 from lorachunk._cli import main
-from lorachunk._keys import LATEST, LATEST_MANIFEST, shard_key
+from lorachunk._keys import LATEST, LATEST_MANIFEST, manifest_key, shard_key
 from lorachunk._manifest import Manifest
 from lorachunk._repository import record_key, write_manifest
 from lorachunk._threads import cpu_threads
@@ -211,8 +211,14 @@ def test_the_root_pins_user_splits(falcon: Path, tmp_path: Path) -> None:
     def widen(splits: dict[str, tuple[str, list[str]]]) -> None:
         splits["attn"] = ("user", splits["unet"][1])
 
-    assert _rewrite_splits(store, widen).root != root
-    with pytest.raises(lorachunk.IntegrityError, match="expected"):
+    original = lorachunk.read_manifest(store)
+    hostile = _rewrite_splits(store, widen)
+    assert hostile.root != root
+    # A pinned root selects: the store still holds the LoRA of that root, and that is what opens.
+    with lorachunk.open(store, root=root, cache=False) as lora:
+        assert lora.manifest.id == original.id and lora.splits["attn"].modules == original.split("attn").modules
+    (store / manifest_key(original.id)).unlink()  # a mirror that drops it: nothing has that root
+    with pytest.raises(lorachunk.IntegrityError, match=f"no LoRA has root {root}"):
         lorachunk.open(store, root=root, cache=False)
 
 

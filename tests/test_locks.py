@@ -16,9 +16,11 @@ import pytest
 from conftest import DATA
 
 import lorachunk
+from lorachunk._catalog import read_catalog
 from lorachunk._cli import main
 from lorachunk._keys import LATEST
 from lorachunk._lock import STALE, list_locks, locked
+from lorachunk._repository import list_manifest_ids
 from lorachunk.storage import LocalStore
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import serve
@@ -280,8 +282,8 @@ def test_concurrent_packs_of_different_loras_are_all_kept(tmp_path: Path) -> Non
     ]
     assert [child.wait(120) for child in children] == [0] * len(sources)
     assert lorachunk.verify(store).manifests == len(sources)
-    held = {
-        lorachunk.read_manifest(store, key.name.split(".")[0]).source.name for key in (store / "manifests").iterdir()
-    }
+    held = {lorachunk.read_manifest(store, i).source.name for i in list_manifest_ids(LocalStore(store))}
     assert held == {src.name for src in sources}
+    catalog = read_catalog(LocalStore(store))  # every writer's name is in the catalog: none lost
+    assert catalog is not None and set(catalog.names()) == {src.stem for src in sources}
     assert list_locks(LocalStore(store)) == []

@@ -69,7 +69,7 @@ def test_an_interrupted_pack_never_removes_another_writers_lora(tmp_path: Path, 
     assert report.manifests == (2 if existing else 1)
     out = lorachunk.unpack(dest, tmp_path / "out.safetensors")
     assert _sha256(out) == _sha256(BIG)
-    assert not [p for p in dest.rglob(".*")], "temp files left behind"
+    assert not [p for p in dest.rglob(".*") if p.name != ".serial"], "temp files left behind"
 
 
 def test_a_failed_pack_into_a_new_folder_leaves_no_folder(tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ class LocalStore(Store):
             )
         self._pending: list[tuple[Path, Path]] | None = None
         self._lock = threading.Lock()
+        self._serial = threading.local()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -220,6 +221,9 @@ class LocalStore(Store):
         except ImportError:
             yield
             return
+        if getattr(self._serial, "held", False):  # this thread holds it already (flock is per open file)
+            yield
+            return
         path = self.root / "locks" / ".serial"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +232,10 @@ class LocalStore(Store):
             raise StoreError(f"cannot lock {self.root}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self._serial.held = True
             yield
         finally:
+            self._serial.held = False
             os.close(fd)  # closing lets the lock go
 
     def sync(self) -> None:
