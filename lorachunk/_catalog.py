@@ -43,6 +43,7 @@ __all__ = [
     "Version",
     "catalog_problems",
     "count_versions",
+    "frame",
     "ordered_versions",
     "read_catalog",
     "same_name_ids",
@@ -151,7 +152,7 @@ class Catalog:
 
     def to_bytes(self) -> bytes:
         """The compact form: one frame of every version."""
-        return _frame([[FORMAT], *(v.event() for v in self.versions)])
+        return frame([[FORMAT], *(v.event() for v in self.versions)])
 
     @classmethod
     def from_bytes(cls, stored: bytes) -> Catalog:
@@ -177,7 +178,8 @@ class Catalog:
         return cls(tuple(versions.values()), frames)
 
 
-def _frame(events: Iterable[list[Any]]) -> bytes:
+def frame(events: Iterable[list[Any]]) -> bytes:
+    """One journal frame of ``events``."""
     text = "".join(json.dumps(e, ensure_ascii=False, separators=(",", ":")) + "\n" for e in events)
     return zstandard.ZstdCompressor(level=_LEVEL).compress(text.encode())
 
@@ -273,7 +275,7 @@ def update_catalog(store: Store, added: Iterable[Version], removed: Iterable[str
         return False
     events = [*(["rm", i] for i in removed), *(v.event() for v in added)]
     if frames + 1 < COMPACT_AFTER:
-        store.set(CATALOG, stored + _frame(events))
+        store.set(CATALOG, stored + frame(events))
         return True
     catalog = Catalog.from_bytes(stored).removed(e[1] for e in events if e[0] == "rm")
     write_catalog(store, catalog.added(v for v in added))

@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from lorachunk._catalog import Catalog, Version, frame, ordered_versions, read_catalog
 from lorachunk._digest import check
-from lorachunk._exceptions import UsageError
-from lorachunk._keys import ADAPTER_WEIGHTS, MANIFESTS, PACKS, flat_twin, pack_key
+from lorachunk._exceptions import ObjectNotFoundError, StoreError, UsageError
+from lorachunk._keys import ADAPTER_WEIGHTS, CATALOG, PACKS, flat_twin, pack_key
 from lorachunk._manifest import Manifest
 from lorachunk._packing import layout_order
-from lorachunk._repository import fetch_records, manifest_objects, read_manifest
+from lorachunk._repository import fetch_records, list_manifest_ids, manifest_objects, read_manifest, split_source
 from lorachunk._threads import cpu_threads
 from lorachunk._writer import Held, Writer, held_records, placed_manifest
-from lorachunk.storage._base import check_key
+from lorachunk.storage._base import Store, check_key
 from lorachunk.storage._hub import REPO_ID, HubRepo, HubStore
 from lorachunk.storage._local import LocalStore
 
@@ -107,54 +108,151 @@ def push(
     """
     prefix = f"{check_key(path.strip('/'))}/" if path and path.strip("/") else ""
     repo = HubRepo(repo_id, revision=revision, repo_type=repo_type, token=token, endpoint=endpoint)
-    with _packed(src, pack_options) as store, tempfile.TemporaryDirectory(prefix="lorachunk-push-") as tmp:
-        packed = read_manifest(store, manifest)
+    local, manifest = split_source(src, manifest)
+    if isinstance(local, Store):
+        raise UsageError("push takes a packed folder or a .safetensors file")
+    with _packed(local, pack_options) as store, tempfile.TemporaryDirectory(prefix="lorachunk-push-") as tmp:
+        chosen = _chosen(store, manifest)
         present = repo.files(private=private)
-        held = (
-            _repo_records(repo, prefix, packed.hash, token=token, endpoint=endpoint)
-            if any(key.startswith(f"{prefix}{MANIFESTS}") for key in present)
-            else Held({}, {})
+        with _remote(repo, prefix, token=token, endpoint=endpoint) as remote:
+            staging = LocalStore(tmp)
+            files: list[tuple[str, bytes | Path]] = []
+            pushed: list[Manifest] = []
+            uploads: list[tuple[str, Path]] = []
+            reused = new_bytes = 0
+            staged = Held({}, {})
+            for packed in chosen:
+                one, sent, skipped, staged = _push_one(
+                    store,
+                    staging=staging,
+                    remote=remote,
+                    packed=packed,
+                    present=present,
+                    prefix=prefix,
+                    staged=staged,
+                )
+                pushed.append(one)
+                uploads += sent
+                reused += skipped
+                new_bytes += sum(p.stat().st_size for _, p in sent)
+                present |= {key for key, _ in sent}
+                for key, value in manifest_objects(one)[:1]:
+                    if prefix + key not in present:
+                        files.append((prefix + key, value))
+                        present.add(prefix + key)
+            catalog = _catalog_bytes(remote, pushed, new_bytes) if remote is not None else _fresh_catalog(pushed)
+        uploaded_bytes = sum(p.stat().st_size for _, p in uploads) + sum(
+            len(v) for _, v in files if isinstance(v, bytes)
         )
-        reused = len({m.record for m in packed.modules if m.record in held.records})
-        uploads, held = _whole_packs(store, packed, held, present, prefix)
-        # The rest (records of packs mostly held already, or of a lorachunk/1 folder) go into new
-        # packs, made in a folder of their own and uploaded from there.
-        staging = LocalStore(tmp)
-        with staging.batch():
-            wanted = [m for m in packed.modules if m.record not in held.records]
-            records = {m.record: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
-            splits = {s.name: (s.kind, s.modules) for s in packed.splits}
-            with Writer(staging, algorithm=packed.hash, held=held) as writer:
-                for name, group in layout_order((m.name for m in packed.modules), splits):
-                    module = packed.module(name)
-                    writer.add(module, records.get(module.record, b""), group)
-                modules, packs = writer.finish()
-        pushed = placed_manifest(packed, modules, packs)
-        uploads += [(prefix + key, staging.path(key)) for key in staging.list_prefix(PACKS)]
-        uploaded_bytes = sum(path.stat().st_size for _, path in uploads)
-        (manifest_path, stored), *refs = [(prefix + key, value) for key, value in manifest_objects(pushed)]
-        # The latest's copy repeats the manifest's bytes: the manifest goes up first (upload_first).
-        new_manifest = manifest_path not in present
-        files: list[tuple[str, bytes | Path]] = [(manifest_path, stored)] if new_manifest else []
-        files += [*uploads, *refs]
-        uploaded_bytes += len(stored) if new_manifest else 0
+        latest = pushed[-1]
+        # The manifests go up first (upload_first): the latest's copy repeats one's bytes.
+        manifests_first = len(files)
+        files += [*uploads, *((prefix + key, value) for key, value in manifest_objects(latest)[1:])]
+        files.append((prefix + CATALOG, catalog))
         card = CARD not in present or update_card
         if card:
-            files.append((CARD, model_card(pushed, repo_id, path=prefix.rstrip("/")).encode()))
-        summary = message or f"lorachunk: push {packed.source.name} ({len(uploads)} new packs)"
-        commit = repo.commit(files, message=summary, create_pr=create_pr, upload_first=int(new_manifest))
+            files.append((CARD, model_card(latest, repo_id, path=prefix.rstrip("/"), library=pushed).encode()))
+        what = latest.source.name if len(pushed) == 1 else f"{len(pushed)} LoRAs"
+        summary = message or f"lorachunk: push {what} ({len(uploads)} new packs)"
+        commit = repo.commit(files, message=summary, create_pr=create_pr, upload_first=manifests_first)
     return PushResult(
         repo_id=repo_id,
         commit=commit.oid,
         commit_url=commit.url,
         pr_url=commit.pr_url,
-        manifest_id=pushed.id,
-        root=pushed.root,
+        manifest_id=latest.id,
+        root=latest.root,
         uploaded=len(uploads),
         uploaded_bytes=uploaded_bytes,
         skipped=reused,
         card_written=card,
     )
+
+
+def _chosen(store: LocalStore, selector: str | None) -> list[Manifest]:
+    """What to push: the LoRA ``selector`` names; without one, every version the folder's catalog
+    lists (a library goes up in one commit), or its latest where it has none."""
+    if selector is not None:
+        return [read_manifest(store, selector)]
+    catalog = read_catalog(store)
+    if catalog is None or len(catalog.versions) < 2:
+        return [read_manifest(store)]
+    latest = read_manifest(store)
+    chosen = [read_manifest(store, v.manifest) for v in catalog.versions if v.manifest != latest.id]
+    return [*chosen, latest]  # the latest last: it is what refs/latest names
+
+
+@contextmanager
+def _remote(repo: HubRepo, prefix: str, *, token: str | None, endpoint: str | None) -> Iterator[HubStore | None]:
+    """The repo as a store to read its manifests and catalog from; None while it holds none."""
+    try:
+        remote = HubStore(
+            repo.repo_id,
+            revision=repo.revision,
+            repo_type=repo.repo_type,
+            path=prefix.rstrip("/") or None,
+            token=token,
+            endpoint=endpoint,
+        )
+    except StoreError:  # an empty repo: no refs yet
+        yield None
+        return
+    with remote:
+        yield remote
+
+
+def _push_one(
+    store: LocalStore,
+    *,
+    staging: LocalStore,
+    remote: HubStore | None,
+    packed: Manifest,
+    present: set[str],
+    prefix: str,
+    staged: Held,
+) -> tuple[Manifest, list[tuple[str, Path]], int, Held]:
+    """One LoRA: the manifest to push (records where the repo or this push holds them, ``staged``
+    being what this push holds so far), the packs to upload, how many records the repo had
+    already, and what the push holds after it."""
+    held = held_records(remote, algorithm=packed.hash, name=packed.name) if remote is not None else Held({}, {})
+    held = Held({**staged.records, **held.records}, {**staged.packs, **held.packs})
+    reused = len({m.record for m in packed.modules if m.record in held.records})
+    uploads, held = _whole_packs(store, packed, held, present, prefix)
+    # The rest (records of packs mostly held already, or of a lorachunk/1 folder) go into new
+    # packs, made in a folder of their own and uploaded from there.
+    before = set(staging.list_prefix(PACKS))
+    with staging.batch():
+        wanted = [m for m in packed.modules if m.record not in held.records]
+        records = {m.record: data for m, data in fetch_records(store, wanted, packed.packs, threads=cpu_threads())}
+        splits = {s.name: (s.kind, s.modules) for s in packed.splits}
+        with Writer(staging, algorithm=packed.hash, held=held) as writer:
+            for name, group in layout_order((m.name for m in packed.modules), splits):
+                module = packed.module(name)
+                writer.add(module, records.get(module.record, b""), group)
+            modules, packs = writer.finish()
+    uploads += [(prefix + key, staging.path(key)) for key in staging.list_prefix(PACKS) if key not in before]
+    return placed_manifest(packed, modules, packs), uploads, reused, writer.held()
+
+
+def _catalog_bytes(remote: HubStore, pushed: list[Manifest], new_bytes: int) -> bytes:
+    """The repo's catalog with ``pushed`` added: one frame appended to what it has, or (a repo of
+    lorachunk 0.2, without one) written from its manifests."""
+    versions = [Version.of(m, new_bytes=new_bytes if m is pushed[-1] else 0) for m in pushed]
+    try:
+        stored = remote.get(CATALOG)
+    except ObjectNotFoundError:
+        previous = Catalog(tuple(ordered_versions(_remote_manifests(remote), None)))
+        return previous.added(versions).to_bytes()
+    return stored + frame(v.event() for v in versions)
+
+
+def _fresh_catalog(pushed: list[Manifest]) -> bytes:
+    return Catalog(tuple(Version.of(m, new_bytes=m.stored_size) for m in pushed)).to_bytes()
+
+
+def _remote_manifests(remote: HubStore) -> list[Manifest]:
+    ids = list_manifest_ids(remote)
+    return [read_manifest(remote, i) for i in ids]
 
 
 def _repo_records(repo: HubRepo, prefix: str, algorithm: str, *, token: str | None, endpoint: str | None) -> Held:
@@ -202,9 +300,11 @@ def _whole_packs(
 _BASE_MODEL_KEYS: Final = ("base_model", "base_model_name_or_path", "modelspec.base_model", "ss_sd_model_name")
 
 
-def model_card(manifest: Manifest, repo_id: str, *, path: str = "") -> str:
+def model_card(manifest: Manifest, repo_id: str, *, path: str = "", library: list[Manifest] | None = None) -> str:
     """A model card: front matter with the ``lorachunk`` tag (and the base model when the
-    file's metadata names a Hub repo), the splits with their sizes, the root, and how to load."""
+    file's metadata names a Hub repo), the splits with their sizes, the root, and how to load;
+    for a push of several LoRAs (``library``), a table of them (name, base model, root, size,
+    splits) and how to load one by name."""
     metadata = manifest.source.metadata or {}
     base = next((v for k in _BASE_MODEL_KEYS if REPO_ID.match(v := metadata.get(k, ""))), None)
     front = ["---", "tags:", "- lorachunk", "- lora"] + ([f"base_model: {base}"] if base else []) + ["---"]
@@ -237,5 +337,28 @@ def model_card(manifest: Manifest, repo_id: str, *, path: str = "") -> str:
             f"state_dict = {load}",
             "```",
             "",
+            *_library_table(library or [], source),
         ]
     )
+
+
+def _library_table(library: list[Manifest], source: str) -> list[str]:
+    """The LoRAs a push of several puts in the repo, and how to load one by name."""
+    latest = {m.name: m for m in library}  # the last version of each name
+    if len(latest) < 2:
+        return []
+    rows = [
+        f"| `{m.name}` | {m.base_model or '-'} | `{m.root}` | {m.stored_size / 1e6:.2f} MB | {len(m.splits)} |"
+        for m in sorted(latest.values(), key=lambda m: m.name)
+    ]
+    example = min(latest)
+    return [
+        f"## {len(latest)} LoRAs in this repo",
+        "",
+        "| name | base model | root | stored | splits |",
+        "|---|---|---|---:|---:|",
+        *rows,
+        "",
+        f'Load one by name: `lorachunk.load("{source}#{example}")`; list them with `lorachunk ls {source}`.',
+        "",
+    ]

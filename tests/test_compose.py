@@ -167,7 +167,7 @@ def test_pushing_a_composition_next_to_its_sources_uploads_only_the_manifest(
     # The repo's packs hold every record: the pushed manifest names them there (same root).
     assert result.uploaded == 0 and result.uploaded_bytes == len(pushed.to_bytes())
     assert pushed.id == result.manifest_id and pushed.root == lorachunk.read_manifest(tmp_path / "mix.lcs").root
-    assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # the manifest
+    assert len(hub.requests("PUT", "/lfs-upload/")) == 2  # the manifest, and the catalog that names it
     got = lorachunk.load("hf://me/loras")
     assert got.keys() == _keys(a, "style") | _keys(b, "content")
 

@@ -13,7 +13,8 @@ from safetensors.numpy import save_file as save_numpy
 
 import lorachunk
 from lorachunk._cli import main as cli
-from lorachunk._keys import LATEST_MANIFEST, manifest_key, pack_key
+from lorachunk._info import ls_dicts
+from lorachunk._keys import CATALOG, LATEST_MANIFEST, manifest_key, pack_key
 from lorachunk._repository import record_key
 from lorachunk.storage import HubStore, Store
 from lorachunk.testing import Put, StoreTests
@@ -97,22 +98,24 @@ def test_second_version_uploads_only_the_changed_shard(hub: HubServer, tmp_path:
     v2 = lorachunk.read_manifest(lorachunk.storage.LocalStore(_packed(tmp_path, changed)))
     assert first.uploaded == 1 and second.uploaded == 1 and second.skipped == len(v2.modules) - 1
     uploads = hub.requests("PUT", "/lfs-upload/")
-    assert len(uploads) == 2  # a pack of the changed record and the new manifest; refs go inline
+    assert len(uploads) == 3  # a pack of the changed record, the new manifest, the catalog; refs go inline
     pushed = lorachunk.read_manifest(f"hf://{REPO}")
     assert pushed.root == v2.root and pushed.id == second.manifest_id
     changed_records = {m.stored_size for m in v2.modules if key in {t.key for t in m.tensors}}
-    assert sum(r.received for r in uploads) == sum(changed_records) + len(pushed.to_bytes())
-    # One commit, of 3 + (new packs) files: the manifest, the two refs and the pack.
+    with HubStore(REPO) as remote:
+        catalog = len(remote.get(CATALOG))
+    assert sum(r.received for r in uploads) == sum(changed_records) + len(pushed.to_bytes()) + catalog
+    # One commit, of 4 + (new packs) files: the manifest, the two refs, the catalog and the pack.
     assert len(hub.requests("POST", "/commit/")) == 1
     commits = hub.repos[("model", REPO)].commits
     before, after = commits[first.commit], commits[second.commit]
     touched = {path for path, entry in after.items() if before.get(path) != entry}
-    assert touched == {manifest_key(pushed.id), "refs/latest", "refs/latest.json.zst"} | {
+    assert touched == {manifest_key(pushed.id), "refs/latest", "refs/latest.json.zst", CATALOG} | {
         pack_key(pack)
         for pack in pushed.packs
         if pack not in lorachunk.read_manifest(f"hf://{REPO}@{first.commit}").packs
     }
-    assert len(touched) == 4
+    assert len(touched) == 5
     assert not second.card_written  # the card from the first push is left alone
 
     # Both versions stay loadable, each by its commit.
@@ -130,7 +133,7 @@ def test_two_loras_sharing_modules_upload_shared_shards_once(hub: HubServer, tmp
     hub.log.clear()
     result = lorachunk.push(sibling, REPO)
     assert result.uploaded == 0 and result.skipped > 0
-    assert len(hub.requests("PUT", "/lfs-upload/")) == 1  # only the sibling's manifest
+    assert len(hub.requests("PUT", "/lfs-upload/")) == 2  # only the sibling's manifest and the catalog
     # The first LoRA is still there, by its manifest id, next to the second.
     with HubStore(REPO) as store:
         assert len(list(store.list_prefix("manifests/"))) == 2
@@ -315,3 +318,25 @@ def test_tree_listing_follows_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         with HubStore(REPO) as store:
             assert len(list(store.list_prefix("packs/"))) == first.uploaded
         assert paged.requests("GET", "cursor=")
+
+
+def test_a_library_goes_up_in_one_commit_and_loads_by_name(hub: HubServer, tmp_path: Path) -> None:
+    """Issue #25 item 6: a store of several named LoRAs, one push, one commit; hf://…#NAME loads
+    one; the card lists them; the next LoRA is one commit of at most 5 files."""
+    store = tmp_path / "lib"
+    lorachunk.pack(SAM, store, name="sam")
+    lorachunk.pack(ATTN, store, name="attn")
+    result = lorachunk.push(store, REPO)
+    assert len(hub.requests("POST", "/commit/")) == 1 and result.card_written
+    assert lorachunk.read_manifest(f"hf://{REPO}#sam").name == "sam"
+    assert len(lorachunk.load(f"hf://{REPO}#attn")) == len(load_numpy(ATTN))
+    with HubStore(REPO) as remote:
+        card = remote.get("README.md").decode()
+    assert "2 LoRAs in this repo" in card and "| `attn` | sd_v1 |" in card and card.startswith("---\ntags:")
+    lorachunk.pack(DATA / "loras" / "smart_falcon_4_lokr.safetensors", store, name="falcon")
+    before = hub.repos[("model", REPO)].commits[result.commit]
+    third = lorachunk.push(f"{store}#falcon", REPO)
+    after = hub.repos[("model", REPO)].commits[third.commit]
+    assert len({p for p, e in after.items() if before.get(p) != e}) <= 5
+    rows = {row["name"] for row in ls_dicts(f"hf://{REPO}")}
+    assert rows == {"sam", "attn", "falcon"}
