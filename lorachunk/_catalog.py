@@ -19,14 +19,17 @@ or manifest id is still compared, and a manifest whose name is not the one asked
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
+import xxhash
 import zstandard
 
 from lorachunk._digest import hex_of, split_digest
@@ -44,9 +47,11 @@ __all__ = [
     "catalog_problems",
     "count_versions",
     "frame",
+    "lookup",
     "ordered_versions",
     "read_catalog",
     "same_name_ids",
+    "summary",
     "update_catalog",
     "write_catalog",
 ]
@@ -184,32 +189,61 @@ def frame(events: Iterable[list[Any]]) -> bytes:
     return zstandard.ZstdCompressor(level=_LEVEL).compress(text.encode())
 
 
+def _frames(stored: bytes) -> list[memoryview]:
+    """The zstd frames of a catalog, found by walking frame and block headers (RFC 8878 3.1.1):
+    no byte is inflated, so an append costs the same in a catalog of 30,000 LoRAs as of one."""
+    view, frames, at = memoryview(stored), [], 0
+    while at < len(view):
+        start = at
+        if len(view) - at < 6 or bytes(view[at : at + 4]) != _MAGIC:
+            raise ManifestError("catalog is not zstd frames (no magic number where a frame starts)")
+        descriptor = view[at + 4]
+        single = bool(descriptor & 0x20)
+        fcs = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+        at += 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3] + fcs
+        while True:
+            if at + 3 > len(view):
+                raise ManifestError("catalog frame is truncated")
+            header = int.from_bytes(view[at : at + 3], "little")
+            kind, size = (header >> 1) & 3, header >> 3
+            if kind == 3:
+                raise ManifestError("catalog frame holds a reserved block type")
+            at += 3 + (1 if kind == 1 else size)
+            if header & 1:
+                break
+        at += 4 if descriptor & 0x04 else 0
+        if at > len(view):
+            raise ManifestError("catalog frame is truncated")
+        frames.append(view[start:at])
+    return frames
+
+
+_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
+
 def _decompress(stored: bytes) -> tuple[bytes, int]:
-    """Every frame's text, and how many frames there were; bounded before each is inflated."""
-    pieces: list[bytes] = []
-    total = frames = 0
-    rest = memoryview(stored)
-    while rest:
+    """Every frame's text, and how many frames there were; the sizes the frames declare are
+    summed and bounded before any is inflated, then all are inflated in one pass."""
+    frames = _frames(stored)
+    total = 0
+    for one in frames:
         try:
-            declared = zstandard.frame_content_size(rest)
+            declared = zstandard.frame_content_size(one)
         except zstandard.ZstdError as exc:
             raise ManifestError(f"catalog is not zstd frames: {exc}") from exc
-        if declared < 0 or total + declared > MAX_CATALOG_BYTES:
-            raise ManifestError(f"catalog declares over {MAX_CATALOG_BYTES} bytes (or no size)")
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-        try:
-            pieces.append(decompressor.decompress(rest))
-        except zstandard.ZstdError as exc:
-            raise ManifestError(f"catalog does not decompress: {exc}") from exc
-        if len(pieces[-1]) != declared:
-            raise ManifestError("catalog frame is shorter than it declares")
+        if declared < 0:
+            raise ManifestError("catalog frame does not declare its size")
         total += declared
-        frames += 1
-        used = len(rest) - len(decompressor.unused_data)
-        if used <= 0:
-            raise ManifestError("catalog frame is truncated")
-        rest = rest[used:]
-    return b"".join(pieces), frames
+    if total > MAX_CATALOG_BYTES:
+        raise ManifestError(f"catalog declares {total} bytes; the limit is {MAX_CATALOG_BYTES}")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(stored), read_across_frames=True) as reader:
+            text = reader.read(total + 1)
+    except zstandard.ZstdError as exc:
+        raise ManifestError(f"catalog does not decompress: {exc}") from exc
+    if len(text) != total:
+        raise ManifestError("catalog frames hold other than what they declare")
+    return text, len(frames)
 
 
 def _no_constant(name: str) -> object:
@@ -270,7 +304,7 @@ def update_catalog(store: Store, added: Iterable[Version], removed: Iterable[str
     written, where there is no readable catalog to add to: the caller writes it whole."""
     try:
         stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-        frames = _decompress(stored)[1]
+        frames = len(_frames(stored))
     except (ObjectNotFoundError, ManifestError):
         return False
     events = [*(["rm", i] for i in removed), *(v.event() for v in added)]
@@ -285,6 +319,73 @@ def update_catalog(store: Store, added: Iterable[Version], removed: Iterable[str
 #: A catalog of fewer versions is small enough that a writer reuses the records of every LoRA in
 #: the store; past it, those of the LoRA's own versions and the latest (docs/library.md).
 SCAN_ALL: Final = 64
+
+
+def lookup(store: Store, selector: str | None, *, root: str | None = None) -> list[Version] | None:
+    """The versions ``selector`` (or, without one, ``root``) names, as :meth:`Catalog.find` would
+    say, found in the catalog's text: only the lines that mention the name or digest are parsed,
+    so opening one LoRA of 30,000 costs a search, not a parse of all of them. None where the
+    store has no catalog."""
+    try:
+        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
+    except ObjectNotFoundError:
+        return None
+    if len(stored) > MAX_STORED_CATALOG_BYTES:
+        raise ManifestError(f"{CATALOG}: over the {MAX_STORED_CATALOG_BYTES}-byte limit")
+    # A program that opens LoRA after LoRA of one library (an engine) parses the catalog once,
+    # the second time it sees the same bytes; a single lookup (the CLI) searches the text.
+    key = xxhash.xxh3_128_hexdigest(stored)
+    with _MEMO_LOCK:
+        parsed = _MEMO.get(key)
+        seen = key in _SEEN
+        if len(_SEEN) > 1024:  # a writer appending again and again: each catalog is seen once
+            _SEEN.clear()
+        _SEEN.add(key)
+    if parsed is None and seen:
+        parsed = Catalog.from_bytes(stored)
+        with _MEMO_LOCK:
+            _MEMO[key] = parsed
+            while len(_MEMO) > 4:
+                _MEMO.pop(next(iter(_MEMO)))
+    if parsed is not None:
+        return parsed.find(selector) if selector is not None else [v for v in parsed.versions if v.root == root]
+    text = _decompress(stored)[0]
+    if not text.startswith(json.dumps([FORMAT]).encode()):
+        raise ManifestError(f"{CATALOG} in {store!r}: not a {FORMAT} catalog")
+    name, at, number = (selector or "").partition("@")
+    if selector is not None and LORA_NAME.fullmatch(name) and ":" not in selector:
+        needle = json.dumps(["add", name], separators=(",", ":")).encode()[:-1] + b","
+    else:
+        digest = selector if selector is not None else root
+        if digest is None or ":" not in digest:  # a bare hex prefix: the whole catalog decides
+            return Catalog.from_bytes(stored).find(selector or "")
+        needle = json.dumps(digest).encode()
+    found = []
+    start = text.find(needle)
+    while start >= 0:
+        line_start = text.rfind(b"\n", 0, start) + 1
+        end = text.find(b"\n", start)
+        line = text[line_start : end if end >= 0 else len(text)]
+        event = parse_json(line, error=ManifestError, what="catalog line", parse_constant=_no_constant)
+        if isinstance(event, list) and event[:1] == ["add"]:
+            version = _version(event)
+            if selector is None or version.name == name or selector in (version.manifest, version.root):
+                found.append((line_start, version))
+        start = text.find(needle, start + len(needle))
+    # A version is live unless an ["rm", id] line comes after the line that added it.
+    rm = [(json.dumps(["rm", v.manifest], separators=(",", ":")).encode(), at, v) for at, v in found]
+    live = {v.manifest: v for needle_rm, at, v in rm if text.rfind(needle_rm) < at}
+    versions = list(live.values())
+    if at:
+        if not number.isdigit() or not 1 <= int(number) <= len(versions):
+            raise UsageError(f"{name!r} has {len(versions)} version(s); no version {number!r}")
+        return [versions[int(number) - 1]]
+    return versions
+
+
+_MEMO: dict[str, Catalog] = {}
+_SEEN: set[str] = set()
+_MEMO_LOCK = threading.Lock()
 
 
 def same_name_ids(store: Store, name: str) -> list[str] | None:
@@ -306,6 +407,19 @@ def same_name_ids(store: Store, name: str) -> list[str] | None:
             ids.append(_version(json.loads(text[start : end if end >= 0 else len(text)])).manifest)
         start = text.find(needle, start + 1)
     return ids
+
+
+def summary(store: Store) -> Catalog | int | None:
+    """The catalog, parsed, where it lists fewer than :data:`SCAN_ALL` versions; past that only
+    how many (a library's totals are `ls`'s job, not worth a parse on every `info`); None where
+    the store has none."""
+    try:
+        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
+    except ObjectNotFoundError:
+        return None
+    text = _decompress(stored)[0]
+    versions = text.count(b'["add",') - text.count(b'["rm",')
+    return Catalog.from_bytes(stored) if versions < SCAN_ALL else versions
 
 
 def count_versions(store: Store) -> int:

@@ -168,7 +168,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             noun = "module" if s["modules"] == 1 else "modules"
             print(f"  {label + ':':<{width + 1}} {s['modules']:>5} {noun:<7} {_size(s['stored_bytes']):>9}")
     store = info["store"]
-    if store["manifests"] > 1:
+    if store["manifests"] > 1 and store["unique_stored_bytes"] is None:
+        print(f"store     {store['manifests']} LoRA versions (`lorachunk ls` lists them)")
+    elif store["manifests"] > 1:
         saved = store["referenced_stored_bytes"] - store["unique_stored_bytes"]
         print(
             f"store     {store['manifests']} manifests reference {_size(store['referenced_stored_bytes'])} of records; "

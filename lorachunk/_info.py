@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorachunk._catalog import Catalog, ordered_versions, read_catalog
+from lorachunk._catalog import Catalog, ordered_versions, read_catalog, summary
 from lorachunk._exceptions import UsageError
 from lorachunk._keys import ADAPTER_WEIGHTS, LATEST, flat_twin, manifest_key
 from lorachunk._layout import is_adapter
@@ -55,12 +55,19 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
     manifest = read_manifest(store, selector)
     manifest_id = manifest.id
     manifest_bytes = len(manifest.to_bytes())
-    # The store's totals from its catalog (one read; O(1) manifests per LoRA), else its manifests.
-    catalog = read_catalog(store)
-    if catalog is None:
-        catalog = Catalog(tuple(ordered_versions(_manifests(store), None)))
-    referenced = sum(v.stored_size for v in catalog.versions)
-    unique = sum(min(v.new_bytes, v.stored_size) for v in catalog.versions)
+    # The store's totals from its catalog (one read), else its manifests; a library of many
+    # LoRAs says only how many (its totals are `ls`'s job): info of one stays O(1) manifests.
+    found = summary(store)
+    catalog = Catalog(tuple(ordered_versions(_manifests(store), None))) if found is None else found
+    if isinstance(catalog, Catalog):
+        totals: dict[str, int | None] = {
+            "manifests": len(catalog.versions),
+            "names": len(catalog.names()),
+            "referenced_stored_bytes": sum(v.stored_size for v in catalog.versions),
+            "unique_stored_bytes": sum(min(v.new_bytes, v.stored_size) for v in catalog.versions),
+        }
+    else:
+        totals = dict.fromkeys(("names", "referenced_stored_bytes", "unique_stored_bytes")) | {"manifests": catalog}
     return {
         "source": {"name": manifest.source.name, "size": manifest.source.size, "sha256": manifest.source.sha256},
         "root": manifest.root,
@@ -94,12 +101,7 @@ def _info(store: Store, selector: str | None) -> dict[str, Any]:
         "in_no_split": sorted({m.name for m in manifest.modules} - {n for s in manifest.splits for n in s.modules}),
         "name": manifest.name,
         "base_model": manifest.base_model,
-        "store": {
-            "manifests": len(catalog.versions),
-            "names": len(catalog.names()),
-            "referenced_stored_bytes": referenced,
-            "unique_stored_bytes": unique,
-        },
+        "store": totals,
     }
 
 

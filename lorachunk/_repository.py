@@ -14,7 +14,15 @@ from typing import Final
 
 import zstandard
 
-from lorachunk._catalog import Catalog, Version, ordered_versions, read_catalog, update_catalog, write_catalog
+from lorachunk._catalog import (
+    Catalog,
+    Version,
+    lookup,
+    ordered_versions,
+    read_catalog,
+    update_catalog,
+    write_catalog,
+)
 from lorachunk._codec import Codec, codec_from_config
 from lorachunk._digest import ALGORITHMS, check, digest, hex_of, split_digest
 from lorachunk._exceptions import (
@@ -294,13 +302,13 @@ def resolve(store: Store, selector: str | None, *, root: str | None = None) -> s
     if selector is None and root is None:
         return latest_id(store)
     try:
-        catalog = read_catalog(store)
+        hits = lookup(store, selector, root=root)
     except ManifestError:
         if selector is not None and _is_name(selector):
             raise
-        catalog = None  # damaged: ids and roots still resolve without it (verify says what is wrong)
-    if catalog is not None:
-        hits = catalog.find(selector) if selector is not None else [v for v in catalog.versions if v.root == root]
+        hits = None  # damaged: ids and roots still resolve without it (verify says what is wrong)
+    catalogued = hits is not None
+    if hits is not None:
         if len({v.manifest for v in hits}) > 1 and not _is_name(selector):
             raise UsageError(f"{selector!r} is ambiguous in {store!r} ({len(hits)} versions); name one by its full id")
         if hits:
@@ -308,7 +316,7 @@ def resolve(store: Store, selector: str | None, *, root: str | None = None) -> s
     if selector is None:
         return latest_id(store)
     if _is_name(selector):
-        return _by_name(store, selector, catalog is not None)
+        return _by_name(store, selector, catalogued)
     if not store.supports_listing:
         try:
             split_digest(selector)

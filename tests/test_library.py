@@ -137,7 +137,7 @@ def test_hostile_catalogs(library: Path) -> None:
     for bad in (
         good[:-5],
         b"not zstd",
-        zstandard.ZstdCompressor().compress(b'["lorachunk-catalog/1"]\n["add","x",NaN]\n'),
+        zstandard.ZstdCompressor().compress(b'["lorachunk-catalog/1"]\n["add","Ink",NaN]\n'),
         zstandard.ZstdCompressor().compress(b'["lorachunk-catalog/9"]\n'),
     ):
         (library / CATALOG).write_bytes(bad)
