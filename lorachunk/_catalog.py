@@ -283,14 +283,22 @@ def _version(event: object) -> Version:
     )
 
 
-def read_catalog(store: Store) -> Catalog | None:
-    """The store's catalog; None where it has none (a store written before 0.3)."""
+def _stored(store: Store) -> bytes | None:
+    """The catalog's stored bytes, never more than the limit; None where there is none."""
     try:
         stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
     except ObjectNotFoundError:
         return None
     if len(stored) > MAX_STORED_CATALOG_BYTES:
         raise ManifestError(f"{CATALOG}: over the {MAX_STORED_CATALOG_BYTES}-byte limit")
+    return stored
+
+
+def read_catalog(store: Store) -> Catalog | None:
+    """The store's catalog; None where it has none (a store written before 0.3)."""
+    stored = _stored(store)
+    if stored is None:
+        return None
     try:
         return Catalog.from_bytes(stored)
     except ManifestError as exc:
@@ -303,9 +311,11 @@ def update_catalog(store: Store, added: Iterable[Version], removed: Iterable[str
     Every :data:`COMPACT_AFTER` frames the catalog is written again as one. False, and nothing
     written, where there is no readable catalog to add to: the caller writes it whole."""
     try:
-        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-        frames = len(_frames(stored))
-    except (ObjectNotFoundError, ManifestError):
+        stored = _stored(store)
+        frames = len(_frames(stored)) if stored is not None else 0
+    except ManifestError:
+        return False
+    if stored is None:
         return False
     events = [*(["rm", i] for i in removed), *(v.event() for v in added)]
     if frames + 1 < COMPACT_AFTER:
@@ -326,12 +336,9 @@ def lookup(store: Store, selector: str | None, *, root: str | None = None) -> li
     say, found in the catalog's text: only the lines that mention the name or digest are parsed,
     so opening one LoRA of 30,000 costs a search, not a parse of all of them. None where the
     store has no catalog."""
-    try:
-        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-    except ObjectNotFoundError:
+    stored = _stored(store)
+    if stored is None:
         return None
-    if len(stored) > MAX_STORED_CATALOG_BYTES:
-        raise ManifestError(f"{CATALOG}: over the {MAX_STORED_CATALOG_BYTES}-byte limit")
     # A program that opens LoRA after LoRA of one library (an engine) parses the catalog once,
     # the second time it sees the same bytes; a single lookup (the CLI) searches the text.
     key = xxhash.xxh3_128_hexdigest(stored)
@@ -392,9 +399,9 @@ def same_name_ids(store: Store, name: str) -> list[str] | None:
     """The manifest ids of ``name``'s versions, found in the catalog's text without parsing the
     rest of it; None where the store has no catalog or under :data:`SCAN_ALL` versions."""
     try:
-        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-        text = _decompress(stored)[0]
-    except (ObjectNotFoundError, ManifestError):
+        stored = _stored(store)
+        text = _decompress(stored)[0] if stored is not None else b""
+    except ManifestError:
         return None
     if text.count(b'["add",') < SCAN_ALL:
         return None
@@ -413,9 +420,8 @@ def summary(store: Store) -> Catalog | int | None:
     """The catalog, parsed, where it lists fewer than :data:`SCAN_ALL` versions; past that only
     how many (a library's totals are `ls`'s job, not worth a parse on every `info`); None where
     the store has none."""
-    try:
-        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-    except ObjectNotFoundError:
+    stored = _stored(store)
+    if stored is None:
         return None
     text = _decompress(stored)[0]
     versions = text.count(b'["add",') - text.count(b'["rm",')
@@ -426,9 +432,9 @@ def count_versions(store: Store) -> int:
     """How many versions the catalog lists (adds less removals; 0 without a catalog), from its
     text, without parsing it."""
     try:
-        stored = store.get(CATALOG, ByteRange(0, MAX_STORED_CATALOG_BYTES + 1))
-        text = _decompress(stored)[0]
-    except (ObjectNotFoundError, ManifestError):
+        stored = _stored(store)
+        text = _decompress(stored)[0] if stored is not None else b""
+    except ManifestError:
         return 0
     return text.count(b'["add",') - text.count(b'["rm",')
 

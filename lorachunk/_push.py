@@ -255,19 +255,6 @@ def _remote_manifests(remote: HubStore) -> list[Manifest]:
     return [read_manifest(remote, i) for i in ids]
 
 
-def _repo_records(repo: HubRepo, prefix: str, algorithm: str, *, token: str | None, endpoint: str | None) -> Held:
-    """The records the repo's manifests (under ``prefix``) place in packs it holds."""
-    with HubStore(
-        repo.repo_id,
-        revision=repo.revision,
-        repo_type=repo.repo_type,
-        path=prefix.rstrip("/") or None,
-        token=token,
-        endpoint=endpoint,
-    ) as remote:
-        return held_records(remote, algorithm=algorithm)
-
-
 def _whole_packs(
     store: LocalStore, packed: Manifest, held: Held, present: set[str], prefix: str
 ) -> tuple[list[tuple[str, Path]], Held]:
