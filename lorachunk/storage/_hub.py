@@ -1,6 +1,6 @@
 """The Hugging Face Hub: read packed LoRAs from a repo, write to one. The only module importing huggingface_hub.
 
-A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``shards/``), at
+A repo holds the same layout as a local folder (``refs/latest``, ``manifests/``, ``packs/``), at
 its root or under a path, so a clone is a valid :class:`~lorachunk.storage.LocalStore` and several
 LoRAs or versions share one repo's packs.
 

@@ -2,7 +2,7 @@
 
 Layout under the cache root (itself a valid store of records)::
 
-    shards/<first 2 hex>/<hex>        stored shard bytes, named by their digest
+    shards/<first 2 hex>/<hex>        verified records, named by their digest (the folder keeps 0.1's name)
     manifests/<hex>.json.zst          manifests, named by their id
     refs/<sha256 of a source>         the manifest id last read from a remote store (for offline use)
 

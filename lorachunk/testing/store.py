@@ -24,14 +24,14 @@ class StoreTests:
         return store.set
 
     def test_set_get(self, store: Store, put: Put) -> None:
-        put("shards/ab/abcdef", b"hello world")
-        assert store.get("shards/ab/abcdef") == b"hello world"
-        assert store.exists("shards/ab/abcdef")
+        put("packs/ab/abcdef", b"hello world")
+        assert store.get("packs/ab/abcdef") == b"hello world"
+        assert store.exists("packs/ab/abcdef")
 
     def test_missing(self, store: Store) -> None:
-        assert not store.exists("shards/00/none")
+        assert not store.exists("packs/00/none")
         with pytest.raises(lorachunk.ObjectNotFoundError) as caught:
-            store.get("shards/00/none")
+            store.get("packs/00/none")
         assert isinstance(caught.value, FileNotFoundError)
 
     def test_byte_ranges(self, store: Store, put: Put) -> None:
@@ -57,33 +57,33 @@ class StoreTests:
     def test_writes(self, store: Store) -> None:
         if not store.supports_writes:
             with pytest.raises(lorachunk.UsageError, match="read-only"):
-                store.set("shards/aa/aa11", b"same")
+                store.set("packs/aa/aa11", b"same")
             return
         for _ in range(3):
-            store.set("shards/aa/aa11", b"same")
-        assert store.get("shards/aa/aa11") == b"same"
-        store.delete("shards/aa/aa11")
-        store.delete("shards/aa/aa11")
-        assert not store.exists("shards/aa/aa11")
+            store.set("packs/aa/aa11", b"same")
+        assert store.get("packs/aa/aa11") == b"same"
+        store.delete("packs/aa/aa11")
+        store.delete("packs/aa/aa11")
+        assert not store.exists("packs/aa/aa11")
 
     def test_batch_writes_are_there_after_it(self, store: Store) -> None:
         if not store.supports_writes:
             return
         with store.batch():
-            store.set("shards/aa/aa1", b"one")
-            store.set("shards/bb/bb2", b"two")
-        assert store.get("shards/aa/aa1") == b"one"
-        assert store.get("shards/bb/bb2") == b"two"
+            store.set("packs/aa/aa1", b"one")
+            store.set("packs/bb/bb2", b"two")
+        assert store.get("packs/aa/aa1") == b"one"
+        assert store.get("packs/bb/bb2") == b"two"
 
     def test_list_prefix(self, store: Store, put: Put) -> None:
-        for key in ("shards/aa/aa1", "shards/bb/bb2", "manifests/m.json.zst"):
+        for key in ("packs/aa/aa1", "packs/bb/bb2", "manifests/m.json.zst"):
             put(key, b"1")
         if not store.supports_listing:
             with pytest.raises(lorachunk.UsageError):
-                list(store.list_prefix("shards/"))
+                list(store.list_prefix("packs/"))
             return
-        assert sorted(store.list_prefix("shards/")) == ["shards/aa/aa1", "shards/bb/bb2"]
-        assert sorted(store.list_prefix("")) == ["manifests/m.json.zst", "shards/aa/aa1", "shards/bb/bb2"]
+        assert sorted(store.list_prefix("packs/")) == ["packs/aa/aa1", "packs/bb/bb2"]
+        assert sorted(store.list_prefix("")) == ["manifests/m.json.zst", "packs/aa/aa1", "packs/bb/bb2"]
         assert list(store.list_prefix("nothing/")) == []
 
     @pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/./b", "a\\b", "", "a/../../b"])
@@ -101,7 +101,7 @@ class StoreTests:
         def work(i: int) -> None:
             try:
                 for j in range(10):
-                    key = f"shards/cc/{i}-{j}"
+                    key = f"packs/cc/{i}-{j}"
                     put(key, bytes([i]) * 1000 * (j + 1))
                     assert store.get(key) == bytes([i]) * 1000 * (j + 1)
             except BaseException as exc:
