@@ -15,6 +15,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from lorachunk._adapter import adapter_path
 from lorachunk._cache import Cache, CacheInfo
 from lorachunk._compose import Take, compose
 from lorachunk._exceptions import (
@@ -81,6 +82,7 @@ __all__ = [
     "UsageError",
     "VerifyReport",
     "__version__",
+    "adapter_path",
     "compose",
     "load",
     "open",

@@ -16,6 +16,7 @@ from lorachunk._commands import (
     EXIT_STORE,
     EXIT_USAGE,
     EXIT_VERIFY,
+    cmd_adapter,
     cmd_cache,
     cmd_compose,
     cmd_info,
@@ -90,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="SOURCE", help=source_help)
     p.add_argument("--all", action="store_true", help="every version, not only each name's latest")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command(
+        "adapter",
+        cmd_adapter,
+        "print the path of a verified adapter folder an engine reads (PEFT layout, or one .safetensors)",
+    )
+    p.add_argument("dest", metavar="SOURCE", help=source_help)
+    p.add_argument("--split", action="append", default=[], metavar="NAME", help="only this split (repeatable)")
+    p.add_argument("--layers", metavar="RANGE", help="only these layers, e.g. 0-15 (a pipeline stage)")
+    p.add_argument("--format", choices=["peft", "safetensors"], help="default: peft if packed from a PEFT folder")
+    p.add_argument("--root", help="fail unless the LoRA's Merkle root is this one")
+    p.add_argument("--cache-dir", help="where adapter folders go (default: the shared cache's adapters/)")
 
     p = command("rm", cmd_rm, "remove a LoRA from a store: SOURCE#NAME (all versions), #NAME@N or #MANIFEST-ID")
     p.add_argument("dest", metavar="SOURCE#NAME", help="the store and what to remove")

@@ -199,6 +199,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_adapter(args: argparse.Namespace) -> int:
+    path = lorachunk.adapter_path(
+        args.dest,
+        splits=args.split,
+        layers=_layers_option(args.layers),
+        format=args.format,
+        root=args.root,
+        cache_dir=args.cache_dir,
+    )
+    print(path)
+    return EXIT_OK
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     removed = lorachunk.remove(args.dest)
     if not args.quiet:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -258,6 +259,12 @@ class ObjectCache:
         refs = self.root / "refs"
         for path in refs.iterdir() if refs.is_dir() else ():
             self._remove(path)
+        # Adapter folders (lorachunk.adapter_path), each made whole and never changed: removed whole.
+        adapters = self.root / "adapters"
+        for folder in adapters.iterdir() if adapters.is_dir() and not adapters.is_symlink() else ():
+            if folder.is_dir() and not folder.is_symlink():
+                freed += sum(f.lstat().st_size for f in folder.iterdir())
+                shutil.rmtree(folder, ignore_errors=True)
         return freed
 
     def __repr__(self) -> str:
