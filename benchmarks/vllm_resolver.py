@@ -4,12 +4,12 @@
     pip install -e .
     python benchmarks/vllm_resolver.py
 
-Builds a tiny Llama-shaped model and a PEFT LoRA for it here (synthetic: random weights, no
-tokenizer, prompts as token ids), packs the LoRA by name into a store served over HTTP on
-127.0.0.1, starts ``vllm serve`` with the plug-in enabled (``VLLM_PLUGINS=lorachunk``), and asks
-for the adapter by its name only; then loads the original PEFT folder into the same server
-(``/v1/load_lora_adapter``) and compares the two answers' tokens and logprobs, and the base
-model's (which must differ: the adapter does something).
+Builds a tiny Llama-shaped model (head size 64: the smallest vLLM's CPU attention takes) and a
+PEFT LoRA for it here (synthetic: random weights, no tokenizer, prompts as token ids), packs the
+LoRA by name into a store served over HTTP on 127.0.0.1, starts ``vllm serve`` with the plug-in
+enabled (``VLLM_PLUGINS=lorachunk``), and asks for the adapter by its name only; then loads the
+original PEFT folder into the same server (``/v1/load_lora_adapter``) and compares the two
+answers' tokens and logprobs, and the base model's (which must differ: the adapter does something).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def build(work: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -81,7 +81,15 @@ def post(url: str, body: dict[str, Any]) -> Any:
 def complete(base: str, model: str) -> tuple[list[Any], list[Any]]:
     answer = post(
         f"{base}/v1/completions",
-        {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 1},
+        {
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": 1,
+            # no tokenizer: tokens come back as "token_id:N"
+            "return_tokens_as_token_ids": True,
+        },
     )
     choice = answer["choices"][0]
     return choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"]
@@ -100,6 +108,7 @@ def main() -> None:
                 "LORACHUNK_VLLM_STORE": f"{server.url}/loras",
                 "LORACHUNK_VLLM_DIR": str(work / "adapters"),
                 "VLLM_TARGET_DEVICE": "cpu",
+                "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: by default vLLM takes ~90% of RAM, and the kernel kills it
             }
             command = [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -138,6 +147,10 @@ def main() -> None:
             finally:
                 vllm.terminate()
                 vllm.wait(60)
+                log.close()
+                Path(os.environ.get("LORACHUNK_VLLM_LOG", "vllm-server.log")).write_text(
+                    (work / "vllm.log").read_text()
+                )
 
 
 if __name__ == "__main__":
