@@ -309,7 +309,8 @@ def resolve(store: Store, selector: str | None, *, root: str | None = None) -> s
         hits = None  # damaged: ids and roots still resolve without it (verify says what is wrong)
     catalogued = hits is not None
     if hits is not None:
-        if len({v.manifest for v in hits}) > 1 and not _is_name(selector):
+        named = selector is not None and all(v.name == selector.partition("@")[0] for v in hits)
+        if len({v.manifest for v in hits}) > 1 and not named:  # a name's versions: its latest
             raise UsageError(f"{selector!r} is ambiguous in {store!r} ({len(hits)} versions); name one by its full id")
         if hits:
             return hits[-1].manifest

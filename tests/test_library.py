@@ -189,3 +189,10 @@ def test_a_store_written_before_names_is_read_by_name(tmp_path: Path) -> None:
     with lorachunk.open(f"{store}#smart_falcon_4_lokr", cache=False) as lora:
         assert len(lora) == 1750
     assert info_dict(str(store), None)["store"]["names"] == 1
+
+
+def test_a_name_that_looks_like_a_hex_prefix_is_still_a_name(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    lorachunk.pack(SAM, store, name="cafe01")
+    second = lorachunk.pack(FALCON4, store, name="cafe01")
+    assert lorachunk.read_manifest(f"{store}#cafe01").id == second.id  # its latest, not "ambiguous"
