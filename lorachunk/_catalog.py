@@ -25,7 +25,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -134,9 +133,7 @@ class Catalog:
         if LORA_NAME.fullmatch(name) and ":" not in selector:
             versions = [v for v in self.versions if v.name == name]
             if at:
-                if not number.isdigit() or not 1 <= int(number) <= len(versions):
-                    raise UsageError(f"{name!r} has {len(versions)} version(s); no version {number!r}")
-                return [versions[int(number) - 1]]
+                return _nth(versions, name, number)
             if versions:
                 return versions
         by_id = [v for v in self.versions if selector in (v.manifest, v.root)]
@@ -148,7 +145,8 @@ class Catalog:
         return []
 
     def added(self, versions: Iterable[Version]) -> Catalog:
-        new = [v for v in versions if v.manifest not in {w.manifest for w in self.versions}]
+        listed = {w.manifest for w in self.versions}
+        new = [v for v in versions if v.manifest not in listed]
         return replace(self, versions=(*self.versions, *new))
 
     def removed(self, manifest_ids: Iterable[str]) -> Catalog:
@@ -360,13 +358,27 @@ def lookup(store: Store, selector: str | None, *, root: str | None = None) -> li
     if not text.startswith(json.dumps([FORMAT]).encode()):
         raise ManifestError(f"{CATALOG} in {store!r}: not a {FORMAT} catalog")
     name, at, number = (selector or "").partition("@")
+    versions = _search(text, selector, root)
+    if selector is not None and ":" not in selector and not versions and not at:
+        return Catalog.from_bytes(stored).find(selector)  # no such name: maybe a manifest id's hex prefix
+    return _nth(versions, name, number) if at else versions
+
+
+def _nth(versions: list[Version], name: str, number: str) -> list[Version]:
+    """``NAME@N``: the N-th of a name's versions, from 1."""
+    if not number.isdigit() or not 1 <= int(number) <= len(versions):
+        raise UsageError(f"{name!r} has {len(versions)} version(s); no version {number!r}")
+    return [versions[int(number) - 1]]
+
+
+def _search(text: bytes, selector: str | None, root: str | None) -> list[Version]:
+    """The live versions a name (``selector`` without ``@N``), a digest (``selector``) or a root
+    names, from the lines of the catalog's ``text`` that mention it."""
+    name = (selector or "").partition("@")[0]
     if selector is not None and LORA_NAME.fullmatch(name) and ":" not in selector:
         needle = json.dumps(["add", name], separators=(",", ":")).encode()[:-1] + b","
     else:
-        digest = selector if selector is not None else root
-        if digest is None or ":" not in digest:  # a bare hex prefix: the whole catalog decides
-            return Catalog.from_bytes(stored).find(selector or "")
-        needle = json.dumps(digest).encode()
+        needle = json.dumps(selector if selector is not None else root).encode()
     found = []
     start = text.find(needle)
     while start >= 0:
@@ -382,12 +394,7 @@ def lookup(store: Store, selector: str | None, *, root: str | None = None) -> li
     # A version is live unless an ["rm", id] line comes after the line that added it.
     rm = [(json.dumps(["rm", v.manifest], separators=(",", ":")).encode(), at, v) for at, v in found]
     live = {v.manifest: v for needle_rm, at, v in rm if text.rfind(needle_rm) < at}
-    versions = list(live.values())
-    if at:
-        if not number.isdigit() or not 1 <= int(number) <= len(versions):
-            raise UsageError(f"{name!r} has {len(versions)} version(s); no version {number!r}")
-        return [versions[int(number) - 1]]
-    return versions
+    return list(live.values())
 
 
 _MEMO: dict[str, Catalog] = {}
@@ -405,15 +412,10 @@ def same_name_ids(store: Store, name: str) -> list[str] | None:
         return None
     if text.count(b'["add",') < SCAN_ALL:
         return None
-    needle = json.dumps(["add", name], separators=(",", ":")).encode()[:-1] + b","
-    ids = []
-    start = text.find(needle)
-    while start >= 0:
-        end = text.find(b"\n", start)
-        with suppress(ValueError, ManifestError):  # a damaged line costs a missed reuse; verify says so
-            ids.append(_version(json.loads(text[start : end if end >= 0 else len(text)])).manifest)
-        start = text.find(needle, start + 1)
-    return ids
+    try:
+        return [v.manifest for v in _search(text, name, None)]
+    except ManifestError:
+        return None  # a damaged line: this pack reuses less; verify says what is wrong
 
 
 def summary(store: Store) -> Catalog | int | None:

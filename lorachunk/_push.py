@@ -119,7 +119,8 @@ def push(
             files: list[tuple[str, bytes | Path]] = []
             pushed: list[Manifest] = []
             uploads: list[tuple[str, Path]] = []
-            reused = new_bytes = 0
+            reused = 0
+            versions: list[Version] = []  # for the repo's catalog: each with the bytes it sent
             staged = Held({}, {})
             for packed in chosen:
                 one, sent, skipped, staged = _push_one(
@@ -134,13 +135,13 @@ def push(
                 pushed.append(one)
                 uploads += sent
                 reused += skipped
-                new_bytes += sum(p.stat().st_size for _, p in sent)
+                versions.append(Version.of(one, new_bytes=sum(p.stat().st_size for _, p in sent)))
                 present |= {key for key, _ in sent}
                 for key, value in manifest_objects(one)[:1]:
                     if prefix + key not in present:
                         files.append((prefix + key, value))
                         present.add(prefix + key)
-            catalog = _catalog_bytes(remote, pushed, new_bytes) if remote is not None else _fresh_catalog(pushed)
+            catalog = _catalog_bytes(remote, versions)
         uploaded_bytes = sum(p.stat().st_size for _, p in uploads) + sum(
             len(v) for _, v in files if isinstance(v, bytes)
         )
@@ -234,25 +235,16 @@ def _push_one(
     return placed_manifest(packed, modules, packs), uploads, reused, writer.held()
 
 
-def _catalog_bytes(remote: HubStore, pushed: list[Manifest], new_bytes: int) -> bytes:
-    """The repo's catalog with ``pushed`` added: one frame appended to what it has, or (a repo of
-    lorachunk 0.2, without one) written from its manifests."""
-    versions = [Version.of(m, new_bytes=new_bytes if m is pushed[-1] else 0) for m in pushed]
-    try:
-        stored = remote.get(CATALOG)
-    except ObjectNotFoundError:
-        previous = Catalog(tuple(ordered_versions(_remote_manifests(remote), None)))
-        return previous.added(versions).to_bytes()
-    return stored + frame(v.event() for v in versions)
-
-
-def _fresh_catalog(pushed: list[Manifest]) -> bytes:
-    return Catalog(tuple(Version.of(m, new_bytes=m.stored_size) for m in pushed)).to_bytes()
-
-
-def _remote_manifests(remote: HubStore) -> list[Manifest]:
-    ids = list_manifest_ids(remote)
-    return [read_manifest(remote, i) for i in ids]
+def _catalog_bytes(remote: HubStore | None, versions: list[Version]) -> bytes:
+    """The repo's catalog with ``versions`` added: one frame appended to what it has, or (a new
+    repo, or one of lorachunk 0.2 without a catalog) written from its manifests."""
+    if remote is not None:
+        try:
+            return remote.get(CATALOG) + frame(v.event() for v in versions)
+        except ObjectNotFoundError:
+            pass
+    held = [read_manifest(remote, i) for i in list_manifest_ids(remote)] if remote is not None else []
+    return Catalog(tuple(ordered_versions(held, None))).added(versions).to_bytes()
 
 
 def _whole_packs(

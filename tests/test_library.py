@@ -57,6 +57,8 @@ def test_default_names_and_versions(library: Path, capsys: pytest.CaptureFixture
         assert lora.manifest.source.name == FALCON8.name  # the latest version
     with lorachunk.open(f"{library}#falcon@1", cache=False) as lora:
         assert lora.manifest.source.name == FALCON4.name
+    first = catalog.names()["falcon"][0].manifest
+    assert lorachunk.read_manifest(f"{library}#{first[9:21]}").id == first  # a manifest id's hex prefix
     with pytest.raises(lorachunk.UsageError, match="no LoRA named 'ink'"):  # names are case-sensitive
         lorachunk.open(f"{library}#ink", cache=False)
     with pytest.raises(lorachunk.UsageError, match="no version '3'"):
