@@ -34,6 +34,7 @@ from lorachunk._exceptions import (
     StoreUnavailableError,
     UsageError,
 )
+from lorachunk._info import ls_dicts as ls
 from lorachunk._loader import LoRA, PullReport, load, open
 from lorachunk._manifest import FORMAT_ID, Manifest, Module, Source, Split, TensorEntry
 from lorachunk._pack import pack
@@ -85,6 +86,7 @@ __all__ = [
     "adapter_path",
     "compose",
     "load",
+    "ls",
     "open",
     "pack",
     "pull",

@@ -5,6 +5,8 @@ The folder is ``<cache>/adapters/<key>/`` where the key hashes the LoRA's root, 
 and the selection: the same request is the same folder, found by one ``stat``. It is written in
 a hidden temp folder and renamed into place whole, so no engine ever sees part of one, under a
 lock per key, so eight workers asking at once make one fetch and all get the same folder.
+Folders in the shared cache count toward its size cap; one in use is never evicted
+(:meth:`lorachunk.Cache.prune`).
 """
 
 from __future__ import annotations
@@ -14,24 +16,30 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Literal
 
 import xxhash
 
+from lorachunk._cache import Cache
 from lorachunk._exceptions import StoreError, UsageError
 from lorachunk._keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lorachunk._layout import as_names
 from lorachunk._loader import open
 from lorachunk._select import select_modules
 from lorachunk._unpack import unpack
-from lorachunk.storage._objects import default_cache_dir
+from lorachunk.storage._objects import default_cache_dir, key_lock
 
 __all__ = ["adapter_path"]
 
 #: Temp folders of a materialization older than this were left by a killed worker.
 _STALE_S = 3600.0
+
+#: Folders this process holds in use (``hold=True``): shared locks kept until it exits.
+_HELD = ExitStack()
+_HELD_KEYS: set[Path] = set()
 
 
 def adapter_path(
@@ -43,6 +51,7 @@ def adapter_path(
     format: Literal["peft", "safetensors"] | None = None,
     root: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    hold: bool = False,
     **open_options: Any,
 ) -> Path:
     """A local folder holding the LoRA ``source`` names (``SOURCE#NAME`` picks one of a store), or
@@ -58,27 +67,40 @@ def adapter_path(
     digests; a whole file against its sha256), and with ``root`` the LoRA must have it
     (:class:`IntegrityError` before anything is written). The folder is cached under
     ``cache_dir/adapters/`` (default: the shared cache folder) by root and selection: a second
-    call is a lookup. It is never changed once in place; remove it with ``lorachunk cache clear``.
+    call is a lookup. It is never changed once in place.
+
+    In the shared cache, folders count toward its size cap (``LORACHUNK_CACHE_MAX_SIZE``) and the
+    least recently asked for go first, but never one in use: asked for in the last 10 minutes,
+    or held. ``hold=True`` holds the folder until this process ends (a shared lock): for an
+    engine that may read the path again much later (vLLM reloads an adapter it evicted from
+    memory from its path). Folders under ``cache_dir`` are yours to remove.
     """
+    if format not in (None, "peft", "safetensors"):
+        raise UsageError(f"format must be 'peft' or 'safetensors', got {format!r}")
+    # The folder is named by what was asked and the root that pins what it holds, so a call with
+    # root= finds a folder made before with one stat and no request to the store.
+    asked: list[object] = [os.fspath(source), sorted(as_names(splits)), sorted(as_names(modules)), format]
+    if layers is not None:
+        asked.append(sorted(layers))
+    adapters = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "adapters"
+    if root is not None:
+        final = adapters / _key(root, asked)
+        if final.is_dir() and _used(final, hold=hold):
+            return final
     with open(source, root=root, cache=False, **open_options) as lora:
         manifest = lora.manifest
         chosen = select_modules(manifest, splits=splits or (), modules=modules or (), layers=layers)
         if format is None:
             format = "peft" if ADAPTER_CONFIG in manifest.files else "safetensors"
-        if format not in ("peft", "safetensors"):
-            raise UsageError(f"format must be 'peft' or 'safetensors', got {format!r}")
         if format == "peft" and ADAPTER_CONFIG not in manifest.files:
             raise UsageError(f"{manifest.name!r} was not packed from a PEFT folder: ask for format='safetensors'")
         whole = len(chosen) == len(manifest.modules)
-        selection = [] if whole else sorted(m.name for m in chosen)
-        key = xxhash.xxh3_128_hexdigest(json.dumps([manifest.root, manifest.id, format, selection]).encode())
-        adapters = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "adapters"
+        key = _key(manifest.root, asked)
         final = adapters / key
-        if final.is_dir():
-            os.utime(final)  # recently used: what a size cap would keep
+        if final.is_dir() and _used(final, hold=hold):
             return final
-        with _key_lock(adapters, key):
-            if final.is_dir():  # another worker made it while this one waited
+        with key_lock(adapters, key):
+            if final.is_dir() and _used(final, hold=hold):  # another worker made it meanwhile
                 return final
             _clean_stale(adapters)
             tmp = adapters / f".{key}.{secrets.token_hex(8)}.tmp"
@@ -91,31 +113,39 @@ def adapter_path(
                     for name, text in manifest.files.items():
                         (tmp / name).write_text(text)
                 os.rename(tmp, final)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreError(f"cannot write the adapter folder {final}: {exc.strerror or exc}") from exc
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+        if hold:
+            _hold(final)
+    if cache_dir is None:
+        cache = Cache()
+        cache.keep(cache.enforce_limit)  # this folder was just used: the grace keeps it
     return final
 
 
-@contextmanager
-def _key_lock(adapters: Path, key: str) -> Iterator[None]:
-    """One materialization of ``key`` at a time across processes (``flock``; released by the
-    kernel however its holder ends)."""
+def _key(root: str, asked: list[object]) -> str:
+    return xxhash.xxh3_128_hexdigest(json.dumps([root, *asked]).encode())
+
+
+def _used(folder: Path, *, hold: bool) -> bool:
+    """Mark ``folder`` as just used (what the size cap keeps), and hold it if asked. False if it
+    was evicted meanwhile."""
     try:
-        import fcntl
-    except ImportError:  # no flock (Windows): each worker writes its own temp folder; one rename wins
-        yield
-        return
-    try:
-        adapters.mkdir(parents=True, exist_ok=True)
-        fd = os.open(adapters / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise StoreError(f"cannot write {adapters}: {exc.strerror or exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        os.utime(folder)
+    except FileNotFoundError:
+        return False
+    if hold:
+        _hold(folder)
+    return folder.is_dir()
+
+
+def _hold(folder: Path) -> None:
+    if folder not in _HELD_KEYS and _HELD.enter_context(key_lock(folder.parent, folder.name, shared=True)) is not None:
+        _HELD_KEYS.add(folder)
 
 
 def _clean_stale(adapters: Path) -> None:

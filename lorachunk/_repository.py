@@ -359,7 +359,7 @@ def split_source(
 ) -> tuple[str | os.PathLike[str] | Store, str | None]:
     """``SOURCE#SELECTOR`` split in two (the fragment is never sent to a server); a local folder
     whose own name holds ``#`` is left whole. Naming a LoRA both ways is a :class:`UsageError`."""
-    if isinstance(source, Store) or "#" not in os.fspath(source) or Path(source).exists():
+    if isinstance(source, Store) or "#" not in os.fspath(source) or _exists(Path(source)):
         return source, selector
     text, _, fragment = os.fspath(source).rpartition("#")
     if not fragment:
@@ -367,6 +367,13 @@ def split_source(
     if selector is not None and selector != fragment:
         raise UsageError(f"{os.fspath(source)!r} names a LoRA and manifest= names {selector!r}: name it once")
     return text, fragment
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for a path, a NUL in it: not a folder
+        return False
 
 
 def check_dest(dest: str | os.PathLike[str] | Store) -> None:

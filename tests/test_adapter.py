@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +18,7 @@ from peft import PeftModel
 from test_peft import adapter, base_model, logits  # noqa: F401 - the fixture, used by name
 
 import lorachunk
+import lorachunk._adapter
 from lorachunk._cli import main
 from lorachunk.testing.http_server import serve
 
@@ -34,6 +39,11 @@ def test_a_peft_folder_an_engine_loads(adapter: tuple[Path, torch.Tensor], tmp_p
         again = lorachunk.adapter_path(f"{server.url}/lib#tiny", cache_dir=tmp_path / "adapters")
         assert again == path and time.perf_counter() - started < 1.0
         assert not any(r.path.startswith("/lib/packs/") for r in server.log)  # a lookup: no pack fetched
+        server.log.clear()
+        root = lorachunk.read_manifest(f"{server.url}/lib#tiny").root
+        server.log.clear()
+        pinned = lorachunk.adapter_path(f"{server.url}/lib#tiny", root=root, cache_dir=tmp_path / "adapters")
+        assert pinned == path and not server.log  # pinned: one stat, no request at all
 
 
 def test_kohya_consumers_get_one_file_and_a_stage_gets_its_layers(tmp_path: Path) -> None:
@@ -85,3 +95,74 @@ def test_a_worker_killed_while_materializing_leaves_nothing_an_engine_sees(tmp_p
     path = lorachunk.adapter_path(tmp_path / "s")
     assert path.parent == adapters and path.is_dir() and not leftover.exists()
     assert lorachunk.Cache().clear() > 0 and not path.exists()  # cache clear removes them
+
+
+def test_a_worker_killed_mid_fetch_leaves_a_folder_the_next_call_completes(tmp_path: Path) -> None:
+    lorachunk.pack(LORAS / "sam_lora_rank16.safetensors", tmp_path / "www" / "s", name="sam")
+    adapters = tmp_path / "adapters"
+    with serve(tmp_path / "www") as server:
+        server.inject("/s/packs/*", "stall", seconds=60)
+        code = f"import lorachunk; lorachunk.adapter_path({server.url + '/s#sam'!r}, cache_dir={str(adapters)!r})"
+        worker = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            deadline = time.monotonic() + 60
+            while not any(p.name.endswith(".tmp") for p in adapters.glob(".*")):  # it is writing
+                assert time.monotonic() < deadline and worker.poll() is None
+                time.sleep(0.05)
+        finally:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+        server.faults.clear()
+        assert not [p for p in adapters.iterdir() if not p.name.startswith(".")]  # nothing an engine sees
+        path = lorachunk.adapter_path(f"{server.url}/s#sam", cache_dir=adapters)  # its lock died with it
+    assert (path / "sam.safetensors").read_bytes() == (LORAS / "sam_lora_rank16.safetensors").read_bytes()
+
+
+def test_a_full_disk_leaves_no_folder_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lorachunk.pack(LORAS / "sam_lora_rank16.safetensors", tmp_path / "s")
+    real = lorachunk._adapter.unpack  # type: ignore[attr-defined]
+
+    def full(store: object, target: Path, **options: object) -> object:  # the disk fills half-way
+        real(store, target, **options)  # type: ignore[arg-type]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lorachunk._adapter, "unpack", full)
+    with pytest.raises(lorachunk.StoreError, match="No space left"):
+        lorachunk.adapter_path(tmp_path / "s", cache_dir=tmp_path / "a")
+    assert not [p for p in (tmp_path / "a").iterdir() if not p.name.endswith(".lock")]  # no folder, no temp
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "x\x00y", "é" * 300, "#", ""])
+def test_hostile_names_are_refused_and_write_nothing(tmp_path: Path, name: str) -> None:
+    lorachunk.pack(LORAS / "sam_lora_rank16.safetensors", tmp_path / "s", name="sam")
+    with pytest.raises(lorachunk.UsageError):
+        lorachunk.adapter_path(f"{tmp_path / 's'}#{name}", cache_dir=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_cache_cap_evicts_adapter_folders_but_never_one_in_use(tmp_path: Path) -> None:
+    store = tmp_path / "s"
+    for n, fixture in enumerate(["sam_lora_rank16", "smart_falcon_4_lokr", "smart_falcon_8_lokr"]):
+        lorachunk.pack(LORAS / f"{fixture}.safetensors", store, name=f"l{n}")
+    old, recent = lorachunk.adapter_path(f"{store}#l0"), lorachunk.adapter_path(f"{store}#l1")
+    code = (
+        f"import lorachunk, sys; lorachunk.adapter_path({str(store) + '#l2'!r}, hold=True); "
+        "print(1, flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"1\n"
+        held = next(p for p in old.parent.iterdir() if p.is_dir() and p not in (old, recent) and p.name[0] != ".")
+        hour_ago = time.time() - 3600
+        for folder in (old, held):
+            os.utime(folder, (hour_ago, hour_ago))
+        lorachunk.Cache(max_size=0).enforce_limit()
+        assert not old.exists()  # unused for an hour: evicted, whole
+        assert recent.is_dir() and held.is_dir()  # asked for minutes ago; held by a process
+        assert lorachunk.Cache().clear() > 0 and held.is_dir() and not recent.exists()
+    finally:
+        holder.communicate(b"")
+    lorachunk.Cache(max_size=0).enforce_limit()
+    assert not held.exists()  # let go when its holder ended
+    again = lorachunk.adapter_path(f"{store}#l0")
+    assert again == old and (again / "l0.safetensors").is_file()  # evicted: made again on demand

@@ -67,7 +67,11 @@ class LorachunkResolver(LoRAResolver):
     def _materialize(self, lora_name: str) -> Path | None:
         try:
             return lorachunk.adapter_path(
-                f"{self.store}#{lora_name}", root=self.roots.get(lora_name), format="peft", cache_dir=self.cache_dir
+                f"{self.store}#{lora_name}",
+                root=self.roots.get(lora_name),
+                format="peft",
+                cache_dir=self.cache_dir,
+                hold=True,  # vLLM reloads an adapter it evicted from memory from this path
             )
         except lorachunk.UsageError:
             return None  # no LoRA of that name (or not a PEFT adapter): another resolver may have it

@@ -23,12 +23,13 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import secrets
 import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar, Final, Literal
 
@@ -39,10 +40,14 @@ from lorachunk._manifest import MAX_MODULE_RAW_BYTES
 from lorachunk._units import parse_size
 from lorachunk.storage._local import open_regular, write_atomic
 
-__all__ = ["ObjectCache", "default_cache_dir"]
+__all__ = ["ObjectCache", "default_cache_dir", "key_lock"]
 
 #: Temp files older than this belong to a writer that died; pruning removes them.
 _STALE_TMP_S: Final = 3600.0
+
+#: An adapter folder (lorachunk.adapter_path) asked for within this long is never evicted: the
+#: engine that asked may not have opened it yet.
+ADAPTER_GRACE_S: Final = 600.0
 
 
 #: The cache's size cap unless ``LORACHUNK_CACHE_MAX_SIZE`` or ``max_size=`` says otherwise.
@@ -224,9 +229,12 @@ class ObjectCache:
         return bad
 
     def prune(self, max_size: int) -> int:
-        """Evict least recently used objects until at most ``max_size`` bytes remain; return bytes freed.
+        """Evict least recently used objects and adapter folders until at most ``max_size`` bytes
+        remain; return bytes freed.
 
-        Also removes temp files left by writers that died more than an hour ago.
+        An adapter folder in use is never evicted: one asked for in the last 10 minutes, or one a
+        process holds (``adapter_path(hold=True)``, as the vLLM plug-in asks), or one being
+        written. Also removes temp files left by writers that died more than an hour ago.
         """
         now = time.time()
         live: list[tuple[float, int, Path]] = []
@@ -238,14 +246,31 @@ class ObjectCache:
                     freed += stat.st_size
                 continue
             live.append((stat.st_mtime, stat.st_size, path))
+        live.extend(self._adapter_folders())
         total = sum(size for _, size, _ in live)
-        for _, size, path in sorted(live):
+        for used, size, path in sorted(live):
             if total <= max_size:
                 break
-            self._remove(path)
+            if path.is_dir():
+                if now - used < ADAPTER_GRACE_S or not _evict_folder(path):
+                    continue  # in use: kept, over the cap if need be
+            else:
+                self._remove(path)
             total -= size
             freed += size
         return freed
+
+    def _adapter_folders(self) -> Iterator[tuple[float, int, Path]]:
+        """(last used, bytes, path) of each adapter folder, each made whole and never changed."""
+        adapters = self.root / "adapters"
+        if not adapters.is_dir() or adapters.is_symlink():
+            return
+        for folder in adapters.iterdir():
+            with suppress(OSError):
+                stat = folder.lstat()
+                if folder.name.startswith(".") or not folder.is_dir() or folder.is_symlink():
+                    continue
+                yield stat.st_mtime, sum(f.lstat().st_size for f in folder.iterdir()), folder
 
     def enforce_limit(self) -> int:
         return self.prune(self.max_size) if self.max_size is not None else 0
@@ -259,16 +284,56 @@ class ObjectCache:
         refs = self.root / "refs"
         for path in refs.iterdir() if refs.is_dir() else ():
             self._remove(path)
-        # Adapter folders (lorachunk.adapter_path), each made whole and never changed: removed whole.
-        adapters = self.root / "adapters"
-        for folder in adapters.iterdir() if adapters.is_dir() and not adapters.is_symlink() else ():
-            if folder.is_dir() and not folder.is_symlink():
-                freed += sum(f.lstat().st_size for f in folder.iterdir())
-                shutil.rmtree(folder, ignore_errors=True)
+        # Adapter folders (lorachunk.adapter_path): removed whole, unless a process holds one.
+        for _, size, folder in list(self._adapter_folders()):
+            if _evict_folder(folder):
+                freed += size
         return freed
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r})"
+
+
+@contextmanager
+def key_lock(folder: Path, key: str, *, shared: bool = False, wait: bool = True) -> Iterator[int | None]:
+    """``flock`` on ``folder/.<key>.lock``: exclusive to make or evict what ``key`` names,
+    shared to hold it in use. Yields the descriptor, or None when ``wait=False`` and another
+    process holds it. Released by the kernel however its holder ends. Without flock (Windows)
+    nothing is locked: each writer writes its own temp folder and one rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield -1
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f".{key}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        raise StoreError(f"cannot write {folder}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _evict_folder(folder: Path) -> bool:
+    """Remove an adapter folder unless a process holds or is writing it. It is renamed away
+    first, so an engine never sees part of one."""
+    with key_lock(folder.parent, folder.name, wait=False) as fd:
+        if fd is None:
+            return False
+        gone = folder.with_name(f".{folder.name}.{secrets.token_hex(8)}.tmp")  # a killed eviction: stale tmp
+        try:
+            os.rename(folder, gone)
+        except OSError:
+            return False
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
 
 
 def _hashable(path: Path) -> memoryview:
