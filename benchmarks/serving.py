@@ -26,6 +26,7 @@ tensor is the original's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import random
@@ -48,6 +49,7 @@ from lorachunk.testing.http_server import Link, serve
 
 LINKS = {"loopback": Link(), "200 Mbit/s, 10 ms": Link(bandwidth=200e6 / 8, delay=0.01)}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+FRESH = itertools.count()  # a new folder name for every run
 
 
 def peft_folder(folder: Path, *, layers: int, hidden: int, rank: int, seed: int) -> Path:
@@ -96,7 +98,7 @@ def median_time(fn: Callable[[int], object], runs: int) -> float:
 
 def one_link(work: Path, base: str, root: str, runs: int) -> tuple[float, float, float, float, float]:
     """Seconds: whole folder, lorachunk cold, one stage cold, warm by name, warm pinned."""
-    url, fresh = f"{base}/store#ink", iter(range(10**6))
+    url, fresh = f"{base}/store#ink", FRESH
     t_whole = median_time(lambda _: whole_folder(f"{base}/llama-ink", work / f"w{next(fresh)}"), runs)
     t_full = median_time(lambda _: lorachunk.adapter_path(url, cache_dir=work / f"a{next(fresh)}"), runs)
     t_stage = median_time(

@@ -177,3 +177,17 @@ def test_unknown_split_is_a_usage_error(setup: Setup, tmp_path: Path) -> None:
     _, packed = setup("peft")
     with pytest.raises(lorachunk.UsageError, match="no split"):
         load_lora(tiny_pipe(tmp_path), packed, splits=["nope"])
+
+
+def test_a_lora_of_a_library_by_name(tmp_path: Path) -> None:
+    """Issue #26 item 5: ``STORE#NAME`` picks one LoRA of a store holding several."""
+    pipe = tiny_pipe(tmp_path)
+    for n, style in enumerate(["kohya", "peft"]):
+        path = make_lora(pipe, tmp_path / f"{style}.safetensors", style, rank=2 + n)
+        lorachunk.pack(path, tmp_path / "library", name=style)
+    reference = tiny_pipe(tmp_path)
+    reference.load_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="ref")
+    expected = fused(reference)
+    named = tiny_pipe(tmp_path)
+    assert load_lora(named, f"{tmp_path / 'library'}#kohya") == "kohya"
+    assert all(torch.equal(v, expected[k]) for k, v in fused(named).items())

@@ -22,6 +22,7 @@ from lorachunk.testing.hub_server import HubServer
 
 ATTN = DATA / "loras" / "diffusers_sd15_attnproc.safetensors"
 SAM = DATA / "loras" / "sam_lora_rank16.safetensors"
+FALCON = DATA / "loras" / "smart_falcon_16_lokr.safetensors"
 REPO = "me/ink"
 
 
@@ -340,3 +341,30 @@ def test_a_library_goes_up_in_one_commit_and_loads_by_name(hub: HubServer, tmp_p
     assert len({p for p, e in after.items() if before.get(p) != e}) <= 5
     rows = {row["name"] for row in ls_dicts(f"hf://{REPO}")}
     assert rows == {"sam", "attn", "falcon"}
+
+
+def test_many_split_loads_resolve_each_pack_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #27 item 5: the Hub allows 3,000-5,000 resolves per 5 minutes; a program loading
+    split after split of one handle must not spend one per read."""
+    from lorachunk.testing.hub_server import serve_hub
+
+    with serve_hub(token=HUB_TOKEN, cdn=True) as cdn_hub:
+        cdn_hub.cdn_ttl = 3600
+        monkeypatch.setenv("HF_ENDPOINT", cdn_hub.url)
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        lorachunk.push(FALCON, REPO, pack_size=1024 * 1024)
+        cdn_hub.log.clear()
+        with lorachunk.open(f"hf://{REPO}", cache=False) as lora:
+            packs = {m.pack for m in lora.manifest.modules}
+            splits = [s for s in lora.splits if s.startswith(("IN", "OUT", "MID"))]
+            for split in splits:
+                lora.load(splits=[split])
+            resolves = cdn_hub.requests("GET", "/resolve/")
+            assert len(splits) > len(packs) > 1
+            assert len(resolves) <= 1 + len(packs)  # the manifest's, and each pack's once
+            cdn_hub.cdn_key += 1  # the CDN's URLs go stale: each is resolved again, once
+            cdn_hub.log.clear()
+            for split in splits:
+                lora.load(splits=[split])
+            assert len(cdn_hub.requests("GET", "/resolve/")) <= len(packs)
+            assert all(r.authorization is None for r in cdn_hub.requests("GET", "/cdn/"))

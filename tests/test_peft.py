@@ -139,3 +139,14 @@ def test_push_a_peft_folder_and_load_it_from_the_hub(adapter: tuple[Path, torch.
     result = lorachunk.push(folder, "me/tiny-adapter")  # packed on the fly, config included
     model = load_adapter(base_model(), "hf://me/tiny-adapter", root=result.root)
     assert torch.equal(logits(model), expected)
+
+
+def test_one_adapter_of_a_library_by_name(adapter: tuple[Path, torch.Tensor], tmp_path: Path) -> None:
+    """Issue #26 item 5: ``STORE#NAME`` picks one LoRA of a store holding several."""
+    folder, expected = adapter
+    lorachunk.pack(folder, tmp_path / "library", name="tiny")
+    lorachunk.pack(Path(__file__).parent / "data" / "loras" / "sam_lora_rank16.safetensors", tmp_path / "library")
+    model = load_adapter(base_model(), f"{tmp_path / 'library'}#tiny", adapter_name="tiny")
+    assert torch.equal(logits(model), expected)
+    with pytest.raises(lorachunk.UsageError, match="no LoRA"):
+        load_adapter(base_model(), f"{tmp_path / 'library'}#absent")

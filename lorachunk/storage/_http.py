@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import functools
 import importlib.util
@@ -209,6 +210,9 @@ class HTTPStore(Store):
         self._origin = _origin(httpx.URL(self.url))
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._until: float | None = None  # the deadline of the call in progress (deadline())
+        # Where a GET was redirected (the Hub's resolve → its CDN), kept until the signed URL
+        # expires, so loading many splits resolves each object once, not once per read.
+        self._redirects: dict[str, tuple[httpx.URL, float]] = {}
         self._client = httpx.Client(
             # identity: byte offsets for resume and ranges must be those of the stored object.
             headers={"Accept-Encoding": "identity"},
@@ -303,16 +307,31 @@ class HTTPStore(Store):
     def _send(self, method: str, url: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
         """A streamed response, redirects followed here rather than by httpx: the caller's
         headers go only to the store's own origin (httpx drops only ``Authorization`` when a
-        redirect leaves it, so an ``X-Api-Key`` or ``PRIVATE-TOKEN`` would follow)."""
+        redirect leaves it, so an ``X-Api-Key`` or ``PRIVATE-TOKEN`` would follow).
+
+        A GET that was redirected goes straight to where it led next time, until that location
+        expires (its signed ``Expires``/``X-Amz-Expires``, else 5 minutes); a remembered location
+        that answers 4xx is forgotten and the store's URL asked again."""
         history: list[httpx.Response] = []
-        target = httpx.URL(url)
-        for _ in range(_MAX_REDIRECTS + 1):
+        remembered = self._redirects.get(url) if method == "GET" else None
+        if remembered is not None and remembered[1] <= time.monotonic():
+            self._redirects.pop(url, None)
+            remembered = None
+        target = remembered[0] if remembered is not None else httpx.URL(url)
+        for _ in range(_MAX_REDIRECTS + 2):
             sent = dict(headers) | (self._headers if _origin(target) == self._origin else {})
             # Connection and headers within `timeout` in all, however slowly a server trickles them.
             _REQUEST.until = self._bounded(time.monotonic() + self.timeout)
             response = self._client.send(self._client.build_request(method, target, headers=sent), stream=True)
+            if remembered is not None and 400 <= response.status_code < 500:
+                response.close()  # expired or revoked: back to the store's own URL
+                self._redirects.pop(url, None)
+                remembered, target = None, httpx.URL(url)
+                continue
             location = response.headers.get("Location")
             if not (response.is_redirect and location):
+                if history and method == "GET" and response.status_code < 400:
+                    self._redirects[url] = (target, time.monotonic() + _redirect_ttl(target))
                 response.history = history
                 try:
                     yield response
@@ -428,6 +447,21 @@ class HTTPStore(Store):
 
     def __repr__(self) -> str:
         return f"HTTPStore({shown_url(self.url + self._query)!r})"
+
+
+def _redirect_ttl(location: httpx.URL) -> float:
+    """Seconds a redirect's location may be reused: until a minute before its signature expires
+    (CloudFront's ``Expires``, S3's ``X-Amz-Date`` + ``X-Amz-Expires``), else 5 minutes."""
+    params = location.params
+    try:
+        if "Expires" in params:
+            return max(0.0, min(3600.0, float(params["Expires"]) - time.time() - 60))
+        if "X-Amz-Expires" in params and "X-Amz-Date" in params:
+            signed = calendar.timegm(time.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+            return max(0.0, min(3600.0, signed + float(params["X-Amz-Expires"]) - time.time() - 60))
+    except (ValueError, OverflowError):
+        return 0.0  # a signature this cannot read: not reused
+    return 300.0
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:

@@ -82,6 +82,10 @@ class HubServer(ThreadingHTTPServer):
         #: Answer resolves of LFS files with a 302 to another origin (``localhost`` instead of
         #: ``127.0.0.1``), as the Hub sends them to its CDN.
         self.cdn = cdn
+        #: Seconds the CDN's URLs are signed for (``?Expires=``, refused with 403 after), or None.
+        self.cdn_ttl: float | None = None
+        #: The CDN's signing key: changing it makes every URL signed before refused (403).
+        self.cdn_key = 1
         self.link = link or Link()
         self.page_size = page_size
         self.repos: dict[tuple[str, str], Repo] = {}
@@ -273,7 +277,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if match := _CDN.match(url.path):
             data = self.server.lfs.get(match[1])
-            if data is None:
+            query = parse_qs(url.query)
+            expires, key = query.get("Expires", [""])[0], query.get("Key-Pair-Id", [""])[0]
+            if expires and (int(expires) < time.time() or key != str(self.server.cdn_key)):
+                self._error(request, 403, None, "Request has expired")  # as a CDN answers a stale signature
+            elif data is None:
                 self._error(request, 404, None, "no such object")
             else:
                 self._ranged(request, data, {"ETag": f'"{match[1]}"', "Accept-Ranges": "bytes"}, content=content)
@@ -366,7 +374,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{entry.sha256}"', "X-Linked-Size": str(entry.size)})
             if self.server.cdn:
                 port = self.server.server_address[1]
-                headers["Location"] = f"http://localhost:{port}/cdn/{entry.sha256}"
+                expires = int(time.time() + (self.server.cdn_ttl or 0))
+                signed = f"?Expires={expires}&Key-Pair-Id={self.server.cdn_key}" if self.server.cdn_ttl else ""
+                headers["Location"] = f"http://localhost:{port}/cdn/{entry.sha256}{signed}"
                 self._send(request, 302, b"", headers, content=content)
                 return
         self._ranged(request, data, headers, content=content)
