@@ -77,6 +77,9 @@ def _left(timeout: float | None) -> float | None:
     return left if timeout is None else min(timeout, left)
 
 
+_READ_BYTES: Final = 1 << 20
+
+
 class _DeadlineStream(httpcore.NetworkStream):
     """A socket stream whose every read, write and TLS handshake ends by the request's deadline."""
 
@@ -84,7 +87,9 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _left(timeout))
+        # httpcore asks for 64 KiB at a time; taking what the socket holds, up to 1 MiB, is the
+        # same bytes in a sixteenth of the Python round trips (a full load over a fast link).
+        return self._inner.read(max(max_bytes, _READ_BYTES), _left(timeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, _left(timeout))
