@@ -1,10 +1,14 @@
-"""Compression and codec speed: lorachunk vs whole-file zstd -3/-19 and ZipNN, side by side.
+"""Compression and codec speed: lorachunk vs whole-file zstd -3/-19, ZipNN and z4ai, side by side.
 
     python benchmarks/compression.py            # real fixtures + synthetic SDXL-shaped F16 and BF16
     python benchmarks/compression.py --quick    # smaller synthetic files
 
-Prints a Markdown table; docs/benchmarks.md holds the last published run. Speeds are single
+Prints Markdown tables; docs/benchmarks.md holds the last published run. Speeds are single
 thread (LORACHUNK_THREADS=1), best of three, each taking turns with the baseline it is compared to.
+
+z4ai (``pip install lorachunk[bench]``) two ways: its safetensors container (``ZSTN``: each
+tensor compressed on its own, with an index for reading one tensor, the peer of lorachunk's
+records) and one frame of the whole file (no random access), each with its decompression speed.
 """
 
 from __future__ import annotations
@@ -56,6 +60,33 @@ def zipnn_sizes(path: Path, manifest: lorachunk.Manifest) -> tuple[int | None, i
         codec = zipnn.ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE.get(dtype, "float32"))
         per_module += len(codec.compress(raw))
     return whole, per_module
+
+
+def z4ai_measure(data: bytes, manifest: lorachunk.Manifest) -> dict[str, object]:
+    """z4ai's stored bytes and decompression MB/s (single thread): its per-tensor container and
+    one whole-file frame; empty when z4ai is not installed."""
+    try:
+        import z4ai
+        import z4ai.safetensors
+    except ImportError:
+        return {}
+    sizes: dict[str, int] = {}
+    for module in manifest.modules:
+        for tensor in module.tensors:
+            sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.length
+    main_dtype = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}.get(max(sizes, key=sizes.__getitem__, default=""))
+    container = z4ai.safetensors.compress_bytes(data, threads=1, workers=1)
+    whole = z4ai.compress(data, dtype=main_dtype, threads=1)
+    container_s, whole_s = best_of_each(
+        [lambda: z4ai.safetensors.decompress_bytes(container, workers=1), lambda: z4ai.decompress(whole)], repeat=3
+    )
+    mb = len(data) / 1e6
+    return {
+        "z4ai": len(container),
+        "z4ai_whole": len(whole),
+        "z4ai_MBs": mb / container_s,
+        "z4ai_whole_MBs": mb / whole_s,
+    }
 
 
 def measure(path: Path, workdir: Path) -> dict[str, object]:
@@ -121,6 +152,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
         repeat=3,
     )
     zipnn_whole, zipnn_module = zipnn_sizes(path, manifest)
+    z4 = z4ai_measure(data, manifest)
     mb = len(data) / 1e6
     raw_mb = manifest.raw_size / 1e6
     return {
@@ -141,6 +173,7 @@ def measure(path: Path, workdir: Path) -> dict[str, object]:
         "zstd3_dec_MBs": mb / z3d_s,
         "frames_MBs": raw_mb / frames_s,
         "one_call_MBs": raw_mb / one_call_s,
+        **z4,
     }
 
 
@@ -249,6 +282,27 @@ def main() -> None:
     print(
         f"\nAll files: lorachunk stores {totals['lorachunk'] / totals['zstd19']:.3f}x the bytes of whole-file zstd -19."
     )
+    z4rows = [r for r in rows if "z4ai" in r]
+    if z4rows:
+        print(
+            "\n| file | lorachunk bytes | z4ai container bytes (lorachunk /) | z4ai whole-file bytes (lorachunk /) "
+            "| lorachunk decode MB/s | z4ai container decompress MB/s | z4ai whole decompress MB/s |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in z4rows:
+            print(
+                f"| {r['file']} | {r['lorachunk']} | {r['z4ai']} ({r['lorachunk'] / r['z4ai']:.4f}) "  # type: ignore[operator]
+                f"| {r['z4ai_whole']} ({r['lorachunk'] / r['z4ai_whole']:.4f}) | {_speed(r['decode_MBs'])} "  # type: ignore[operator]
+                f"| {_speed(r['z4ai_MBs'])} | {_speed(r['z4ai_whole_MBs'])} |"
+            )
+        real = [r for r in z4rows if not str(r["file"]).startswith("synthetic")]
+        for label, chosen in (("real files", real), ("all files", z4rows)):
+            ours = sum(int(r["lorachunk"]) for r in chosen)  # type: ignore[call-overload]
+            theirs = sum(int(r["z4ai"]) for r in chosen)  # type: ignore[call-overload]
+            whole = sum(int(r["z4ai_whole"]) for r in chosen)  # type: ignore[call-overload]
+            print(
+                f"\n{label}: lorachunk {ours / theirs:.4f}x z4ai's container, {ours / whole:.4f}x its whole-file frames"
+            )
 
 
 if __name__ == "__main__":
