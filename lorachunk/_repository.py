@@ -525,10 +525,9 @@ def fetch_records(
     record), as the requests that carry them complete.
 
     The requests are planned by :func:`~lorachunk._packing.plan_reads` from ``packs`` (each
-    pack's size): one request carries many records. Every record is checked against its digest
-    before it is yielded, as a view of the request's bytes (no copy: a full load of a large LoRA
-    would copy every byte once more); a pack read whole is not hashed as well, since no caller
-    takes a byte of it but through a record (``verify`` checks packs whole, on its own).
+    pack's size): one request carries many records, and a pack read whole is checked against
+    its name. Every record is checked against its digest before it is yielded, as a view of the
+    request's bytes (no copy: a full load of a large LoRA would copy every byte once more).
     ``whole=False`` reads only the records' own bytes. ``on_read(size)`` is told of each
     request that completes.
     """
@@ -589,6 +588,8 @@ def fetch_records(
                 "bytes where the manifest declares" if v1 else "bytes (truncated or wrong) where the manifest declares"
             )
             raise IntegrityError(f"{described(read)}: {got} {problem} {want}")
+        if read.whole and not v1:
+            check(pack_id_of(read.key), data, what=f"pack {read.key}{where}")
         if on_read is not None:
             on_read(len(data))
         whole_records = []
