@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def best(
@@ -46,3 +48,48 @@ def machine() -> str:
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {platform.processor() or ''}".rstrip()
         + f", {os.cpu_count()} cores, Python {platform.python_version()}"
     )
+
+
+def stage_times(fn: Callable[[], object]) -> dict[str, float]:
+    """Seconds ``fn`` (a lorachunk load) spends in each stage, summed over the threads that ran
+    it, and its wall time: requests, hashing the records, zstd, the rest of decoding (joining the
+    byte planes), hashing the decoded bytes, and placing (new memory for each module, tensors)."""
+    import lorachunk._codec
+    import lorachunk._record
+    import lorachunk._repository
+    import lorachunk._torch
+
+    spent: dict[str, float] = {}
+    patches: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        patches.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    wrap(lorachunk._repository, "get_object", "requests")
+    wrap(lorachunk._repository, "check", "hash (records)")
+    wrap(lorachunk._codec, "_plane", "zstd")
+    wrap(lorachunk._codec.BytePlaneZstd, "decode", "decode")
+    wrap(lorachunk._record, "check", "hash (decoded)")
+    wrap(lorachunk._torch.CPUPlacer, "stage", "place")
+    try:
+        start = time.perf_counter()
+        fn()
+        spent["wall"] = time.perf_counter() - start
+    finally:
+        for owner, name, original in patches:
+            setattr(owner, name, original)
+    # Each stage nests the next: what is left of each is its own share.
+    spent["place"] = spent.get("place", 0.0) - spent.get("decode", 0.0) - spent.get("hash (decoded)", 0.0)
+    spent["decode"] = spent.get("decode", 0.0) - spent.get("zstd", 0.0)
+    return spent

@@ -20,15 +20,17 @@ that hands out new tensors (``load_file`` maps the file's pages, already in the 
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from _timing import best_of_each, machine
+from _timing import best_of_each, machine, stage_times
 from safetensors.torch import load_file
 
 import lorachunk
+import lorachunk._pipeline
 from lorachunk.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +91,15 @@ def row(path: Path, work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="synthetic LoRA at 1/4 width")
+    parser.add_argument(
+        "--parallel-min-bytes",
+        type=int,
+        help="decode modules this large or larger on threads (lorachunk's rule: 128 KiB), to measure the GIL",
+    )
     args = parser.parse_args()
+    if args.parallel_min_bytes is not None:
+        lorachunk._pipeline.PARALLEL_MIN_BYTES = args.parallel_min_bytes
+        print(f"modules of {args.parallel_min_bytes} bytes or more decoded on threads")
     print(f"{machine()}, torch {torch.__version__}\n")
     print(
         "| file | MB | load_file + touch ms | lorachunk warm ms (x) | lorachunk decode ms (x) "
@@ -108,6 +118,15 @@ def main() -> None:
                 dtype=dtype,
             )
             print(row(synthetic, work), flush=True)
+        print()
+        for dtype in ("F16", "BF16"):
+            packed = work / f"synthetic_sdxl_{dtype.lower()}.lcs"
+            cold = functools.partial(lorachunk.load, packed, cache=False)
+            spent = min((stage_times(cold) for _ in range(5)), key=lambda s: s["wall"])
+            print(
+                f"synthetic {dtype}, one cold decode (the fastest of five), seconds summed over threads: "
+                + ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds in spent.items())
+            )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ installed, and the output says which), serves on 127.0.0.1 the packed store and 
 
 Then where lorachunk's time goes in one load: seconds spent, summed over threads, in the
 requests (``HTTPStore.get``), hashing (``check``), zstd (``_plane``), the rest of decoding
-(interleaving the byte planes), and placing (making tensors), beside the wall time.
+(interleaving the byte planes), and placing (new memory for each module and its tensors),
+beside the wall time.
 """
 
 from __future__ import annotations
@@ -28,18 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import torch
-from _timing import best_of_each, machine
+from _timing import best_of_each, machine, stage_times
 from safetensors.torch import load as load_bytes
 
 import lorachunk
-import lorachunk._codec
-import lorachunk._digest
-import lorachunk._repository
-import lorachunk._torch
 from lorachunk.testing import synth
 from lorachunk.testing.http_server import serve
 
@@ -101,42 +97,6 @@ def drop_bytes(client: httpx.Client, url: str) -> int:
     return total
 
 
-def split_of_time(url: str, concurrency: int) -> dict[str, float]:
-    """Seconds in each stage of one load, summed over the threads that ran it."""
-    spent: dict[str, float] = {}
-    patches: list[tuple[Any, str, Any]] = []
-
-    def wrap(owner: Any, name: str, label: str) -> None:
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
-
-        patches.append((owner, name, original))
-        setattr(owner, name, timed)
-
-    wrap(lorachunk._repository, "get_object", "requests")
-    wrap(lorachunk._repository, "check", "hash (records)")
-    wrap(lorachunk._codec, "_plane", "zstd")
-    wrap(lorachunk._codec.BytePlaneZstd, "decode", "decode")
-    wrap(lorachunk._record, "check", "hash (decoded)")
-    wrap(lorachunk._torch.Placer, "tensors", "place")
-    try:
-        start = time.perf_counter()
-        lorachunk.load(url, cache=False, concurrency=concurrency)
-        spent["wall"] = time.perf_counter() - start
-    finally:
-        for owner, name, original in patches:
-            setattr(owner, name, original)
-    spent["decode"] -= spent.get("zstd", 0.0)  # what decoding does besides zstd: the planes' interleave
-    return spent
-
-
 def run(path: Path, work: Path, repeat: int) -> list[str]:
     root = work / "www"
     root.mkdir()
@@ -152,7 +112,7 @@ def run(path: Path, work: Path, repeat: int) -> list[str]:
             *(functools.partial(lorachunk.load, store_url, cache=False, concurrency=n) for n in (2, 4, 16)),
         ]
         t_bytes, t_get, *t_lc = best_of_each(runs, repeat)
-        split = split_of_time(store_url, 4)
+        split = stage_times(lambda: lorachunk.load(store_url, cache=False, concurrency=4))
     rows.append(f"served by {server}")
     rows.append(
         f"| {path.name} ({size / 1e6:.0f} MB) | {t_bytes * 1e3:.0f} ms ({size / t_bytes / 1e9:.2f} GB/s) "
