@@ -165,7 +165,9 @@ def catalog_added(store: Store, manifest: Manifest, *, new_bytes: int, removed: 
     with store.serialized():
         if update_catalog(store, [version], removed):
             return
-        rebuild_catalog(store)
+        # A new store holds this manifest alone: no need to list and read it back.
+        alone = store.supports_listing and list_manifest_ids(store) == [manifest.id]
+        rebuild_catalog(store, manifests=[manifest] if alone else None)
 
 
 def rebuild_catalog(
