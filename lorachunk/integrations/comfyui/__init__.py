@@ -53,7 +53,7 @@ def parse_block_weights(text: str) -> dict[str, float]:
     if not text:
         return {}
     head, colon, rest = text.partition(":")
-    if colon and "=" not in head and not _is_number(head):
+    if colon and head.strip().isidentifier():
         text = rest  # a preset's name
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if all("=" in p for p in parts):
@@ -73,14 +73,6 @@ def parse_block_weights(text: str) -> dict[str, float]:
             " or write BLOCK=weight pairs"
         )
     return dict(zip(order, map(_weight, parts), strict=True))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _weight(text: str) -> float:
