@@ -79,7 +79,9 @@ def adapter_path(
         raise UsageError(f"format must be 'peft' or 'safetensors', got {format!r}")
     # The folder is named by what was asked and the root that pins what it holds, so a call with
     # root= finds a folder made before with one stat and no request to the store.
-    asked: list[object] = [os.fspath(source), sorted(as_names(splits)), sorted(as_names(modules)), format]
+    splits, modules = as_names(splits), as_names(modules)  # iterated twice below: not iterators
+    layers = None if layers is None else list(layers)
+    asked: list[object] = [os.fspath(source), sorted(splits), sorted(modules), format]
     if layers is not None:
         asked.append(sorted(layers))
     adapters = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "adapters"
@@ -115,6 +117,8 @@ def adapter_path(
                 os.rename(tmp, final)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if final.is_dir():  # without flock (Windows) another worker's rename won: the same folder
+                    return final
                 raise StoreError(f"cannot write the adapter folder {final}: {exc.strerror or exc}") from exc
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

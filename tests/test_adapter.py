@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import DATA
 from peft import PeftModel
+from safetensors import safe_open
 from test_peft import adapter, base_model, logits  # noqa: F401 - the fixture, used by name
 
 import lorachunk
@@ -52,9 +53,14 @@ def test_kohya_consumers_get_one_file_and_a_stage_gets_its_layers(tmp_path: Path
     path = lorachunk.adapter_path(f"{tmp_path / 's'}#falcon", cache_dir=tmp_path / "a")
     assert [p.name for p in path.iterdir()] == ["falcon.safetensors"]
     assert (path / "falcon.safetensors").read_bytes() == src.read_bytes()
-    part = lorachunk.adapter_path(tmp_path / "s", splits=["text_encoder"], cache_dir=tmp_path / "a")
+    part = lorachunk.adapter_path(tmp_path / "s", splits=iter(["text_encoder"]), cache_dir=tmp_path / "a")
     assert part != path and (part / "falcon.safetensors").stat().st_size < src.stat().st_size
     assert main(["adapter", str(tmp_path / "s"), "--split", "text_encoder", "--cache-dir", str(tmp_path / "a")]) == 0
+    some = [m.name for m in lorachunk.read_manifest(tmp_path / "s").modules[:3]]
+    picked = lorachunk.adapter_path(tmp_path / "s", modules=iter(some), cache_dir=tmp_path / "a")  # read once
+    assert picked == lorachunk.adapter_path(tmp_path / "s", modules=some, cache_dir=tmp_path / "a")
+    with safe_open(picked / "falcon.safetensors", "pt") as handle:
+        assert {key.split(".")[0] for key in handle.keys()} == set(some)  # noqa: SIM118 - not iterable
 
 
 def test_a_root_that_does_not_match_writes_nothing(tmp_path: Path) -> None:
