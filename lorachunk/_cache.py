@@ -39,6 +39,8 @@ class CacheInfo:
     bytes: int
     #: LoRAs whose decoded modules are kept as one file (see :meth:`Cache.get_bundle`).
     bundles: int = 0
+    #: Adapter folders (:func:`lorachunk.adapter_path`); their bytes are in ``bytes``.
+    adapters: int = 0
 
 
 class Cache(ObjectCache):
@@ -200,7 +202,11 @@ class Cache(ObjectCache):
             if not path.name.startswith("."):
                 counts[kind] += 1
                 total += stat.st_size
-        return CacheInfo(self.root, counts["shards"], counts["manifests"], counts["raw"], total, counts["bundles"])
+        folders = list(self._adapter_folders())
+        total += sum(size for _, size, _ in folders)
+        return CacheInfo(
+            self.root, counts["shards"], counts["manifests"], counts["raw"], total, counts["bundles"], len(folders)
+        )
 
     def verify(self) -> list[Path]:
         """Re-hash every entry; remove and return those that do not match their names.

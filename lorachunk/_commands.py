@@ -373,6 +373,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             (_count(info.records, "record"), _count(info.manifests, "manifest"), _count(info.decoded, "decoded module"))
         )
         counts += f", {_count(info.bundles, 'decoded LoRA')}" if info.bundles else ""
+        counts += f", {_count(info.adapters, 'adapter folder')}" if info.adapters else ""
         cap = "no cap" if cache.max_size is None else f"cap {_size(cache.max_size)} (LORACHUNK_CACHE_MAX_SIZE)"
         print(f"holds     {counts}, {_size(info.bytes)}; {cap}, least recently used evicted first")
     elif args.action == "verify":

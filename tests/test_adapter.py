@@ -159,6 +159,8 @@ def test_the_cache_cap_evicts_adapter_folders_but_never_one_in_use(tmp_path: Pat
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"1\n"
         held = next(p for p in old.parent.iterdir() if p.is_dir() and p not in (old, recent) and p.name[0] != ".")
+        info = lorachunk.Cache().info()
+        assert info.adapters == 3 and info.bytes >= sum(f.stat().st_size for f in held.iterdir())
         hour_ago = time.time() - 3600
         for folder in (old, held):
             os.utime(folder, (hour_ago, hour_ago))
