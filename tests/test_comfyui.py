@@ -26,6 +26,7 @@ from conftest import DATA
 
 import lorachunk
 from lorachunk.integrations import comfyui
+from lorachunk.testing.http_server import serve
 
 LORAS = DATA / "loras"
 
@@ -214,3 +215,19 @@ def test_the_node_lists_the_store_it_is_given(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("LORACHUNK_COMFYUI_STORE", str(tmp_path / "nothing-here"))
     assert comfyui.LorachunkLoraLoader.INPUT_TYPES()["required"]["lora_name"] == ([""],)
     assert set(comfyui.NODE_CLASS_MAPPINGS) == set(comfyui.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def test_a_remote_store_is_listed_once_a_minute_not_per_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ComfyUI asks for every node's inputs on each page load: that must not fetch the catalog each time."""
+    lorachunk.pack(LORAS / "smart_falcon_4_lokr.safetensors", tmp_path / "www" / "s", name="falcon")
+    with serve(tmp_path / "www") as server:
+        monkeypatch.setenv("LORACHUNK_COMFYUI_STORE", f"{server.url}/s")
+        server.log.clear()
+        for _ in range(5):
+            assert comfyui.LorachunkLoraLoader.INPUT_TYPES()["required"]["lora_name"] == (["falcon"],)
+        first = len(server.log)
+        assert first > 0
+        lorachunk.pack(LORAS / "sam_lora_rank16.safetensors", tmp_path / "www" / "s", name="sam")
+        monkeypatch.setattr(comfyui, "_LISTED_FOR_S", 0.0)  # a minute later
+        assert comfyui.LorachunkLoraLoader.INPUT_TYPES()["required"]["lora_name"] == (["falcon", "sam"],)
+    assert first <= 2  # the five page loads read the catalog once

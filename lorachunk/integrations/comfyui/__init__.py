@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -107,13 +108,24 @@ def _store() -> str:
     return os.environ.get("LORACHUNK_COMFYUI_STORE", "")
 
 
+#: ComfyUI asks every node for its inputs each time a browser loads the page: a store's names
+#: are read once a minute at most, not once per page.
+_LISTED_FOR_S = 60.0
+_listed: dict[str, tuple[float, list[str]]] = {}
+
+
 def _names(store: str) -> list[str]:
     if not store:
         return []
+    seen = _listed.get(store)
+    if seen is not None and time.monotonic() - seen[0] < _LISTED_FOR_S:
+        return seen[1]
     try:
-        return sorted({row["name"] for row in lorachunk.ls(store)})
+        names = sorted({row["name"] for row in lorachunk.ls(store)})
     except lorachunk.LorachunkError:
-        return []  # a store that cannot be read lists nothing; the node says why when it runs
+        names = []  # a store that cannot be read lists nothing; the node says why when it runs
+    _listed[store] = (time.monotonic(), names)
+    return names
 
 
 class LorachunkLoraLoader:
