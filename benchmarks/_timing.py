@@ -79,9 +79,12 @@ def stage_times(fn: Callable[[], object]) -> dict[str, float]:
     wrap(lorachunk._repository, "get_object", "requests")
     wrap(lorachunk._repository, "check", "hash (records)")
     wrap(lorachunk._codec, "_plane", "zstd")
+    wrap(lorachunk._codec, "_stream", "zstd")
     wrap(lorachunk._codec.BytePlaneZstd, "decode", "decode")
+    wrap(lorachunk._codec.BytePlaneZstd, "decode_run", "decode")
     wrap(lorachunk._record, "check", "hash (decoded)")
     wrap(lorachunk._torch.CPUPlacer, "stage", "place")
+    wrap(lorachunk._torch.CPUPlacer, "stage_run", "place")
     try:
         start = time.perf_counter()
         fn()

@@ -92,14 +92,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="synthetic LoRA at 1/4 width")
     parser.add_argument(
-        "--parallel-min-bytes",
+        "--run-bytes",
         type=int,
-        help="decode modules this large or larger on threads (lorachunk's rule: 128 KiB), to measure the GIL",
+        help="decoded bytes of the records one thread decodes at once (lorachunk's: 1 MiB); 1 decodes record by record",
     )
     args = parser.parse_args()
-    if args.parallel_min_bytes is not None:
-        lorachunk._pipeline.PARALLEL_MIN_BYTES = args.parallel_min_bytes
-        print(f"modules of {args.parallel_min_bytes} bytes or more decoded on threads")
+    if args.run_bytes is not None:
+        lorachunk._pipeline.RUN_BYTES = args.run_bytes
+        print(f"records decoded in runs of {args.run_bytes} bytes")
     print(f"{machine()}, torch {torch.__version__}\n")
     print(
         "| file | MB | load_file + touch ms | lorachunk warm ms (x) | lorachunk decode ms (x) "

@@ -19,12 +19,26 @@ import zstandard
 
 from lorachunk._exceptions import IntegrityError, ManifestError
 
-__all__ = ["REGISTRY", "BytePlaneZstd", "Codec", "Segment", "codec_from_config", "plane_groups", "tiled_itemsize"]
+__all__ = [
+    "REGISTRY",
+    "BytePlaneZstd",
+    "Codec",
+    "RunRecord",
+    "Segment",
+    "codec_from_config",
+    "plane_groups",
+    "tiled_itemsize",
+]
 
 if TYPE_CHECKING:  # numpy.typing costs import time and only annotations use it
     import numpy.typing as npt
 
     _Bytes: TypeAlias = npt.NDArray[np.uint8]
+
+
+#: One record of a run: its segments, its frame lengths, and the buffer it decodes into.
+RunRecord: TypeAlias = "tuple[Sequence[Segment], Sequence[int], memoryview]"
+_Groups: TypeAlias = "Sequence[tuple[int, list[Segment], int]]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,17 @@ class Codec(ABC):
 
         Raises :class:`IntegrityError` when the stored bytes do not decode to the declared sizes.
         """
+
+    def decode_run(self, stored: memoryview, records: Sequence[RunRecord]) -> None:
+        """Decode records stored back to back, each ``(segments, frames, out)``, as :meth:`decode`
+        would one by one (which is what this does unless a codec knows a faster way)."""
+        position = 0
+        for segments, frames, out in records:
+            size = sum(frames)
+            self.decode(stored[position : position + size], segments, frames, out)
+            position += size
+        if position != len(stored):
+            raise IntegrityError("record frame table does not match its bytes")
 
 
 class BytePlaneZstd(Codec):
@@ -153,42 +178,49 @@ class BytePlaneZstd(Codec):
         return b"".join(frames), tuple(len(f) for f in frames)
 
     def decode(self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview) -> None:
-        itemsize = tiled_itemsize(segments, len(out))
-        if itemsize:
-            self._decode_tiled(stored, itemsize, frames, out)
-            return
-        target = np.frombuffer(out, dtype=np.uint8)
-        views: list[_Bytes] = []
-        for itemsize, group, plane_index, plane in self._planes(stored, segments, frames):
-            if plane_index == 0:
-                views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
-            _scatter(plane, views, plane_index)
+        groups = plane_groups(segments)
+        _unplane(groups, list(self._planes(stored, groups, frames)), segments, out)
 
-    def _decode_tiled(self, stored: memoryview, itemsize: int, frames: Sequence[int], out: memoryview) -> None:
-        """The usual module (one element size, tensors back to back): each plane goes straight
-        into its column of the output, with none of the general path's per-tensor bookkeeping."""
-        count = len(out) // itemsize
-        if len(frames) != itemsize or sum(frames) != len(stored):
-            raise IntegrityError("record frame table does not match its bytes")
-        columns = np.frombuffer(out, dtype=np.uint8).reshape(count, itemsize)
-        dctx = _decompressor()
-        position = 0
-        try:
-            planes = []
+    def decode_run(self, stored: memoryview, records: Sequence[RunRecord]) -> None:
+        """All frames of the run in one streaming call into a per-thread scratch buffer, then each
+        record's planes joined into its ``out``.
+
+        Decoding a module costs a few GIL round trips; on 2 cores two threads decoding module by
+        module were slower than one (docs/benchmarks.md #27). A run of a megabyte gives each
+        thread a long stretch without the GIL. zstd checks each frame as it streams; the sizes
+        are checked in total (a plane that decodes short and its neighbour long would only
+        shift bytes, which the raw digest every caller checks then refuses).
+        """
+        if len(records) == 1:
+            segments, frames, out = records[0]
+            self.decode(stored, segments, frames, out)
+            return
+        layouts = []
+        position = total = 0
+        for segments, frames, out in records:
+            groups = plane_groups(segments)
+            if len(frames) != sum(itemsize for itemsize, _, _ in groups):
+                raise IntegrityError("record frame table does not match its bytes")
             for length in frames:
-                planes.append(np.frombuffer(_plane(dctx, stored[position : position + length], count), dtype=np.uint8))
+                _check_header(stored[position : position + length])
                 position += length
+            layouts.append((groups, segments, out, total))
+            total += sum(itemsize * count for itemsize, _, count in groups)
+        if position != len(stored):
+            raise IntegrityError("record frame table does not match its bytes")
+        scratch = _scratch(total)
+        try:
+            _stream(stored, scratch.data[:total])
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"record does not decode with codec {self.codec_id}: {exc}") from exc
-        if itemsize == 2 and _LITTLE_ENDIAN:
-            # F16/BF16, most LoRAs: whole 16-bit words (high << 8 | low) are written 2-3x faster
-            # than two byte-strided columns (benchmarks/load.py, docs/benchmarks.md #27).
-            words = np.frombuffer(out, dtype=np.uint16)
-            np.left_shift(planes[1], 8, out=words, dtype=np.uint16)
-            words |= planes[0]
-            return
-        for plane_index, plane in enumerate(planes):
-            columns[:, plane_index] = plane
+        for groups, segments, out, start in layouts:
+            planes = []
+            position = start
+            for itemsize, _, count in groups:
+                for _ in range(itemsize):
+                    planes.append(scratch[position : position + count])
+                    position += count
+            _unplane(groups, planes, segments, out)
 
     def decode_planes(
         self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int], out: memoryview
@@ -197,39 +229,84 @@ class BytePlaneZstd(Codec):
         planes back to back. A device can then un-group in parallel (see ``_torch._ungroup``)."""
         target = np.frombuffer(out, dtype=np.uint8)
         written = 0
-        for *_, plane in self._planes(stored, segments, frames):
+        for plane in self._planes(stored, plane_groups(segments), frames):
             target[written : written + len(plane)] = plane
             written += len(plane)
         if written != len(target):
             raise IntegrityError("record frame table does not match its bytes")
 
-    def _planes(
-        self, stored: memoryview, segments: Sequence[Segment], frames: Sequence[int]
-    ) -> Iterator[tuple[int, list[Segment], int, _Bytes]]:
-        """Each plane in frame order as ``(itemsize, group, plane index, bytes)``, checked against
-        the sizes the manifest declares; :class:`IntegrityError` for anything that does not fit."""
+    def _planes(self, stored: memoryview, groups: _Groups, frames: Sequence[int]) -> Iterator[_Bytes]:
+        """Each plane in frame order, checked against the sizes the manifest declares;
+        :class:`IntegrityError` for anything that does not fit."""
+        if len(frames) != sum(itemsize for itemsize, _, _ in groups) or sum(frames) != len(stored):
+            raise IntegrityError("record frame table does not match its bytes")
         dctx = _decompressor()
         lengths = iter(frames)
         position = 0
         try:
-            for itemsize, group, count in plane_groups(segments):
-                for plane_index in range(itemsize):
+            for itemsize, _, count in groups:
+                for _ in range(itemsize):
                     length = next(lengths)
-                    plane = _plane(dctx, stored[position : position + length], count)
+                    yield np.frombuffer(_plane(dctx, stored[position : position + length], count), dtype=np.uint8)
                     position += length
-                    yield itemsize, group, plane_index, np.frombuffer(plane, dtype=np.uint8)
-        except (StopIteration, zstandard.ZstdError) as exc:
+        except zstandard.ZstdError as exc:
             raise IntegrityError(f"record does not decode with codec {self.codec_id}: {exc}") from exc
-        if position != len(stored) or next(lengths, None) is not None:
-            raise IntegrityError("record frame table does not match its bytes")
 
 
-def _plane(dctx: zstandard.ZstdDecompressor, frame: memoryview, count: int) -> bytes:
-    """One frame decoded to the ``count`` bytes the manifest says its plane has."""
+def _unplane(groups: _Groups, planes: Sequence[_Bytes], segments: Sequence[Segment], out: memoryview) -> None:
+    """Write the planes of :func:`plane_groups` ``groups`` back as the tensors' bytes in ``out``."""
+    itemsize = tiled_itemsize(segments, len(out))
+    if itemsize == 2 and _LITTLE_ENDIAN:
+        # F16/BF16, most LoRAs: whole 16-bit words (high << 8 | low) are written 2-3x faster
+        # than two byte-strided columns (benchmarks/load.py, docs/benchmarks.md #27).
+        words = np.frombuffer(out, dtype=np.uint16)
+        np.left_shift(planes[1], 8, out=words, dtype=np.uint16)
+        words |= planes[0]
+        return
+    target = np.frombuffer(out, dtype=np.uint8)
+    if itemsize:  # the usual module: one element size, tensors back to back
+        columns = target.reshape(-1, itemsize)
+        for plane_index in range(itemsize):
+            columns[:, plane_index] = planes[plane_index]
+        return
+    planes_left = iter(planes)
+    for itemsize, group, _ in groups:
+        views = [target[s.offset : s.offset + s.length].reshape(-1, itemsize) for s in group]
+        for plane_index in range(itemsize):
+            _scatter(next(planes_left), views, plane_index)
+
+
+def _stream(frames: memoryview, out: memoryview) -> None:
+    """Decode ``frames``, back to back, into exactly ``out``: :class:`IntegrityError` for a byte
+    fewer or more."""
+    reader = _decompressor().stream_reader(frames, read_size=_RUN_READ, read_across_frames=True)
+    got = 0
+    while got < len(out) and (n := reader.readinto(out[got:])):
+        got += n
+    if got != len(out) or reader.read(1):
+        wrong = "fewer" if got < len(out) else "more"
+        raise IntegrityError(f"a run of records decoded to {wrong} bytes than declared")
+
+
+def _check_header(frame: memoryview) -> None:
     # bpz frames never declare their content size. One that does would have zstandard allocate
     # whatever it declares (a hostile frame: a terabyte) before the size check below could run.
     if not frame or frame[0] & _CONTENT_SIZE_FLAGS:
         raise IntegrityError("a plane's frame declares its content size, which bpz frames never do")
+
+
+def _scratch(size: int) -> _Bytes:
+    """A buffer of at least ``size`` bytes owned by this thread, reused: new memory costs a page
+    fault per 4 KiB, as much as decoding into it on this machine's kernel."""
+    buffer: _Bytes | None = getattr(_local, "scratch", None)
+    if buffer is None or len(buffer) < size:
+        buffer = _local.scratch = np.empty(max(size, 2 * (0 if buffer is None else len(buffer))), dtype=np.uint8)
+    return buffer
+
+
+def _plane(dctx: zstandard.ZstdDecompressor, frame: memoryview, count: int) -> bytes:
+    """One frame decoded to the ``count`` bytes the manifest says its plane has."""
+    _check_header(frame)
     plane = dctx.decompress(frame, max_output_size=count)
     if len(plane) != count:
         raise IntegrityError(f"plane decoded to {len(plane)} bytes, expected {count}")
@@ -288,6 +365,8 @@ _CONTENT_SIZE_FLAGS: Final = 0xE0
 
 
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
+#: Stored bytes zstd takes from a run per step when streaming (its default is 128 KiB).
+_RUN_READ: Final = 1024 * 1024
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:

@@ -44,8 +44,6 @@ _R = TypeVar("_R")
 #: Remote fetches are mostly waiting: at 100 ms per request and ~25 kB records, 8 in flight leave a
 #: 10 Mbit/s link idle between rounds (benchmarks/hub.py).
 REMOTE_CONCURRENCY = 16
-#: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
-PARALLEL_MIN_BYTES = 128 * 1024
 
 
 def _cache_for(option: CacheOption, *, remote: bool) -> Cache | None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from lorachunk._cache import Cache
 from lorachunk._digest import check
@@ -26,10 +28,12 @@ from lorachunk.storage._url import is_remote
 if TYPE_CHECKING:
     from lorachunk import _torch
 
-__all__ = ["PARALLEL_MIN_BYTES", "CachePolicy", "Pipeline"]
+__all__ = ["RUN_BYTES", "CachePolicy", "Pipeline"]
 
-#: Modules at least this large are decoded on the thread pool; smaller ones where they are consumed.
-PARALLEL_MIN_BYTES = 128 * 1024
+#: Decoded bytes of the records one task decodes on the CPU (whole records: a larger one is a run
+#: of its own). A megabyte keeps two threads out of each other's way on the GIL and a run's
+#: scratch buffer in the cache (docs/benchmarks.md #27).
+RUN_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,14 +211,18 @@ class Pipeline:
     ) -> Iterator[_torch.Staged]:
         """:meth:`staged` without a bundle: each module from the per-module cache or decoded.
         With ``write``, decoded bytes go to the bundle being written instead of per-module files."""
-        on_cpu = placer.device.type == "cpu"
+
+        def remember(staged: _torch.Staged) -> _torch.Staged:
+            if decoded is not None and write is None:
+                decoded.keep(lambda: decoded.put_raw(staged.module.raw, staged.buffer.numpy().data))
+            return staged
 
         def stage(item: tuple[Module, bytes | memoryview]) -> _torch.Staged:
             module, data = item
-            staged = placer.stage(module, data, wanted)
-            if decoded is not None and write is None:
-                decoded.keep(lambda: decoded.put_raw(module.raw, staged.buffer.numpy().data))
-            return staged
+            return remember(placer.stage(module, data, wanted))
+
+        def stage_run(run: list[tuple[Module, bytes | memoryview]]) -> list[_torch.Staged]:
+            return [remember(s) for s in placer.stage_run([m for m, _ in run], _joined(run), wanted)]
 
         def kept(staged: _torch.Staged) -> _torch.Staged:
             if write is not None and staged.module.raw_size:
@@ -229,13 +237,67 @@ class Pipeline:
             else:  # a memory map and a hash: cheaper than a hand-off to a thread
                 yield kept(placer.adopt(module, raw, wanted))
 
-        def inline(item: tuple[Module, bytes | memoryview]) -> bool:
-            # The consuming thread does the device work, so on a GPU every decode goes to the pool;
-            # small modules decode where they are consumed (threads would only fight over the GIL).
-            return on_cpu and item[0].raw_size < PARALLEL_MIN_BYTES
-
         if not to_fetch:
             return  # all from the cache: no pool to start (a warm split takes well under a millisecond)
         threads = min(self.concurrency, cpu_threads())
-        for staged in overlapped(stage, self.records(to_fetch), threads=threads, inline=inline):
+        if placer.stages_runs:
+            for staged_run in overlapped(stage_run, _runs(self.records(to_fetch)), threads=threads, inline=_never):
+                for staged in staged_run:
+                    yield kept(staged)
+            return
+        # A device placer: the consuming thread does the device work, so every decode goes to the pool.
+        for staged in overlapped(stage, self.records(to_fetch), threads=threads, inline=_never):
             yield kept(staged)
+
+
+def _never(_: object) -> bool:
+    return False
+
+
+def _runs(records: Iterable[tuple[Module, bytes | memoryview]]) -> Iterator[list[tuple[Module, bytes | memoryview]]]:
+    """Consecutive records in runs of about :data:`RUN_BYTES` decoded, each run stored back to
+    back in one buffer (records of one request arrive in pack order, as views of its bytes)."""
+    run: list[tuple[Module, bytes | memoryview]] = []
+    size = 0
+    for module, data in records:
+        if run and not _adjacent(run[-1], (module, data)):
+            yield run
+            run, size = [], 0
+        run.append((module, data))
+        size += module.raw_size
+        if size >= RUN_BYTES:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
+
+
+def _adjacent(before: tuple[Module, bytes | memoryview], after: tuple[Module, bytes | memoryview]) -> bool:
+    """Whether ``after``'s record follows ``before``'s in the pack and in one request's bytes."""
+    (first, first_data), (second, second_data) = before, after
+    return (
+        isinstance(first_data, memoryview)
+        and isinstance(second_data, memoryview)
+        and first_data.obj is second_data.obj
+        and first.pack is not None
+        and first.pack == second.pack
+        and first.offset + first.stored_size == second.offset
+        and len(first_data) == first.stored_size
+    )
+
+
+def _joined(run: list[tuple[Module, bytes | memoryview]]) -> memoryview:
+    """One view of a run's records, which :func:`_adjacent` found back to back in one buffer."""
+    first = memoryview(run[0][1])
+    if len(run) == 1:
+        return first
+    base = memoryview(first.obj).cast("B")
+    start = _address(first) - _address(base)
+    end = start + sum(len(data) for _, data in run)
+    if not 0 <= start <= end <= len(base):  # not views of one buffer after all: a copy is right
+        return memoryview(b"".join(data for _, data in run))
+    return base[start:end]
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0

@@ -8,7 +8,7 @@ from lorachunk._codec import Codec, Segment
 from lorachunk._digest import check, digest
 from lorachunk._manifest import Module, TensorEntry
 
-__all__ = ["decode_checked", "encode_module"]
+__all__ = ["decode_checked", "decode_checked_run", "encode_module"]
 
 
 def encode_module(
@@ -29,3 +29,12 @@ def decode_checked(
     result against ``module.raw``: no decoded byte is used unchecked."""
     codec.decode(memoryview(stored), module.segments, module.frames, out)
     check(module.raw, out, what=f"module {module.name!r}{what} after decoding")
+
+
+def decode_checked_run(
+    codec: Codec, modules: Sequence[Module], stored: memoryview, outs: Sequence[memoryview], *, what: str = ""
+) -> None:
+    """:func:`decode_checked` for records stored back to back in ``stored``, each into its ``out``."""
+    codec.decode_run(stored, [(m.segments, m.frames, out) for m, out in zip(modules, outs, strict=True)])
+    for module, out in zip(modules, outs, strict=True):
+        check(module.raw, out, what=f"module {module.name!r}{what} after decoding")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 import queue
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,7 +27,7 @@ import torch
 from lorachunk._codec import BytePlaneZstd, Codec, plane_groups, tiled_itemsize
 from lorachunk._exceptions import UsageError
 from lorachunk._manifest import Module, TensorEntry
-from lorachunk._record import decode_checked
+from lorachunk._record import decode_checked_run
 
 __all__ = ["CPUPlacer", "CUDAPlacer", "CopyPlacer", "Placer", "make_placer", "require_dtypes", "scale_", "scale_bytes"]
 
@@ -75,11 +75,37 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return found
 
 
-def _tensor(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+def _tensor(
+    buffer: torch.Tensor, entry: TensorEntry, typed: dict[torch.dtype, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``entry``'s tensor over ``buffer`` (a module's bytes). ``typed`` keeps the buffer viewed as
+    each dtype met so far: a strided view of it is one torch call instead of three, which is
+    what a LoRA of thousands of small tensors spends its time on."""
+    itemsize = entry.itemsize
+    if (
+        typed is not None
+        and itemsize
+        and not (entry.offset % itemsize or len(buffer) % itemsize or buffer.storage_offset() % itemsize)
+    ):
+        dtype = DTYPES[entry.dtype]
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = buffer.view(dtype)
+        return whole.as_strided(entry.shape, _strides(entry.shape), whole.storage_offset() + entry.offset // itemsize)
     piece = buffer[entry.offset : entry.offset + entry.length]
     if entry.offset % max(1, entry.itemsize):
         piece = piece.clone()  # a tensor after an odd-sized one: views must be aligned
     return piece.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, in elements."""
+    strides = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _bytes_view(buffer: torch.Tensor) -> memoryview:
@@ -126,6 +152,8 @@ class Placer:
     device: torch.device
     #: Whether staged buffers hold the decoded module bytes on the host (then the cache can keep them).
     keeps_host_bytes: bool = False
+    #: Whether :meth:`stage_run` decodes a run of records at once (else the loader stages each).
+    stages_runs: bool = False
 
     def __init__(self, codec: Codec, device: torch.device, dtype: torch.dtype | None) -> None:
         self.codec = codec
@@ -133,6 +161,10 @@ class Placer:
         self.dtype = dtype
 
     def stage(self, module: Module, stored: bytes | memoryview, keys: frozenset[str] | None) -> Staged:
+        raise NotImplementedError
+
+    def stage_run(self, modules: Sequence[Module], stored: memoryview, keys: frozenset[str] | None) -> list[Staged]:
+        """:meth:`stage` for records stored back to back in ``stored``."""
         raise NotImplementedError
 
     def adopt(self, module: Module, raw: mmap.mmap | bytes | memoryview, keys: frozenset[str] | None) -> Staged:
@@ -144,10 +176,11 @@ class Placer:
     def tensors(
         self, module: Module, buffer: torch.Tensor, keys: frozenset[str] | None
     ) -> Iterator[tuple[str, torch.Tensor]]:
+        typed: dict[torch.dtype, torch.Tensor] = {}
         for entry in module.tensors:
             if keys is not None and entry.key not in keys:
                 continue
-            tensor = _tensor(buffer, entry)
+            tensor = _tensor(buffer, entry, typed)
             if self.dtype is not None and tensor.is_floating_point() and tensor.dtype != self.dtype:
                 tensor = tensor.to(self.dtype)
             yield entry.key, tensor
@@ -158,14 +191,24 @@ class Placer:
 
 class CPUPlacer(Placer):
     keeps_host_bytes = True
+    stages_runs = True
 
     def stage(self, module: Module, stored: bytes | memoryview, keys: frozenset[str] | None) -> Staged:
-        buffer = torch.empty(module.raw_size, dtype=torch.uint8)
-        view = _bytes_view(buffer) if module.raw_size else memoryview(bytearray())
-        decode_checked(self.codec, module, stored, view)
+        return self.stage_run([module], memoryview(stored), keys)[0]
+
+    def stage_run(self, modules: Sequence[Module], stored: memoryview, keys: frozenset[str] | None) -> list[Staged]:
+        # A buffer per module, not one per run: glibc serves these sizes from memory a process
+        # has freed before, where one large buffer would be new pages to fault in each time.
+        pieces = [torch.empty(m.raw_size, dtype=torch.uint8) for m in modules]
+        decode_checked_run(
+            self.codec, modules, stored, [_bytes_view(p) if p.numel() else memoryview(bytearray()) for p in pieces]
+        )
         # Tensors are made here, on the worker: with many tiny tensors the per-tensor torch calls
         # cost more than decoding, and the consuming thread would otherwise do them all alone.
-        return Staged(module, buffer, keys, placed=list(self.tensors(module, buffer, keys)))
+        return [
+            Staged(m, piece, keys, placed=list(self.tensors(m, piece, keys)))
+            for m, piece in zip(modules, pieces, strict=True)
+        ]
 
     def adopt(self, module: Module, raw: mmap.mmap | bytes | memoryview, keys: frozenset[str] | None) -> Staged:
         """Tensors over already decoded and checked bytes (a cache entry's memory map), no copy."""

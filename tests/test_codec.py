@@ -116,3 +116,56 @@ def test_config_keeps_encoder_params_and_refuses_bad_ones() -> None:
     for bad in bad_params:
         with pytest.raises(lorachunk.ManifestError):
             codec_from_config({"id": "bpz", "level": 3, "params": bad})
+
+
+def _run_of_records(codec: BytePlaneZstd) -> tuple[bytes, list[tuple[tuple[Segment, ...], tuple[int, ...], bytes]]]:
+    """Records of every layout, stored back to back as a pack holds them."""
+    rng = np.random.default_rng(1)
+    layouts = [
+        (Segment(0, 8192, 2), Segment(8192, 4096, 2)),  # F16/BF16: joined as 16-bit words
+        (Segment(0, 4000, 4), Segment(4000, 6240, 4)),  # one itemsize, columns
+        SEGMENTS,  # mixed itemsizes, tensor by tensor
+        (Segment(0, 3, 1),),  # a few bytes
+    ]
+    records = []
+    for segments in layouts:
+        size = segments[-1].offset + segments[-1].length
+        raw = rng.normal(size=size).astype(np.float16).tobytes()[:size]
+        stored, frames = codec.encode(memoryview(raw), segments)
+        records.append((segments, frames, raw, stored))
+    return b"".join(r[3] for r in records), [(s, f, raw) for s, f, raw, _ in records]
+
+
+def test_a_run_decodes_as_its_records_one_by_one() -> None:
+    codec = BytePlaneZstd()
+    stored, records = _run_of_records(codec)
+    for decode_run in (codec.decode_run, super(BytePlaneZstd, codec).decode_run):  # streamed, and one by one
+        outs = [bytearray(len(raw)) for _, _, raw in records]
+        decode_run(memoryview(stored), [(s, f, memoryview(o)) for (s, f, _), o in zip(records, outs, strict=True)])
+        assert [bytes(o) for o in outs] == [raw for _, _, raw in records]
+
+
+def test_a_corrupt_run_is_an_integrity_error() -> None:
+    codec = BytePlaneZstd()
+    stored, records = _run_of_records(codec)
+
+    def decode(data: bytes, table: list[tuple[tuple[Segment, ...], tuple[int, ...], bytes]]) -> None:
+        codec.decode_run(memoryview(data), [(s, f, memoryview(bytearray(len(raw)))) for s, f, raw in table])
+
+    with pytest.raises(lorachunk.IntegrityError):
+        decode(stored[:-3], records)  # truncated
+    with pytest.raises(lorachunk.IntegrityError, match="frame table"):
+        decode(stored + stored[-8:], records)  # bytes the table does not account for
+    first, *rest = records
+    with pytest.raises(lorachunk.IntegrityError, match="frame table"):
+        decode(stored, [(first[0], first[1][:-1], first[2]), *rest])  # a plane short of its itemsize
+    # The table's sizes add up, but the first record's tensors are declared 16 bytes shorter
+    # than its planes decode to: the run decodes to more bytes than declared.
+    segments = (Segment(0, 8192 - 16, 2), Segment(8192 - 16, 4096, 2))
+    with pytest.raises(lorachunk.IntegrityError, match="more bytes"):
+        decode(stored, [(segments, first[1], first[2][:-16]), *rest])
+    # A frame that declares its content size, inside the run.
+    frames = first[1]
+    crafted = bytes([0xE0]) + (2**40).to_bytes(8, "little") + stored[2 : frames[0]]
+    with pytest.raises(lorachunk.IntegrityError, match="declares its content size"):
+        decode(crafted + stored[frames[0] :], [(first[0], (len(crafted), *frames[1:]), first[2]), *rest])

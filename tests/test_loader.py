@@ -304,3 +304,59 @@ def test_remote_sources_default_to_more_requests_in_flight(
         assert remote.store._client._transport._pool._max_connections == 16  # type: ignore[attr-defined]
     with lorachunk.open(served.url, concurrency=3) as chosen:
         assert chosen.concurrency == 3
+
+
+def test_records_are_decoded_in_runs_of_neighbours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU load decodes records that lie back to back in one request's bytes as one run (one
+    streamed zstd call), and never joins records that do not."""
+    from lorachunk import _pipeline
+    from lorachunk._repository import fetch_records
+
+    monkeypatch.setattr(_pipeline, "RUN_BYTES", 64 * 1024)
+    source = synth.sdxl(tmp_path / "s.safetensors", rank=8, scale=0.125, dtype="F16")
+    manifest = lorachunk.pack(source, tmp_path / "s.lcs", pack_size=2 * 1024 * 1024)
+    assert len(manifest.packs) > 1
+    store = lorachunk.storage.LocalStore(tmp_path / "s.lcs")
+    records = list(fetch_records(store, manifest.modules, manifest.packs, threads=2))
+    runs = list(_pipeline._runs(records))
+    assert [m.name for run in runs for m, _ in run] == [m.name for m, _ in records]
+    assert len(runs) < len(records) / 4  # most runs join many records
+    for run in runs:
+        joined = _pipeline._joined(run)
+        assert bytes(joined) == b"".join(bytes(data) for _, data in run)
+        assert len({m.pack for m, _ in run}) == 1
+        assert sum(m.raw_size for m, _ in run[:-1]) < 64 * 1024
+    # Records that are not views of one buffer (a cache hit is its own bytes) stay apart.
+    copies = [(m, bytes(data)) for m, data in records[:8]]
+    assert [len(run) for run in _pipeline._runs(copies)] == [1] * 8
+    # A record shared by two modules comes twice with one offset: never its own neighbour.
+    module, data = records[0]
+    assert [len(run) for run in _pipeline._runs([(module, data), (module, data)])] == [1, 1]
+    # And the load itself gives the file's tensors.
+    loaded = lorachunk.load(tmp_path / "s.lcs", cache=False)
+    expected = load_file(source)
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_tensor_views_of_a_buffer_that_is_itself_a_slice() -> None:
+    """Tensors are strided views of a module's buffer viewed once per dtype; a buffer that starts
+    inside a larger one (a cache bundle's piece) must give the same values as a plain slice."""
+    from lorachunk._manifest import TensorEntry
+
+    base = torch.arange(96, dtype=torch.uint8)
+    buffer = base[8:72]
+    entries = [
+        TensorEntry("a", "F16", (2, 4), 16, 16),
+        TensorEntry("b", "F32", (3,), 32, 12),
+        TensorEntry("c", "U8", (), 63, 1),
+    ]
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    for entry in entries:
+        expected = (
+            buffer[entry.offset : entry.offset + entry.length].view(_torch.DTYPES[entry.dtype]).reshape(entry.shape)
+        )
+        got = _torch._tensor(buffer, entry, typed)
+        assert torch.equal(got, expected) and got.shape == entry.shape and got.is_contiguous()
+    odd = TensorEntry("d", "F16", (2,), 3, 4)  # after an odd-sized tensor: a copy, aligned
+    assert torch.equal(_torch._tensor(buffer, odd, typed), buffer[3:7].clone().view(torch.float16))
