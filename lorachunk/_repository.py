@@ -544,12 +544,19 @@ def fetch_records(
         return
     needs: dict[str, tuple[int, list[Span]]] = {}
     placed: dict[str, list[tuple[int, Module]]] = {}
+    keys: dict[str, str] = {}  # pack -> its key: a thousand modules share a few packs
     for sharing in by_record.values():
         module = sharing[0]
-        key = record_key(module)
-        size = module.stored_size if module.pack is None or not whole else packs[module.pack]
-        needs.setdefault(key, (size, []))[1].append(Span(module.offset, module.stored_size))
-        placed.setdefault(key, []).append((module.offset, module))
+        key = keys.get(module.pack) if module.pack is not None else None
+        if key is None:
+            key = record_key(module)
+            if module.pack is not None:
+                keys[module.pack] = key
+        if key not in needs:
+            needs[key] = (module.stored_size if module.pack is None or not whole else packs[module.pack], [])
+            placed[key] = []
+        needs[key][1].append(Span(module.offset, module.stored_size))
+        placed[key].append((module.offset, module))
     for entries in placed.values():
         entries.sort(key=lambda entry: entry[0])
     if whole:

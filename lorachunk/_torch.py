@@ -85,7 +85,7 @@ def _tensor(
     if (
         typed is not None
         and itemsize
-        and not (entry.offset % itemsize or len(buffer) % itemsize or buffer.storage_offset() % itemsize)
+        and not (entry.offset % itemsize or buffer.numel() % itemsize or buffer.storage_offset() % itemsize)
     ):
         dtype = DTYPES[entry.dtype]
         whole = typed.get(dtype)
@@ -99,13 +99,22 @@ def _tensor(
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of ``shape``, in elements."""
+    """The strides of a contiguous tensor of ``shape``, in elements (remembered: a LoRA has a
+    few shapes and thousands of tensors)."""
+    known = _STRIDES.get(shape)
+    if known is not None:
+        return known
     strides = []
     step = 1
     for size in reversed(shape):
         strides.append(step)
         step *= size
+    if len(_STRIDES) < 4096:
+        _STRIDES[shape] = tuple(reversed(strides))
     return tuple(reversed(strides))
+
+
+_STRIDES: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
 def _bytes_view(buffer: torch.Tensor) -> memoryview:

@@ -360,3 +360,20 @@ def test_tensor_views_of_a_buffer_that_is_itself_a_slice() -> None:
         assert torch.equal(got, expected) and got.shape == entry.shape and got.is_contiguous()
     odd = TensorEntry("d", "F16", (2,), 3, 4)  # after an odd-sized tensor: a copy, aligned
     assert torch.equal(_torch._tensor(buffer, odd, typed), buffer[3:7].clone().view(torch.float16))
+
+
+@pytest.mark.parametrize("inline_max", [0, 64], ids=["runs on a pool", "runs on the calling thread"])
+def test_both_decoding_policies_give_the_files_tensors(
+    fixture_lora: Path, inline_max: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On 2 cores runs are decoded by the consuming thread; with more, on a pool: both must be
+    exact, whatever this machine's core count picks by default."""
+    from lorachunk import _pipeline
+
+    monkeypatch.setattr(_pipeline, "INLINE_MAX_THREADS", inline_max)
+    monkeypatch.setattr(_pipeline, "RUN_BYTES", 256 * 1024)  # several runs even in a small LoRA
+    lorachunk.pack(fixture_lora, tmp_path / "lora.lcs")
+    loaded = lorachunk.load(tmp_path / "lora.lcs", cache=False, concurrency=4)
+    expected = load_file(fixture_lora)
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
