@@ -131,10 +131,14 @@ def parse_header(header: bytes, *, data_length: int, max_tensors: int | None = N
     raw = parse_json(header, error=FormatError, what="not a safetensors file: header", object_pairs_hook=counted)
     if not isinstance(raw, dict):
         raise FormatError("not a safetensors file: header is not a JSON object")
-    try:  # a lone surrogate (\ud800) parses, but no file or manifest can hold it as UTF-8
-        json.dumps(raw, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise FormatError("not a safetensors file: the header holds text that is not valid Unicode") from None
+    # A lone surrogate (\ud800) parses, but no file or manifest can hold it as UTF-8. Text of
+    # ASCII bytes without a \u escape cannot hold one, so only other text is checked (json
+    # decodes bytes with surrogatepass: raw UTF-8 of a surrogate gets through as well).
+    if b"\\u" in header or not header.isascii():
+        try:
+            json.dumps(raw, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise FormatError("not a safetensors file: the header holds text that is not valid Unicode") from None
     metadata = raw.pop("__metadata__", None)
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())

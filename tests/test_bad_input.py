@@ -75,6 +75,11 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bad metadata": (lambda d: _write(d, _file({"__metadata__": {"a": 1}})), "__metadata__"),
     "header over cap": (lambda d: _write(d, struct.pack("<Q", 100_000_001) + b" " * 16), "cap"),
     "not utf-8": (lambda d: _write(d, _file(None, raw_header=b'{"\xff": 1}')), "UTF-8"),
+    # json takes a \ud800 escape; no manifest could then be written as UTF-8.
+    "lone surrogate escape": (
+        lambda d: _write(d, _file(None, raw_header=b'{"__metadata__":{"a":"\\ud800"}}')),
+        "not valid Unicode",
+    ),
     # Names are shown in terminals: an escape sequence in one could rewrite what a user reads.
     "control character in a key": (lambda d: _write(d, _file({"up\x1b[2J.weight": _ONE_BYTE}, b"\x00")), "control"),
     "empty key": (lambda d: _write(d, _file({"": _ONE_BYTE}, b"\x00")), "is empty"),
@@ -247,3 +252,16 @@ def test_a_header_of_too_many_tensors_is_refused_while_it_is_parsed(
         lorachunk.pack(path, tmp_path / "store")
     assert seen[0] <= MAX_TENSORS + 2  # the parser stopped at the cap
     assert not (tmp_path / "store").exists()
+
+
+def test_non_ascii_text_in_a_header_is_kept(tmp_path: Path) -> None:
+    """Headers of ASCII bytes skip the surrogate check; others (kohya writes tags in any
+    script) take it and must still pack, byte for byte."""
+    import torch
+    from safetensors.torch import save_file
+
+    source = tmp_path / "tags.safetensors"
+    save_file({"a.lora_down.weight": torch.ones(2, 2)}, source, metadata={"ss_tag_frequency": "日本語, café"})
+    lorachunk.pack(source, tmp_path / "tags.lcs")
+    lorachunk.unpack(tmp_path / "tags.lcs", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == source.read_bytes()
