@@ -96,7 +96,15 @@ def main() -> None:
         type=int,
         help="decoded bytes of the records one thread decodes at once (lorachunk's: 1 MiB); 1 decodes record by record",
     )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="decode runs on a pool of threads even on 2 cores (lorachunk's rule: the consuming thread there)",
+    )
     args = parser.parse_args()
+    if args.pool:
+        lorachunk._pipeline.INLINE_MAX_THREADS = 0
+        print("runs decoded on a pool of threads")
     if args.run_bytes is not None:
         lorachunk._pipeline.RUN_BYTES = args.run_bytes
         print(f"records decoded in runs of {args.run_bytes} bytes")
