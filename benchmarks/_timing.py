@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,16 +62,22 @@ def stage_times(fn: Callable[[], object]) -> dict[str, float]:
 
     spent: dict[str, float] = {}
     patches: list[tuple[Any, str, Any]] = []
+    inside = threading.local()  # the labels this thread is timing: a stage calling itself counts once
 
     def wrap(owner: Any, name: str, label: str) -> None:
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            active: set[str] = inside.__dict__.setdefault("labels", set())
+            if label in active:  # e.g. decode_run of one record calls decode
+                return original(*args, **kwargs)
+            active.add(label)
             start = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                active.discard(label)
                 spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
 
         patches.append((owner, name, original))

@@ -185,11 +185,11 @@ class BytePlaneZstd(Codec):
         """All frames of the run in one streaming call into a per-thread scratch buffer, then each
         record's planes joined into its ``out``.
 
-        Decoding a module costs a few GIL round trips; on 2 cores two threads decoding module by
-        module were slower than one (docs/benchmarks.md #27). A run of a megabyte gives each
-        thread a long stretch without the GIL. zstd checks each frame as it streams; the sizes
-        are checked in total (a plane that decodes short and its neighbour long would only
-        shift bytes, which the raw digest every caller checks then refuses).
+        One zstd call for the run instead of one per plane: for LoRAs of many small modules
+        that is most of the calls, and of the Python around them (docs/benchmarks.md #27).
+        zstd checks each frame as it streams; the sizes are checked in total (a plane that
+        decodes short and its neighbour long would only shift bytes, which the raw digest every
+        caller checks then refuses).
         """
         if len(records) == 1:
             segments, frames, out = records[0]

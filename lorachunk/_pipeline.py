@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["INLINE_MAX_THREADS", "RUN_BYTES", "CachePolicy", "Pipeline"]
 
-#: Decoded bytes of the records one task decodes on the CPU (whole records: a larger one is a run
-#: of its own). A megabyte keeps two threads out of each other's way on the GIL and a run's
-#: scratch buffer in the cache (docs/benchmarks.md #27).
+#: Decoded bytes of the records decoded as one run on the CPU (whole records: a larger one is a
+#: run of its own): one streamed zstd call a megabyte, not one a plane. Record by record, a 60 MB
+#: cold decode took 2.98-3.17x load_file + touch, in runs 2.61-2.66x (docs/benchmarks.md #27).
 RUN_BYTES = 1024 * 1024
 #: Up to this many CPU threads, runs are decoded by the consuming thread rather than a pool.
 INLINE_MAX_THREADS = 2
