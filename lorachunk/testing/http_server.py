@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -81,12 +82,21 @@ class Link:
             return self._random.random() < self.drop_rate
 
 
-class FolderServer(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """What the test servers share: threads that do not outlive the tests, a real backlog, and
+    quiet about clients that hang up (the tests do, on purpose)."""
+
     daemon_threads = True
     # socketserver's default backlog of 5 drops the SYNs of a client opening 16 connections at
     # once, and each dropped SYN costs the kernel's 1 s retransmit; real servers listen with 511.
     request_queue_size = 128
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class FolderServer(LoopbackServer):
     def __init__(self, root: Path, link: Link | None = None) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root = root

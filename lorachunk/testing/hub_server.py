@@ -20,11 +20,11 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from lorachunk.testing.http_server import Link, running
+from lorachunk.testing.http_server import Link, LoopbackServer, running
 
 _API = re.compile(
     r"^/api/(models|datasets)/([^/]+/[^/]+?)(?:/(revision|preupload|commit|tree|paths-info|branch)(?:/([^/]+)(.*))?)?$"
@@ -68,12 +68,7 @@ class Request:
     sent: int = 0
 
 
-class HubServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's default backlog of 5 drops the SYNs of a client opening 16 connections at
-    # once, and each dropped SYN costs the kernel's 1 s retransmit; real servers listen with 511.
-    request_queue_size = 128
-
+class HubServer(LoopbackServer):
     def __init__(
         self, *, token: str | None = None, link: Link | None = None, page_size: int = 1000, cdn: bool = False
     ) -> None:
