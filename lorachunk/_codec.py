@@ -262,7 +262,8 @@ def _unplane(groups: _Groups, planes: Sequence[_Bytes], segments: Sequence[Segme
         _join16(planes[0], planes[1], np.frombuffer(out, dtype=np.uint16))
         return
     if itemsize == 4 and _LITTLE_ENDIAN:
-        # F32: two 16-bit halves, then the words: 1.5x faster than four byte columns.
+        # F32: two 16-bit halves, then the words: 1.3-1.5x faster than four byte columns
+        # (benchmarks/decode_steps.py).
         count = len(out) // 4
         low = _join16(planes[0], planes[1], np.empty(count, dtype=np.uint16))
         high = _join16(planes[2], planes[3], np.empty(count, dtype=np.uint16))
@@ -311,7 +312,7 @@ def _check_header(frame: memoryview) -> None:
 
 def _scratch(size: int) -> _Bytes:
     """A buffer of at least ``size`` bytes owned by this thread, reused: new memory costs a page
-    fault per 4 KiB, as much as decoding into it on this machine's kernel."""
+    fault per 4 KiB (``benchmarks/load.py``'s fresh-memory column)."""
     buffer: _Bytes | None = getattr(_local, "scratch", None)
     if buffer is None or len(buffer) < size:
         buffer = _local.scratch = np.empty(max(size, 2 * (0 if buffer is None else len(buffer))), dtype=np.uint8)
